@@ -1,0 +1,31 @@
+// Shared pieces of the `m3h` subcommands: output formats, the device header, the echoed command
+// line, and the exit-code convention (0 ok, 1 disagreement or failed gate, 2 bad input or usage).
+#pragma once
+
+#include <CLI/CLI.hpp>
+
+#include <string>
+
+namespace m3::cli {
+
+enum class Format { TABLE, JSON, CSV };
+
+inline constexpr int kExitOk = 0;
+inline constexpr int kExitDisagree = 1;
+inline constexpr int kExitBadInput = 2;
+
+// Adds `--format table|json|csv` (default table).
+void add_format_option(CLI::App* cmd, Format* out);
+
+// The full argument line of this process, so that every printed row can be re-run.
+const std::string& command_line();
+void set_command_line(int argc, char** argv);
+
+// "cpu: <model name>, <n> threads" — the device header of human-readable output.
+std::string cpu_description();
+
+// Subcommand registration; each returns the subcommand and arranges for `*exit_code` to be set.
+CLI::App* register_cost(CLI::App& app, int* exit_code);
+CLI::App* register_run(CLI::App& app, int* exit_code);
+
+}  // namespace m3::cli

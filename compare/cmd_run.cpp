@@ -1,0 +1,173 @@
+// `m3h run`: prefill a prompt, then K greedy decode steps on the CPU reference; prints timing, the
+// greedy tokens and a logits checksum (an FNV-1a hash of the logits' bits plus their fp64 sum).
+#include "compare/cli_common.h"
+#include "reference/model.h"
+#include "reference/rng.h"
+
+#include <fmt/format.h>
+#include <nlohmann/json.hpp>
+
+#include <chrono>
+#include <cstring>
+#include <fstream>
+#include <sstream>
+
+namespace m3::cli {
+
+namespace {
+
+struct RunArgs {
+  std::string preset = "tiny";
+  std::string tokens = "64";
+  int decode = 0;
+  std::string precision = "fp32";
+  std::uint64_t seed = 0;
+  std::string out;
+  Format format = Format::TABLE;
+};
+
+// `--tokens N` draws N prompt tokens from the seed; anything else is a file of integer ids.
+std::vector<std::int32_t> load_tokens(const std::string& spec, const ModelConfig& cfg, std::uint64_t seed) {
+  const bool numeric = !spec.empty() && spec.find_first_not_of("0123456789") == std::string::npos;
+  std::vector<std::int32_t> t;
+  if (numeric) {
+    const long long n = std::stoll(spec);
+    if (n <= 0) throw std::invalid_argument("--tokens: need at least 1 token");
+    if (n > cfg.max_position_embeddings)
+      throw std::out_of_range(fmt::format("--tokens {}: context exceeds max_position_embeddings = {}", n,
+                                          cfg.max_position_embeddings));
+    CounterRng rng(seed, "prompt");
+    for (long long i = 0; i < n; ++i)
+      t.push_back(static_cast<std::int32_t>(rng.bits(static_cast<std::uint64_t>(i)) % cfg.vocab_size));
+    return t;
+  }
+  std::ifstream f(spec);
+  if (!f) throw std::invalid_argument(fmt::format("--tokens: '{}' is neither a count nor a readable file", spec));
+  std::string word;
+  while (f >> word) {
+    char* end = nullptr;
+    errno = 0;
+    long long v = std::strtoll(word.c_str(), &end, 10);
+    if (*end != '\0' || errno)
+      throw std::invalid_argument(fmt::format("{}: token {} ('{}') is not an integer", spec, t.size(), word));
+    if (v < 0 || v >= cfg.vocab_size)
+      throw std::out_of_range(fmt::format("{}: token {} = {} is outside the vocabulary [0, {})", spec, t.size(), v,
+                                          cfg.vocab_size));
+    t.push_back(static_cast<std::int32_t>(v));
+  }
+  if (t.empty()) throw std::invalid_argument(fmt::format("{}: no tokens in the file", spec));
+  return t;
+}
+
+std::uint64_t logits_hash(const MatD& l) {
+  std::uint64_t h = fnv1a64("");
+  for (Eigen::Index i = 0; i < l.size(); ++i) {
+    std::uint64_t bits;
+    std::memcpy(&bits, l.data() + i, sizeof bits);
+    for (int b = 0; b < 8; ++b) { h ^= (bits >> (8 * b)) & 0xff; h *= 0x100000001b3ull; }
+  }
+  return h;
+}
+
+int run(const RunArgs& a) {
+  const ModelConfig cfg = resolve_config(a.preset);
+  const Precision prec = parse_precision(a.precision);
+  const auto prompt = load_tokens(a.tokens, cfg, a.seed);
+  if (a.decode < 0) throw std::invalid_argument("--decode must be >= 0");
+  if (static_cast<std::int64_t>(prompt.size()) + a.decode > cfg.max_position_embeddings)
+    throw std::out_of_range(fmt::format("prompt {} + decode {} tokens exceed max_position_embeddings = {}",
+                                        prompt.size(), a.decode, cfg.max_position_embeddings));
+  if (!a.out.empty())
+    throw std::invalid_argument("--out: writing HDF5 run files comes with the datasets layer (issue 3); not built yet");
+
+  using clock = std::chrono::steady_clock;
+  auto t0 = clock::now();
+  Model model(cfg, generate_weights(cfg, a.seed), prec);
+  auto t1 = clock::now();
+  Sequence seq = model.new_sequence();
+  MatD logits = model.prefill(seq, prompt);  // [T, V]
+  auto t2 = clock::now();
+  std::vector<std::int32_t> gen;
+  MatD all = logits;
+  for (int i = 0; i < a.decode; ++i) {
+    gen.push_back(greedy_token(all, all.rows() - 1));
+    MatD step = model.decode(seq, gen.back());
+    all.conservativeResize(all.rows() + 1, Eigen::NoChange);
+    all.row(all.rows() - 1) = step.row(0);
+  }
+  auto t3 = clock::now();
+  auto ms = [](auto d) { return std::chrono::duration<double, std::milli>(d).count(); };
+  const double load_ms = ms(t1 - t0), prefill_ms = ms(t2 - t1), decode_ms = ms(t3 - t2);
+  const std::uint64_t hash = logits_hash(all);
+  const double sum = all.sum();
+  const auto& st = model.stats();
+
+  if (a.format == Format::JSON) {
+    nlohmann::json j;
+    j["command"] = command_line();
+    j["device"] = cpu_description();
+    j["config"] = cfg.name;
+    j["precision"] = a.precision;
+    j["seed"] = a.seed;
+    j["prompt_tokens"] = prompt.size();
+    j["decode_steps"] = a.decode;
+    j["weights_ms"] = load_ms;
+    j["prefill_ms"] = prefill_ms;
+    j["decode_ms"] = decode_ms;
+    j["greedy_tokens"] = gen;
+    j["logits_rows"] = all.rows();
+    j["logits_fnv1a64"] = fmt::format("{:016x}", hash);
+    j["logits_sum"] = sum;
+    j["attn_macs"] = {{"dense", st.dense.qk_macs + st.dense.pv_macs},
+                      {"msa_main", st.msa.qk_macs + st.msa.pv_macs},
+                      {"msa_index", st.msa.index_macs}};
+    fmt::print("{}\n", j.dump(2));
+    return kExitOk;
+  }
+  const bool csv = a.format == Format::CSV;
+  if (csv) {
+    fmt::print("config,precision,prompt_tokens,decode_steps,prefill_ms,decode_ms,logits_fnv1a64,logits_sum\n");
+    fmt::print("{},{},{},{},{:.3f},{:.3f},{:016x},{:.17g}\n", cfg.name, a.precision, prompt.size(), a.decode,
+               prefill_ms, decode_ms, hash, sum);
+    return kExitOk;
+  }
+  fmt::print("# {}\n# {}\n", command_line(), cpu_description());
+  fmt::print("config {} ({} layers, H {}, V {}), precision {}, seed {}\n", cfg.name, cfg.num_hidden_layers,
+             cfg.hidden_size, cfg.vocab_size, a.precision, a.seed);
+  fmt::print("weights   {:10.1f} ms\n", load_ms);
+  fmt::print("prefill   {:10.1f} ms  {:6d} tokens  {:10.1f} tok/s\n", prefill_ms, prompt.size(),
+             prompt.size() / (prefill_ms / 1e3));
+  if (a.decode > 0)
+    fmt::print("decode    {:10.1f} ms  {:6d} steps   {:10.2f} ms/token\n", decode_ms, a.decode, decode_ms / a.decode);
+  fmt::print("attention MACs: dense layers {}, MSA main {}, MSA index {}\n", st.dense.qk_macs + st.dense.pv_macs,
+             st.msa.qk_macs + st.msa.pv_macs, st.msa.index_macs);
+  if (!gen.empty()) fmt::print("greedy tokens: {}\n", fmt::join(gen, " "));
+  fmt::print("logits [{} x {}] fnv1a64 {:016x} sum {:.17g}\n", all.rows(), all.cols(), hash, sum);
+  return kExitOk;
+}
+
+}  // namespace
+
+CLI::App* register_run(CLI::App& app, int* exit_code) {
+  auto args = std::make_shared<RunArgs>();
+  CLI::App* cmd = app.add_subcommand(
+      "run", "Run the CPU reference: prefill a prompt, then greedy decode steps; print timing, the greedy "
+             "tokens and a logits checksum (same seed and precision -> same checksum on every machine).");
+  cmd->add_option("--preset,--config", args->preset,
+                  "Preset name (m3-layer, small, tiny) or path to a config.json")
+      ->capture_default_str();
+  cmd->add_option("--tokens", args->tokens,
+                  "Prompt: a count N (N tokens drawn from the seed) or a file of whitespace-separated token ids")
+      ->capture_default_str();
+  cmd->add_option("--decode", args->decode, "Greedy decode steps after the prefill")->capture_default_str();
+  cmd->add_option("--precision", args->precision, "fp32 (default), fp64 (ground truth) or bf16 (GPU emulation)")
+      ->check(CLI::IsMember({"fp32", "fp64", "bf16"}))
+      ->capture_default_str();
+  cmd->add_option("--seed", args->seed, "Seed of the weights and of a drawn prompt")->capture_default_str();
+  cmd->add_option("--out", args->out, "Write logits and trace to this HDF5 file (needs the datasets layer)");
+  add_format_option(cmd, &args->format);
+  cmd->callback([args, exit_code] { *exit_code = run(*args); });
+  return cmd;
+}
+
+}  // namespace m3::cli

@@ -1,0 +1,26 @@
+// MSA top-k block selection (spec §3.4), one selection per (query, index head = KV group).
+// With L = floor(p_t / BLK) the query's own block:
+//   forced  F = {0 .. init_blocks-1} u {L-local_blocks+1 .. L}, clipped to [0, L]
+//   if L + 1 <= K_blk: every visible block 0..L is selected, the remaining slots are -1
+//   else: the K_blk - |F| best non-forced blocks of 0..L, then F
+// Tie rule: score descending, then block id ascending; NaN counts as -inf.
+// Output order of a row: the chosen non-forced blocks in tie-rule order, then the forced blocks
+// in ascending id (so M3's local block sits in the last valid slot, as in the MSA kernels), then
+// -1 padding. Exactly min(K_blk, L+1) valid entries, no duplicates.
+#pragma once
+
+#include "reference/dims.h"
+#include "reference/tensor.h"
+
+#include <cstdint>
+#include <span>
+
+namespace m3::ref {
+
+// scores [Hi*T, NB] (msa_index's layout; NB >= floor(max(q_pos)/BLK)+1), q_pos [T]
+// -> sel [Hi*T, K_blk] int32. counter (optional) gains select_candidates (scores examined).
+template <class T>
+void msa_select(const Mat<T>& scores, std::span<const std::int64_t> q_pos, const MsaDims& dims,
+                MatI& sel, AttnCounter* counter = nullptr);
+
+}  // namespace m3::ref

@@ -1,0 +1,60 @@
+// Tensor vocabulary of the reference: row-major Eigen matrices, the Precision switch and the
+// bf16 rounding used to emulate the GPU path (DESIGN §3).
+//
+// A tensor [A, B, C] is stored as a row-major matrix [A, B*C] unless its comment says otherwise;
+// rows are tokens (or keys) everywhere, so a token's vector is one contiguous row.
+#pragma once
+
+#include <Eigen/Core>
+
+#include <bit>
+#include <cmath>
+#include <cstdint>
+#include <string>
+#include <string_view>
+
+namespace m3 {
+
+template <class T>
+using Mat = Eigen::Matrix<T, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+template <class T>
+using Vec = Eigen::Matrix<T, Eigen::Dynamic, 1>;
+using MatF = Mat<float>;
+using MatD = Mat<double>;
+using MatI = Mat<std::int32_t>;  // index tensors (token ids, block ids, expert ids); -1 = none
+
+// How the reference computes (DESIGN §3):
+//  FP32 - fp32 storage and arithmetic, fp64 for softmax sums and long reductions (the default);
+//  FP64 - everything in double: the ground truth that both other modes are measured against;
+//  BF16 - fp32 arithmetic, but weights, activations between ops and the KV / index caches are
+//         rounded to bf16 at the points where the GPU path stores bf16.
+enum class Precision { FP32, FP64, BF16 };
+
+std::string_view precision_name(Precision p);
+// Parses "fp32" | "fp64" | "bf16"; throws std::invalid_argument naming the accepted spellings.
+Precision parse_precision(std::string_view s);
+
+// Round-to-nearest-even float -> bfloat16 -> float, the rounding CUDA's __float2bfloat16_rn does.
+// NaN stays NaN (quiet), +-Inf stay, values past the bf16 range round to +-Inf as in IEEE.
+inline float round_bf16(float x) {
+  std::uint32_t u = std::bit_cast<std::uint32_t>(x);
+  if ((u & 0x7f800000u) == 0x7f800000u) {  // Inf or NaN: keep, force NaN quiet
+    return (u & 0x007fffffu) ? std::bit_cast<float>(u | 0x00400000u) : x;
+  }
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return std::bit_cast<float>(u & 0xffff0000u);
+}
+inline std::uint16_t float_to_bf16_bits(float x) {
+  return static_cast<std::uint16_t>(std::bit_cast<std::uint32_t>(round_bf16(x)) >> 16);
+}
+inline float bf16_bits_to_float(std::uint16_t b) {
+  return std::bit_cast<float>(static_cast<std::uint32_t>(b) << 16);
+}
+
+template <class Derived>
+void round_bf16_inplace(Eigen::DenseBase<Derived>& m) {
+  for (Eigen::Index i = 0; i < m.rows(); ++i)
+    for (Eigen::Index j = 0; j < m.cols(); ++j) m(i, j) = round_bf16(static_cast<float>(m(i, j)));
+}
+
+}  // namespace m3

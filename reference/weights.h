@@ -1,0 +1,84 @@
+// Model weights for every layer type (spec §1, Appendix A.1 names), filled by the seeded counter
+// generator of rng.h or (later) by a checkpoint importer.
+//
+// Tensor i of name N holds  scale(N) * normal(seed, N, i)  in row-major order: the same bits on
+// every machine, and any one tensor can be regenerated alone. Scales keep activations O(1) through
+// many layers: projections 1/sqrt(fan_in); output projections (o_proj, down) also 1/sqrt(2 L) so the
+// residual stream does not grow with depth; norm weights w ~ 0.1 N(0,1) around the (1 + w) identity.
+#pragma once
+
+#include "reference/config.h"
+#include "reference/ops/moe_experts.h"
+#include "reference/tensor.h"
+
+#include <cstdint>
+#include <functional>
+#include <string>
+#include <vector>
+
+namespace m3 {
+
+template <class T>
+struct AttentionWeights {
+  Mat<T> q_proj;  // [Hq*D, H]
+  Mat<T> k_proj;  // [Hkv*D, H]
+  Mat<T> v_proj;  // [Hkv*D, H]
+  Mat<T> o_proj;  // [H, Hq*D]
+  Vec<T> q_norm;  // [D]
+  Vec<T> k_norm;  // [D]
+  // MSA layers only (empty on dense-attention layers)
+  Mat<T> index_q_proj;  // [Hi*Di, H]
+  Mat<T> index_k_proj;  // [Di, H]
+  Vec<T> index_q_norm;  // [Di]
+  Vec<T> index_k_norm;  // [Di]
+};
+
+template <class T>
+struct LayerWeights {
+  AttnType attn_type = AttnType::DENSE;
+  MlpType mlp_type = MlpType::DENSE;
+  Vec<T> input_layernorm;           // [H]
+  Vec<T> post_attention_layernorm;  // [H]
+  AttentionWeights<T> attn;
+  ref::MlpWeights<T> mlp;                  // dense-MLP layers: gate, up [I_d, H], down [H, I_d]
+  Mat<T> router;                           // MoE layers: [E, H] (fp32 in the checkpoint)
+  Vec<T> router_bias;                      // [E] e_score_correction_bias
+  std::vector<ref::MlpWeights<T>> experts; // [E] x {gate, up [I, H], down [H, I]}
+  ref::MlpWeights<T> shared;               // gate, up [I_s, H], down [H, I_s]
+};
+
+template <class T>
+struct ModelWeights {
+  Mat<T> embed_tokens;  // [V, H]
+  std::vector<LayerWeights<T>> layers;
+  Vec<T> norm;          // [H] final norm
+  Mat<T> lm_head;       // [V, H]
+};
+
+// Parameters the config implies (text backbone, no MTP / vision).
+std::uint64_t weights_param_count(const ModelConfig& cfg);
+
+// Generates every tensor. Throws ConfigError when the weights would need more than `max_bytes`
+// (in fp32), naming the need: the `m3` preset is for cost models, never instantiated whole.
+ModelWeights<float> generate_weights(const ModelConfig& cfg, std::uint64_t seed,
+                                     std::uint64_t max_bytes = std::uint64_t{8} << 30);
+
+// One layer alone (the same bits it has inside generate_weights); `with_experts` = false skips the
+// routed experts (attention-only work at real dimensions, where 128 experts need 29 GB).
+LayerWeights<float> generate_layer(const ModelConfig& cfg, int layer, std::uint64_t seed,
+                                   bool with_experts = true);
+
+// Converts to the storage of a precision: FP64 widens exactly; BF16 rounds every tensor to bf16
+// except the router and its bias, which the checkpoint and the GPU path keep in fp32.
+template <class To>
+ModelWeights<To> convert_weights(const ModelWeights<float>& w, Precision p);
+template <class To>
+LayerWeights<To> convert_layer(const LayerWeights<float>& w, Precision p);
+
+// Visits every tensor under its official checkpoint name (spec Appendix A.1, prefix "model."),
+// as a row-major view of rows x cols (vectors are rows x 1).
+using TensorVisitor = std::function<void(const std::string& name, float* data, std::int64_t rows,
+                                         std::int64_t cols)>;
+void for_each_tensor(ModelWeights<float>& w, const TensorVisitor& fn);
+
+}  // namespace m3

@@ -1,0 +1,227 @@
+// The reference forward pass as a whole: decode equals prefill, chunked and batched runs equal
+// single runs, repeats are bit-identical, the trace has every DESIGN §1 name, the precisions agree
+// as far as they should, and bad requests fail before any cache changes.
+#include "reference/model.h"
+#include "tests/test_util.h"
+
+#include <gtest/gtest.h>
+
+#include <map>
+#include <set>
+
+namespace {
+
+using m3::MatD;
+
+std::vector<std::int32_t> random_tokens(int n, int vocab, std::mt19937_64& g) {
+  std::uniform_int_distribution<int> d(0, vocab - 1);
+  std::vector<std::int32_t> t(n);
+  for (auto& x : t) x = d(g);
+  return t;
+}
+
+struct Tiny {
+  m3::ModelConfig cfg = m3::preset("tiny");
+  m3::ModelWeights<float> w;
+  explicit Tiny(std::uint64_t seed) : w(m3::generate_weights(cfg, seed)) {}
+};
+
+// Decode steps past K_blk*BLK = 64 tokens, where MSA really selects: 90 tokens in all.
+constexpr int kLen = 90;
+
+}  // namespace
+
+TEST(Model_f32, DecodeEqualsPrefill) {
+  auto g = m3::test::test_rng();
+  SCOPED_TRACE(m3::test::seed_note());
+  Tiny t(g());
+  m3::Model model(t.cfg, t.w, m3::Precision::FP32);
+  auto tokens = random_tokens(kLen, t.cfg.vocab_size, g);
+
+  auto full_seq = model.new_sequence();
+  MatD full = model.prefill(full_seq, tokens);  // [kLen, V]
+
+  auto seq = model.new_sequence();
+  const int p0 = 5;  // a short prefill, then one token at a time
+  MatD stepwise(kLen, t.cfg.vocab_size);
+  stepwise.topRows(p0) = model.prefill(seq, std::span(tokens).first(p0));
+  for (int i = p0; i < kLen; ++i) stepwise.row(i) = model.decode(seq, tokens[i]).row(0);
+  EXPECT_EQ(seq.length(), kLen);
+  ASSERT_GT(full.norm(), 0.0);
+  // Same arithmetic, different GEMM blocking of the projections (T rows vs 1 row): fp32
+  // reassociation noise ~1e-7 relative, amplified by 4 layers; 1e-5 is the bound.
+  EXPECT_LE(m3::test::rel_l2(stepwise, full), 1e-5);
+}
+
+TEST(Model_f64, ChunkedPrefillEqualsOneShot) {
+  auto g = m3::test::test_rng();
+  SCOPED_TRACE(m3::test::seed_note());
+  Tiny t(g());
+  m3::Model model(t.cfg, t.w, m3::Precision::FP64);
+  auto tokens = random_tokens(kLen, t.cfg.vocab_size, g);
+  auto s1 = model.new_sequence();
+  MatD full = model.prefill(s1, tokens);
+  auto s2 = model.new_sequence();
+  MatD a = model.prefill(s2, std::span(tokens).first(33));  // chunk edge inside a block (BLK 16)
+  MatD b = model.prefill(s2, std::span(tokens).subspan(33));
+  MatD both(kLen, full.cols());
+  both << a, b;
+  // fp64: reassociation noise ~1e-16 per op; 1e-12 leaves four decades.
+  EXPECT_LE(m3::test::rel_l2(both, full), 1e-12);
+}
+
+TEST(Model_f32, BatchOfDifferentLengthsEqualsSeparateRuns) {
+  auto g = m3::test::test_rng();
+  SCOPED_TRACE(m3::test::seed_note());
+  Tiny t(g());
+  m3::Model model(t.cfg, t.w, m3::Precision::FP32);
+  std::vector<std::vector<std::int32_t>> prompts{random_tokens(1, 512, g), random_tokens(70, 512, g),
+                                                 random_tokens(17, 512, g)};
+  std::vector<m3::Sequence> seqs;
+  std::vector<m3::Sequence*> ptrs;
+  std::vector<std::span<const std::int32_t>> spans;
+  for (auto& p : prompts) seqs.push_back(model.new_sequence());
+  for (std::size_t i = 0; i < prompts.size(); ++i) {
+    ptrs.push_back(&seqs[i]);
+    spans.emplace_back(prompts[i]);
+  }
+  auto batched = model.forward(ptrs, spans);
+  // Then one decode step for all three at once (lengths 1, 70, 17 -> positions differ).
+  std::vector<std::int32_t> next{3, 4, 5};
+  std::vector<std::span<const std::int32_t>> one{std::span(&next[0], 1), std::span(&next[1], 1),
+                                                  std::span(&next[2], 1)};
+  auto step = model.forward(ptrs, one);
+  for (std::size_t i = 0; i < prompts.size(); ++i) {
+    auto s = model.new_sequence();
+    MatD alone = model.prefill(s, prompts[i]);
+    MatD alone_step = model.decode(s, next[i]);
+    EXPECT_LE(m3::test::rel_l2(batched[i], alone), 1e-5) << "sequence " << i;
+    EXPECT_LE(m3::test::rel_l2(step[i], alone_step), 1e-5) << "sequence " << i;
+  }
+}
+
+TEST(Model_f32, RepeatsAreBitIdentical) {
+  auto g = m3::test::test_rng();
+  Tiny t(g());
+  auto tokens = random_tokens(kLen, t.cfg.vocab_size, g);
+  MatD out[2];
+  for (auto& o : out) {
+    m3::Model model(t.cfg, m3::generate_weights(t.cfg, 99), m3::Precision::FP32);
+    auto s = model.new_sequence();
+    o = model.prefill(s, tokens);
+  }
+  EXPECT_TRUE((out[0].array() == out[1].array()).all());
+}
+
+TEST(Model_f32, TraceHasEveryNameWithShapes) {
+  Tiny t(7);
+  m3::Model model(t.cfg, t.w, m3::Precision::FP32);
+  std::map<std::string, std::pair<std::int64_t, std::int64_t>> seen;
+  auto s = model.new_sequence();
+  const int T = 70;
+  std::vector<std::int32_t> tokens(T, 9);
+  model.prefill(s, tokens, [&](int seq, const std::string& name, const m3::TraceView& v) {
+    EXPECT_EQ(seq, 0);
+    EXPECT_TRUE(seen.emplace(name, std::make_pair(v.rows, v.cols)).second) << "twice: " << name;
+  });
+  const auto& c = t.cfg;
+  const int NB = (T - 1) / c.index_block_size + 1;
+  std::map<std::string, std::pair<std::int64_t, std::int64_t>> want{
+      {"blk.0.attn_norm", {T, c.hidden_size}},
+      {"blk.0.q", {T, c.num_attention_heads * c.head_dim}},
+      {"blk.0.k", {T, c.num_key_value_heads * c.head_dim}},
+      {"blk.0.v", {T, c.num_key_value_heads * c.head_dim}},
+      {"blk.0.attn_out", {T, c.num_attention_heads * c.head_dim}},
+      {"blk.0.ffn_norm", {T, c.hidden_size}},
+      {"blk.0.mlp_out", {T, c.hidden_size}},
+      {"blk.0.out", {T, c.hidden_size}},
+      {"blk.1.idx_q", {T, c.index_n_heads * c.index_head_dim}},
+      {"blk.1.idx_k", {T, c.index_head_dim}},
+      {"blk.1.block_scores", {c.index_n_heads * T, NB}},
+      {"blk.1.selection", {c.index_n_heads * T, c.index_topk_blocks}},
+      {"blk.1.router_logits", {T, c.num_local_experts}},
+      {"blk.1.experts", {T, c.num_experts_per_tok}},
+      {"blk.1.expert_weights", {T, c.num_experts_per_tok}},
+      {"blk.3.moe_out", {T, c.hidden_size}},
+      {"logits", {T, c.vocab_size}},
+  };
+  for (auto& [n, shape] : want) {
+    ASSERT_TRUE(seen.count(n)) << "missing " << n;
+    EXPECT_EQ(seen[n], shape) << n;
+  }
+  EXPECT_FALSE(seen.count("blk.0.selection"));  // dense layer
+}
+
+TEST(Model, PrecisionsAgreeAsFarAsTheyShould) {
+  auto g = m3::test::test_rng();
+  SCOPED_TRACE(m3::test::seed_note());
+  Tiny t(g());
+  auto tokens = random_tokens(kLen, t.cfg.vocab_size, g);
+  std::map<m3::Precision, MatD> out;
+  for (auto p : {m3::Precision::FP64, m3::Precision::FP32, m3::Precision::BF16}) {
+    m3::Model model(t.cfg, t.w, p);
+    auto s = model.new_sequence();
+    out[p] = model.prefill(s, tokens);
+  }
+  const double e32 = m3::test::rel_l2(out[m3::Precision::FP32], out[m3::Precision::FP64]);
+  const double e16 = m3::test::rel_l2(out[m3::Precision::BF16], out[m3::Precision::FP64]);
+  // fp32 (unit roundoff 6e-8) over 4 layers: ~1e-6; bf16 (unit roundoff 3.9e-3) rounding at every
+  // op boundary: 1e-3..3e-2 (a selection flip can add more, hence the loose upper bound).
+  EXPECT_LE(e32, 1e-5);
+  EXPECT_GT(e16, 1e-4);  // the emulation really rounds
+  EXPECT_LE(e16, 8e-2);
+  EXPECT_LT(e32, e16);
+}
+
+TEST(Model, BadRequestsFailBeforeCachesChange) {
+  Tiny t(5);
+  m3::Model model(t.cfg, t.w, m3::Precision::FP32);
+  auto s = model.new_sequence();
+  std::vector<std::int32_t> ok{1, 2, 3};
+  model.prefill(s, ok);
+  std::vector<std::int32_t> bad{1, 512, 3};
+  try {
+    model.prefill(s, bad);
+    FAIL();
+  } catch (const std::out_of_range& e) {
+    EXPECT_NE(std::string(e.what()).find("token 512"), std::string::npos) << e.what();
+  }
+  EXPECT_EQ(s.length(), 3);
+  std::vector<std::int32_t> neg{-1};
+  EXPECT_THROW(model.prefill(s, neg), std::out_of_range);
+  std::vector<std::int32_t> too_long(t.cfg.max_position_embeddings, 1);
+  try {
+    model.prefill(s, too_long);
+    FAIL();
+  } catch (const std::out_of_range& e) {
+    EXPECT_NE(std::string(e.what()).find("max_position_embeddings"), std::string::npos) << e.what();
+  }
+  EXPECT_EQ(s.length(), 3);
+  // A sequence of another model is refused.
+  m3::Model other(t.cfg, t.w, m3::Precision::FP32);
+  auto s2 = other.new_sequence();
+  EXPECT_THROW(model.prefill(s2, ok), std::invalid_argument);
+  // Weights that do not fit the config are refused with the tensor named.
+  auto w = t.w;
+  w.layers[2].attn.q_proj.resize(3, 3);
+  try {
+    m3::Model m(t.cfg, w, m3::Precision::FP32);
+    FAIL();
+  } catch (const std::invalid_argument& e) {
+    EXPECT_NE(std::string(e.what()).find("q_proj"), std::string::npos) << e.what();
+  }
+}
+
+TEST(Model, GreedyTieRuleAndGeneration) {
+  MatD l(1, 4);
+  l << 1.0, 3.0, 3.0, std::nan("");
+  EXPECT_EQ(m3::greedy_token(l, 0), 1);
+  Tiny t(11);
+  m3::Model model(t.cfg, t.w, m3::Precision::FP32);
+  std::vector<std::int32_t> prompt(40, 7);
+  MatD logits;
+  auto gen = m3::generate_greedy(model, prompt, 8, &logits);
+  ASSERT_EQ(gen.size(), 8u);
+  EXPECT_EQ(logits.rows(), 48);
+  for (int i = 0; i < 8; ++i) EXPECT_EQ(gen[i], m3::greedy_token(logits, 39 + i));
+}
