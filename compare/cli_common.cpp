@@ -4,16 +4,18 @@
 #include <fmt/core.h>
 
 #include <fstream>
-#include <map>
 #include <thread>
 
 namespace m3::cli {
 
 void add_format_option(CLI::App* cmd, Format* out) {
-  static const std::map<std::string, Format> kFormats{
-      {"table", Format::TABLE}, {"json", Format::JSON}, {"csv", Format::CSV}};
-  cmd->add_option("--format", *out, "Output format: table (human, default), json or csv")
-      ->transform(CLI::CheckedTransformer(kFormats, CLI::ignore_case));
+  cmd->add_option_function<std::string>(
+         "--format",
+         [out](const std::string& s) {
+           *out = s == "json" ? Format::JSON : s == "csv" ? Format::CSV : Format::TABLE;
+         },
+         "Output format: table (human, default), json or csv")
+      ->check(CLI::IsMember({"table", "json", "csv"}));
 }
 
 namespace {

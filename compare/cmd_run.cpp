@@ -1,6 +1,7 @@
 // `m3h run`: prefill a prompt, then K greedy decode steps on the CPU reference; prints timing, the
 // greedy tokens and a logits checksum (an FNV-1a hash of the logits' bits plus their fp64 sum).
 #include "compare/cli_common.h"
+#include "datasets/run_file.h"
 #include "reference/model.h"
 #include "reference/rng.h"
 
@@ -77,15 +78,14 @@ int run(const RunArgs& a) {
   if (static_cast<std::int64_t>(prompt.size()) + a.decode > cfg.max_position_embeddings)
     throw std::out_of_range(fmt::format("prompt {} + decode {} tokens exceed max_position_embeddings = {}",
                                         prompt.size(), a.decode, cfg.max_position_embeddings));
-  if (!a.out.empty())
-    throw std::invalid_argument("--out: writing HDF5 run files comes with the datasets layer (issue 3); not built yet");
 
   using clock = std::chrono::steady_clock;
   auto t0 = clock::now();
   Model model(cfg, generate_weights(cfg, a.seed), prec);
   auto t1 = clock::now();
   Sequence seq = model.new_sequence();
-  MatD logits = model.prefill(seq, prompt);  // [T, V]
+  TraceRecorder rec;
+  MatD logits = model.prefill(seq, prompt, a.out.empty() ? TraceFn{} : rec.fn());  // [T, V]
   auto t2 = clock::now();
   std::vector<std::int32_t> gen;
   MatD all = logits;
@@ -101,6 +101,8 @@ int run(const RunArgs& a) {
   const std::uint64_t hash = logits_hash(all);
   const double sum = all.sum();
   const auto& st = model.stats();
+  if (!a.out.empty())
+    write_run_file(a.out, {command_line(), a.seed, cfg.to_json(-1), a.precision, prompt, gen, &all, &rec});
 
   if (a.format == Format::JSON) {
     nlohmann::json j;
@@ -164,7 +166,8 @@ CLI::App* register_run(CLI::App& app, int* exit_code) {
       ->check(CLI::IsMember({"fp32", "fp64", "bf16"}))
       ->capture_default_str();
   cmd->add_option("--seed", args->seed, "Seed of the weights and of a drawn prompt")->capture_default_str();
-  cmd->add_option("--out", args->out, "Write logits and trace to this HDF5 file (needs the datasets layer)");
+  cmd->add_option("--out", args->out, "Write an HDF5 run file: prompt, greedy tokens, logits [T+K, V] float32 and the prefill's trace "
+                  "under /trace/blk.{l}.<name> (layout in datasets/run_file.h)");
   add_format_option(cmd, &args->format);
   cmd->callback([args, exit_code] { *exit_code = run(*args); });
   return cmd;

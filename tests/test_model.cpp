@@ -80,7 +80,7 @@ TEST(Model_f32, BatchOfDifferentLengthsEqualsSeparateRuns) {
   std::vector<m3::Sequence> seqs;
   std::vector<m3::Sequence*> ptrs;
   std::vector<std::span<const std::int32_t>> spans;
-  for (auto& p : prompts) seqs.push_back(model.new_sequence());
+  for (std::size_t i = 0; i < prompts.size(); ++i) seqs.push_back(model.new_sequence());
   for (std::size_t i = 0; i < prompts.size(); ++i) {
     ptrs.push_back(&seqs[i]);
     spans.emplace_back(prompts[i]);

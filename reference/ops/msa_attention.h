@@ -12,7 +12,9 @@
 namespace m3::ref {
 
 // q [T, Hq*D], k, v [N, Hkv*D], q_pos [T] (< N), sel [Hkv*T, K_blk] (msa_select's layout, -1 =
-// unused; every valid id must be <= floor(q_pos[t]/blk)) -> out [T, Hq*D].
+// unused, allowed anywhere in a row; every valid id must be <= floor(q_pos[t]/blk), else
+// std::out_of_range; a repeated id or a row without any valid id is std::invalid_argument)
+// -> out [T, Hq*D]. A q_pos outside [0, N) throws std::out_of_range.
 // counter (optional) gains qk_macs and pv_macs for the keys actually attended.
 template <class T>
 void msa_attention(const Mat<T>& q, const Mat<T>& k, const Mat<T>& v,

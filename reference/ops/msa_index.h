@@ -16,7 +16,8 @@ namespace m3::ref {
 
 // idx_q [T, Hi*Di], idx_k [N, Di] (index-K cache, row j = position j), q_pos [T] (< N)
 // -> scores [Hi*T, NB] with row i*T + t, NB = floor(max(q_pos)/BLK) + 1; entries of blocks past
-// a query's own block are -inf. Accumulation in T (fp32 scores in the fp32 and bf16 modes).
+// a query's own block are -inf; T = 0 gives a 0 x 0 matrix. A q_pos outside [0, N) throws
+// std::out_of_range. Accumulation in T (fp32 scores in the fp32 and bf16 modes).
 // counter (optional) gains index_macs.
 template <class T>
 void msa_index(const Mat<T>& idx_q, const Mat<T>& idx_k, std::span<const std::int64_t> q_pos,

@@ -18,7 +18,9 @@
 namespace m3::ref {
 
 // scores [Hi*T, NB] (msa_index's layout; NB >= floor(max(q_pos)/BLK)+1), q_pos [T]
-// -> sel [Hi*T, K_blk] int32. counter (optional) gains select_candidates (scores examined).
+// -> sel [Hi*T, K_blk] int32. counter (optional) gains select_candidates: per (query, head) the
+// non-forced visible blocks L+1-|F| when L+1 > K_blk, else 0 (every visible block is taken and no
+// score decides anything), the rule of reference/cost.h. A q_pos < 0 throws std::out_of_range.
 template <class T>
 void msa_select(const Mat<T>& scores, std::span<const std::int64_t> q_pos, const MsaDims& dims,
                 MatI& sel, AttnCounter* counter = nullptr);
