@@ -1,7 +1,11 @@
 // Shared pieces of the m3h subcommands (cli_common.h).
 #include "compare/cli_common.h"
 
-#include <fmt/core.h>
+#include "datasets/hdf5.h"
+#include "reference/rng.h"
+
+#include <fmt/format.h>
+#include <fmt/ranges.h>
 
 #include <fstream>
 #include <thread>
@@ -45,6 +49,58 @@ std::string cpu_description() {
     }
   }
   return fmt::format("cpu: {}, {} hardware threads", model, std::thread::hardware_concurrency());
+}
+
+std::vector<std::int32_t> load_tokens(const std::string& spec, const ModelConfig& cfg, std::uint64_t seed) {
+  const bool numeric = !spec.empty() && spec.find_first_not_of("0123456789") == std::string::npos;
+  std::vector<std::int32_t> t;
+  if (numeric) {
+    const long long n = std::stoll(spec);
+    if (n <= 0) throw std::invalid_argument("--tokens: need at least 1 token");
+    if (n > cfg.max_position_embeddings)
+      throw std::out_of_range(fmt::format("--tokens {}: context exceeds max_position_embeddings = {}", n,
+                                          cfg.max_position_embeddings));
+    CounterRng rng(seed, "prompt");
+    for (long long i = 0; i < n; ++i)
+      t.push_back(static_cast<std::int32_t>(rng.bits(static_cast<std::uint64_t>(i)) % cfg.vocab_size));
+    return t;
+  }
+  if (auto colon = spec.find(".h5:"); colon != std::string::npos) {
+    // FILE.h5:/dataset - an integer vector (int32 or int64) inside an HDF5 file.
+    const std::string file = spec.substr(0, colon + 3), dset = spec.substr(colon + 4);
+    auto f = h5::File::open_read(file);
+    const auto shape = f.shape(dset);
+    if (shape.size() != 1 && !(shape.size() == 2 && shape[0] == 1))
+      throw std::invalid_argument(fmt::format("{}:{} has shape [{}], expected a vector of token ids [T] or [1, T]",
+                                              file, dset, fmt::join(shape, ", ")));
+    const auto dt = f.dtype(dset);
+    if (dt != h5::DType::I32 && dt != h5::DType::I64)
+      throw std::invalid_argument(fmt::format("{}:{} must hold integers (int32 or int64)", file, dset));
+    for (std::int64_t v : f.read<std::int64_t>(dset)) {
+      if (v < 0 || v >= cfg.vocab_size)
+        throw std::out_of_range(fmt::format("{}:{}: token {} = {} is outside the vocabulary [0, {})", file, dset,
+                                            t.size(), v, cfg.vocab_size));
+      t.push_back(static_cast<std::int32_t>(v));
+    }
+    if (t.empty()) throw std::invalid_argument(fmt::format("{}:{} holds no tokens", file, dset));
+    return t;
+  }
+  std::ifstream f(spec);
+  if (!f) throw std::invalid_argument(fmt::format("--tokens: '{}' is neither a count nor a readable file", spec));
+  std::string word;
+  while (f >> word) {
+    char* end = nullptr;
+    errno = 0;
+    long long v = std::strtoll(word.c_str(), &end, 10);
+    if (*end != '\0' || errno)
+      throw std::invalid_argument(fmt::format("{}: token {} ('{}') is not an integer", spec, t.size(), word));
+    if (v < 0 || v >= cfg.vocab_size)
+      throw std::out_of_range(fmt::format("{}: token {} = {} is outside the vocabulary [0, {})", spec, t.size(), v,
+                                          cfg.vocab_size));
+    t.push_back(static_cast<std::int32_t>(v));
+  }
+  if (t.empty()) throw std::invalid_argument(fmt::format("{}: no tokens in the file", spec));
+  return t;
 }
 
 }  // namespace m3::cli

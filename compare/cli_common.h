@@ -4,7 +4,11 @@
 
 #include <CLI/CLI.hpp>
 
+#include "reference/config.h"
+
+#include <cstdint>
 #include <string>
+#include <vector>
 
 namespace m3::cli {
 
@@ -24,8 +28,14 @@ void set_command_line(int argc, char** argv);
 // "cpu: <model name>, <n> threads" — the device header of human-readable output.
 std::string cpu_description();
 
+// A prompt from `--tokens`: a count N (N ids drawn from the seed, the same on every machine), a
+// text file of whitespace-separated ids, or FILE.h5:/dataset (an int32/int64 vector). Every id is
+// checked against the vocabulary and the length against max_position_embeddings.
+std::vector<std::int32_t> load_tokens(const std::string& spec, const ModelConfig& cfg, std::uint64_t seed);
+
 // Subcommand registration; each returns the subcommand and arranges for `*exit_code` to be set.
 CLI::App* register_cost(CLI::App& app, int* exit_code);
 CLI::App* register_run(CLI::App& app, int* exit_code);
+CLI::App* register_golden(CLI::App& app, int* exit_code);
 
 }  // namespace m3::cli

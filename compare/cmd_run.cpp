@@ -1,7 +1,7 @@
 // `m3h run`: prefill a prompt, then K greedy decode steps on the CPU reference; prints timing, the
 // greedy tokens and a logits checksum (an FNV-1a hash of the logits' bits plus their fp64 sum).
 #include "compare/cli_common.h"
-#include "datasets/run_file.h"
+#include "datasets/golden.h"
 #include "reference/model.h"
 #include "reference/rng.h"
 
@@ -27,39 +27,6 @@ struct RunArgs {
   Format format = Format::TABLE;
 };
 
-// `--tokens N` draws N prompt tokens from the seed; anything else is a file of integer ids.
-std::vector<std::int32_t> load_tokens(const std::string& spec, const ModelConfig& cfg, std::uint64_t seed) {
-  const bool numeric = !spec.empty() && spec.find_first_not_of("0123456789") == std::string::npos;
-  std::vector<std::int32_t> t;
-  if (numeric) {
-    const long long n = std::stoll(spec);
-    if (n <= 0) throw std::invalid_argument("--tokens: need at least 1 token");
-    if (n > cfg.max_position_embeddings)
-      throw std::out_of_range(fmt::format("--tokens {}: context exceeds max_position_embeddings = {}", n,
-                                          cfg.max_position_embeddings));
-    CounterRng rng(seed, "prompt");
-    for (long long i = 0; i < n; ++i)
-      t.push_back(static_cast<std::int32_t>(rng.bits(static_cast<std::uint64_t>(i)) % cfg.vocab_size));
-    return t;
-  }
-  std::ifstream f(spec);
-  if (!f) throw std::invalid_argument(fmt::format("--tokens: '{}' is neither a count nor a readable file", spec));
-  std::string word;
-  while (f >> word) {
-    char* end = nullptr;
-    errno = 0;
-    long long v = std::strtoll(word.c_str(), &end, 10);
-    if (*end != '\0' || errno)
-      throw std::invalid_argument(fmt::format("{}: token {} ('{}') is not an integer", spec, t.size(), word));
-    if (v < 0 || v >= cfg.vocab_size)
-      throw std::out_of_range(fmt::format("{}: token {} = {} is outside the vocabulary [0, {})", spec, t.size(), v,
-                                          cfg.vocab_size));
-    t.push_back(static_cast<std::int32_t>(v));
-  }
-  if (t.empty()) throw std::invalid_argument(fmt::format("{}: no tokens in the file", spec));
-  return t;
-}
-
 std::uint64_t logits_hash(const MatD& l) {
   std::uint64_t h = fnv1a64("");
   for (Eigen::Index i = 0; i < l.size(); ++i) {
@@ -84,7 +51,8 @@ int run(const RunArgs& a) {
   Model model(cfg, generate_weights(cfg, a.seed), prec);
   auto t1 = clock::now();
   Sequence seq = model.new_sequence();
-  TraceRecorder rec;
+  const auto T = static_cast<std::int64_t>(prompt.size());
+  TraceRecorder rec(T, sample_rows(T, 1, 1, T, 0));  // every row
   MatD logits = model.prefill(seq, prompt, a.out.empty() ? TraceFn{} : rec.fn());  // [T, V]
   auto t2 = clock::now();
   std::vector<std::int32_t> gen;
@@ -101,8 +69,21 @@ int run(const RunArgs& a) {
   const std::uint64_t hash = logits_hash(all);
   const double sum = all.sum();
   const auto& st = model.stats();
-  if (!a.out.empty())
-    write_run_file(a.out, {command_line(), a.seed, cfg.to_json(-1), a.precision, prompt, gen, &all, &rec});
+  if (!a.out.empty()) {
+    GoldenRun g;
+    g.generator = command_line();
+    g.seed = a.seed;
+    g.config = cfg;
+    g.precision = prec;
+    g.store_f64 = prec == Precision::FP64;
+    g.tokens = prompt;
+    g.rows = rec.rows();
+    g.trace = rec.tensors();
+    g.logits = all.topRows(T);
+    g.decode_tokens = gen;
+    g.decode_logits = all.bottomRows(a.decode);
+    write_golden(a.out, g);
+  }
 
   if (a.format == Format::JSON) {
     nlohmann::json j;
@@ -159,15 +140,17 @@ CLI::App* register_run(CLI::App& app, int* exit_code) {
                   "Preset name (m3-layer, small, tiny) or path to a config.json")
       ->capture_default_str();
   cmd->add_option("--tokens", args->tokens,
-                  "Prompt: a count N (N tokens drawn from the seed) or a file of whitespace-separated token ids")
+                  "Prompt: a count N (N ids drawn from the seed), a file of whitespace-separated ids, or "
+                  "FILE.h5:/dataset (an int32/int64 vector)")
       ->capture_default_str();
   cmd->add_option("--decode", args->decode, "Greedy decode steps after the prefill")->capture_default_str();
   cmd->add_option("--precision", args->precision, "fp32 (default), fp64 (ground truth) or bf16 (GPU emulation)")
       ->check(CLI::IsMember({"fp32", "fp64", "bf16"}))
       ->capture_default_str();
   cmd->add_option("--seed", args->seed, "Seed of the weights and of a drawn prompt")->capture_default_str();
-  cmd->add_option("--out", args->out, "Write an HDF5 run file: prompt, greedy tokens, logits [T+K, V] float32 and the prefill's trace "
-                  "under /trace/blk.{l}.<name> (layout in datasets/run_file.h)");
+  cmd->add_option("--out", args->out, "Write an HDF5 file in the golden layout (datasets/golden.h): prompt, /logits [T, V], "
+                  "/decode/tokens and /decode/logits, and the prefill's trace under /trace/blk.{l}.<name>, "
+                  "selection as [Hi, T, K_blk] int32 (-1 padded); float32, float64 in fp64 runs");
   add_format_option(cmd, &args->format);
   cmd->callback([args, exit_code] { *exit_code = run(*args); });
   return cmd;

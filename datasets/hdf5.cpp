@@ -46,6 +46,14 @@ File File::open_read(const std::string& path) {
   return File(Handle(id, H5Fclose), path);
 }
 
+File File::open_rw(const std::string& path) {
+  quiet_hdf5();
+  if (H5Fis_hdf5(path.c_str()) <= 0) throw H5Error(fmt::format("'{}' is missing or not an HDF5 file", path));
+  hid_t id = H5Fopen(path.c_str(), H5F_ACC_RDWR, H5P_DEFAULT);
+  if (id < 0) throw H5Error(fmt::format("cannot open HDF5 file '{}' for writing", path));
+  return File(Handle(id, H5Fclose), path);
+}
+
 bool File::exists(const std::string& path) const {
   if (path == "/") return true;
   // Every prefix must exist before H5Lexists may be asked about the next component.
@@ -160,6 +168,19 @@ std::int64_t File::attr_int(const std::string& object, const std::string& name) 
     throw H5Error(fmt::format("{}: attribute '{}' on '{}' is not an integer", path_, name, object));
   std::int64_t v = 0;
   M3_H5(H5Aread(a.id(), H5T_NATIVE_INT64, &v), object);
+  return v;
+}
+
+double File::attr_double(const std::string& object, const std::string& name) const {
+  if (!has_attr(object, name))
+    throw H5Error(fmt::format("{}: attribute '{}' missing on '{}'", path_, name, object));
+  Handle a(M3_H5(H5Aopen_by_name(id(), object.c_str(), name.c_str(), H5P_DEFAULT, H5P_DEFAULT), object), H5Aclose);
+  Handle type(M3_H5(H5Aget_type(a.id()), object), H5Tclose);
+  const auto cls = H5Tget_class(type.id());
+  if (cls != H5T_FLOAT && cls != H5T_INTEGER)
+    throw H5Error(fmt::format("{}: attribute '{}' on '{}' is not a number", path_, name, object));
+  double v = 0;
+  M3_H5(H5Aread(a.id(), H5T_NATIVE_DOUBLE, &v), object);
   return v;
 }
 

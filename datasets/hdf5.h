@@ -50,6 +50,8 @@ class File {
   // Creates (truncating) or opens read-only. The error names the path.
   static File create(const std::string& path);
   static File open_read(const std::string& path);
+  // Opens an existing file for reading and writing (tests use it to damage files on purpose).
+  static File open_rw(const std::string& path);
 
   const std::string& path() const { return path_; }
   hid_t id() const { return h_.id(); }
@@ -79,6 +81,8 @@ class File {
   std::vector<T> read(const std::string& path) const;
   std::string attr_string(const std::string& object, const std::string& name) const;
   std::int64_t attr_int(const std::string& object, const std::string& name) const;
+  // A numeric attribute (float or integer) widened to double.
+  double attr_double(const std::string& object, const std::string& name) const;
   bool has_attr(const std::string& object, const std::string& name) const;
 
  private:

@@ -296,6 +296,7 @@ ModelConfig parse_config_json(std::string_view text, std::string_view origin) {
 
   ModelConfig c;
   c.name = std::string(origin);
+  if (const auto it = root.find("name"); it != root.end() && it->is_string()) c.name = it->get<std::string>();
   r.require("hidden_size", c.hidden_size);
   r.require("num_hidden_layers", c.num_hidden_layers);
   r.require("num_attention_heads", c.num_attention_heads);
