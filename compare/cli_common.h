@@ -36,6 +36,8 @@ std::vector<std::int32_t> load_tokens(const std::string& spec, const ModelConfig
 // Subcommand registration; each returns the subcommand and arranges for `*exit_code` to be set.
 CLI::App* register_cost(CLI::App& app, int* exit_code);
 CLI::App* register_run(CLI::App& app, int* exit_code);
+CLI::App* register_case(CLI::App& app, int* exit_code);
+CLI::App* register_verify(CLI::App& app, int* exit_code);
 CLI::App* register_golden(CLI::App& app, int* exit_code);
 
 }  // namespace m3::cli

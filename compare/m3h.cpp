@@ -19,6 +19,8 @@ int main(int argc, char** argv) {
   int exit_code = kExitOk;
   register_cost(app, &exit_code);
   register_run(app, &exit_code);
+  register_case(app, &exit_code);
+  register_verify(app, &exit_code);
   register_golden(app, &exit_code);
   try {
     app.parse(argc, argv);

@@ -66,7 +66,11 @@ bool File::exists(const std::string& path) const {
 void File::ensure_group(const std::string& path) {
   if (path.empty() || path == "/" || exists(path)) return;
   ensure_group(parent_of(path));
-  Handle g(M3_H5(H5Gcreate2(id(), path.c_str(), H5P_DEFAULT, H5P_DEFAULT, H5P_DEFAULT), path), H5Gclose);
+  // No modification times: the same content gives the same bytes, so regenerated committed files
+  // show no diff unless a value changed.
+  Handle gcpl(M3_H5(H5Pcreate(H5P_GROUP_CREATE), path), H5Pclose);
+  M3_H5(H5Pset_obj_track_times(gcpl.id(), false), path);
+  Handle g(M3_H5(H5Gcreate2(id(), path.c_str(), H5P_DEFAULT, gcpl.id(), H5P_DEFAULT), path), H5Gclose);
 }
 
 void File::write_raw(const std::string& path, hid_t mem_type, hid_t file_type, const void* data,
@@ -74,7 +78,9 @@ void File::write_raw(const std::string& path, hid_t mem_type, hid_t file_type, c
   ensure_group(parent_of(path));
   std::vector<hsize_t> d(dims.begin(), dims.end());
   Handle space(M3_H5(H5Screate_simple(static_cast<int>(d.size()), d.data(), nullptr), path), H5Sclose);
-  Handle set(M3_H5(H5Dcreate2(id(), path.c_str(), file_type, space.id(), H5P_DEFAULT, H5P_DEFAULT, H5P_DEFAULT),
+  Handle dcpl(M3_H5(H5Pcreate(H5P_DATASET_CREATE), path), H5Pclose);
+  M3_H5(H5Pset_obj_track_times(dcpl.id(), false), path);  // reproducible bytes (ensure_group)
+  Handle set(M3_H5(H5Dcreate2(id(), path.c_str(), file_type, space.id(), H5P_DEFAULT, dcpl.id(), H5P_DEFAULT),
                    path),
              H5Dclose);
   M3_H5(H5Dwrite(set.id(), mem_type, H5S_ALL, H5S_ALL, H5P_DEFAULT, data), path);
@@ -148,6 +154,8 @@ std::string File::attr_string(const std::string& object, const std::string& name
     char* s = nullptr;
     Handle mem(M3_H5(H5Tcopy(H5T_C_S1), object), H5Tclose);
     M3_H5(H5Tset_size(mem.id(), H5T_VARIABLE), object);
+    // h5py writes UTF-8 strings: the memory type must carry the file's character set to convert.
+    M3_H5(H5Tset_cset(mem.id(), H5Tget_cset(type.id())), object);
     M3_H5(H5Aread(a.id(), mem.id(), &s), object);
     std::string out = s ? s : "";
     H5free_memory(s);

@@ -1,0 +1,118 @@
+// Op case: moe_experts (reference/ops/moe_experts.h): y = routed_scale * sum over the chosen
+// experts of w_e SwiGLU-OAI_e(x), plus the unweighted shared expert when shared = 1. Expert
+// weights are stored stacked: gate, up [E, I, H], down [E, H, I]. The routing (experts, weights)
+// is an input: distinct random experts per token, positive weights summing to 1 (fp32, as the
+// router leaves them); with E > K_e some experts get several tokens and some none.
+#include "compare/cases/case.h"
+#include "reference/ops/moe_experts.h"
+#include "reference/rng.h"
+
+#include <fmt/format.h>
+
+#include <cmath>
+#include <numeric>
+#include <stdexcept>
+
+namespace m3::cases {
+
+namespace {
+
+class MoeExpertsCase final : public OpCase {
+ public:
+  std::string op() const override { return "moe_experts"; }
+  std::string summary() const override { return "MoE experts + shared expert, weighted and scaled"; }
+  std::vector<ParamSpec> param_specs() const override {
+    return {{"T", 6, true, 1, "tokens"},
+            {"H", 20, true, 1, "hidden size"},
+            {"I", 12, true, 1, "expert intermediate width"},
+            {"E", 5, true, 1, "routed experts"},
+            {"K_e", 2, true, 1, "experts per token"},
+            {"shared", 1, true, 0, "1: add a shared expert of width I"},
+            {"routed_scale", 2.0, false, 0, "scale of the routed sum"},
+            {"alpha", 1.702, false, 0, "SwiGLU sigmoid slope"},
+            {"limit", 7.0, false, 0, "SwiGLU clamp"},
+            {"beta", 1.0, false, -1e9, "SwiGLU up offset"}};
+  }
+  void check(const Params& p) const override {
+    if (pint(p, "K_e") > pint(p, "E"))
+      throw std::invalid_argument(fmt::format("moe_experts: K_e = {} > E = {}", pint(p, "K_e"), pint(p, "E")));
+    if (pint(p, "shared") > 1) throw std::invalid_argument("moe_experts: shared must be 0 or 1");
+  }
+  std::vector<TensorSpec> inputs(const Params& p) const override {
+    const auto T = pint(p, "T"), H = pint(p, "H"), I = pint(p, "I"), E = pint(p, "E"), K = pint(p, "K_e");
+    std::vector<TensorSpec> s = {{"x", Kind::ACT, {T, H}, "[T, H]"},
+                                 {"experts", Kind::IDS, {T, K}, "[T, K_e]"},
+                                 {"weights", Kind::F32, {T, K}, "[T, K_e]"},
+                                 {"gate", Kind::ACT, {E, I, H}, "[E, I, H]"},
+                                 {"up", Kind::ACT, {E, I, H}, "[E, I, H]"},
+                                 {"down", Kind::ACT, {E, H, I}, "[E, H, I]"}};
+    if (pint(p, "shared") == 1) {
+      s.push_back({"shared_gate", Kind::ACT, {I, H}, "[I, H]"});
+      s.push_back({"shared_up", Kind::ACT, {I, H}, "[I, H]"});
+      s.push_back({"shared_down", Kind::ACT, {H, I}, "[H, I]"});
+    }
+    return s;
+  }
+  std::vector<TensorSpec> outputs(const Params& p) const override {
+    return {{"y", Kind::ACT, {pint(p, "T"), pint(p, "H")}, "[T, H]"}};
+  }
+  Tensors generate(const Params& p, std::uint64_t seed) const override {
+    const auto T = pint(p, "T"), E = pint(p, "E"), K = pint(p, "K_e");
+    const double in_h = 1.0 / std::sqrt(static_cast<double>(pint(p, "H")));
+    const double in_i = 1.0 / std::sqrt(static_cast<double>(pint(p, "I")));
+    Tensors in;
+    for (const TensorSpec& s : inputs(p)) {
+      const bool down = s.name == "down" || s.name == "shared_down";
+      if (s.kind == Kind::ACT)
+        in[s.name] = randn(s.dims, seed, "moe_experts." + s.name, s.name == "x" ? 1.0 : down ? in_i : in_h);
+    }
+    Tensor ex, w;
+    ex.dims = w.dims = {T, K};
+    const CounterRng rng(seed, "moe_experts.routing");
+    std::uint64_t draw = 0;
+    for (std::int64_t t = 0; t < T; ++t) {
+      std::vector<std::int64_t> ids(static_cast<std::size_t>(E));
+      std::iota(ids.begin(), ids.end(), 0);
+      double sum = 0;
+      for (std::int64_t j = 0; j < K; ++j) {  // partial Fisher-Yates: K distinct experts
+        std::swap(ids[static_cast<std::size_t>(j)],
+                  ids[static_cast<std::size_t>(j + static_cast<std::int64_t>(rng.bits(draw++) % (E - j)))]);
+        ex.i.push_back(ids[static_cast<std::size_t>(j)]);
+        w.f.push_back(0.1 + rng.uniform(draw++));
+        sum += w.f.back();
+      }
+      for (std::int64_t j = 0; j < K; ++j) w.f[static_cast<std::size_t>(t * K + j)] /= sum;
+    }
+    in["experts"] = std::move(ex);
+    in["weights"] = std::move(w);
+    return in;
+  }
+  Tensors run(const Params& p, const Tensors& in, bool fp64) const override {
+    return fp64 ? run_t<double>(p, in) : run_t<float>(p, in);
+  }
+
+ private:
+  template <class T>
+  static Tensors run_t(const Params& p, const Tensors& in) {
+    std::vector<ref::MlpWeights<T>> experts_w;
+    for (std::int64_t e = 0; e < pint(p, "E"); ++e)
+      experts_w.push_back({slice<T>(in.at("gate"), e), slice<T>(in.at("up"), e), slice<T>(in.at("down"), e)});
+    ref::MlpWeights<T> shared;  // empty matrices: no shared expert
+    if (pint(p, "shared") == 1)
+      shared = {mat<T>(in.at("shared_gate")), mat<T>(in.at("shared_up")), mat<T>(in.at("shared_down"))};
+    const ref::SwigluParams sp{preal(p, "alpha"), preal(p, "limit"), preal(p, "beta")};
+    Mat<T> y;  // [T, H]
+    ref::moe_experts(mat<T>(in.at("x")), ids(in.at("experts")), mat<T>(in.at("weights")), experts_w, shared,
+                     preal(p, "routed_scale"), sp, y);
+    return {{"y", from_mat(y)}};
+  }
+};
+
+}  // namespace
+
+const OpCase& moe_experts_case() {
+  static const MoeExpertsCase c;
+  return c;
+}
+
+}  // namespace m3::cases

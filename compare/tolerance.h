@@ -1,0 +1,96 @@
+// The one table of agreement thresholds (DESIGN §4). Every check of m3-harness that says "agree"
+// (`m3h verify` on op cases today, the GPU comparison later) asks tolerance(op, precision) and
+// nothing else, so a threshold changes in exactly one place, next to the reason it has.
+//
+// A float output agrees when, over the elements that are finite on both sides,
+//   rel-L2 = ||a - b|| / ||b|| <= rel_l2                       (global rule)
+//   |a - b| <= atol + rtol * |b|  for every element           (elementwise rule)
+// with b the reference, and the non-finite elements sit at the same positions on both sides.
+// The case generators keep tensors O(1) (weights scaled by 1/sqrt(fan-in)), which is what makes an
+// absolute atol meaningful. Index outputs match exactly, except that ids chosen differently where
+// the deciding scores are within tie_rtol * (the row's largest |score|) count as a near-tie.
+//
+// These are starting points (style guide §8 rule 14); calibrate them on GPU data and change a
+// number only together with its comment.
+#pragma once
+
+#include "reference/tensor.h"
+
+#include <string_view>
+
+namespace m3::cmp {
+
+struct Tolerance {
+  double rel_l2 = 0;    // global gate on ||a - b|| / ||b||
+  double atol = 0;      // elementwise: |a - b| <= atol + rtol * |b|
+  double rtol = 0;
+  double tie_rtol = 0;  // index outputs: scores closer than tie_rtol * row scale are a near-tie
+  // Attention in bf16 additionally: err(a vs fp64) <= kAttnErrFactor * err(b vs fp64) + kAttnFloor,
+  // err = rel-L2 against the fp64 reference run on the same (bf16-valued) inputs.
+  bool attention_rule = false;
+};
+
+// bf16 keeps 8 significant bits: the spacing of bf16 values in [1, 2) is 2^-7, so 2^-7 is the
+// relative size of one bf16 ulp (at worst; 2^-8 just below a power of two).
+inline constexpr double kBf16Ulp = 0x1p-7;
+
+// FP64 ground truth vs another fp64 evaluation: only the summation order differs. fp64 roundoff
+// is 1.1e-16; sums of up to ~10^4 O(1) terms stay far below 1e-12 (the reference tests' bound).
+inline constexpr Tolerance kFp64{
+    .rel_l2 = 1e-12,
+    .atol = 1e-12,   // near-zero elements from cancelling O(1) terms: 10^4 * 1e-16
+    .rtol = 1e-10,   // per element, 100x the global bound: a single element may be ill-conditioned
+    .tie_rtol = 1e-12,
+};
+
+// FP32 paths (fp32 storage and arithmetic, any summation order): fp32 roundoff is 6e-8; 1e-5
+// leaves room for reductions of a few thousand terms (the reference tests' bound, and llm.c's
+// 1e-5..1e-6 for fp32 kernels).
+inline constexpr Tolerance kFp32{
+    .rel_l2 = 1e-5,
+    .atol = 1e-5,    // O(1) outputs: an element that cancels to ~0 keeps the absolute error of its terms
+    .rtol = 1e-4,    // ~840 fp32 ulps: one element may sum thousands of terms in another order
+    .tie_rtol = 1e-5,  // an fp32 kernel's scores may differ from ours by the global fp32 bound
+};
+
+// BF16 paths (bf16 inputs, fp32 arithmetic, bf16 outputs; DESIGN §4 "rel-L2 <= 1e-2"): rounding an
+// O(1) tensor to bf16 alone costs rel-L2 ~ 2^-8/sqrt(3) = 2.3e-3; 1e-2 leaves 4x that for the
+// intermediate roundings a kernel may add (P in attention, gate/up in the MLP).
+inline constexpr Tolerance kBf16{
+    .rel_l2 = 1e-2,
+    .atol = kBf16Ulp,      // one bf16 ulp at magnitude 1: an O(1) intermediate rounded to bf16
+                           // leaves this much absolute error in an output that cancels to ~0
+    .rtol = 2 * kBf16Ulp,  // two ulps: both sides rounding the same value to adjacent bf16
+                           // neighbours, plus one ulp of intermediate rounding (FlashMLA: 3/128)
+    .tie_rtol = 2 * kBf16Ulp,  // scores from bf16 operands can differ by the same two ulps
+};
+
+// The attention rule of flash-attention's tests (DESIGN §4, style guide rule 14): a kernel may be
+// twice as far from the fp64 truth as our bf16-emulating reference is; the floor covers the case
+// where the emulation happens to be nearly exact (tiny heads), so the bound is never below the
+// output's own bf16 rounding: 2^-8 is the unit roundoff of bf16.
+inline constexpr double kAttnErrFactor = 2.0;
+inline constexpr double kAttnFloor = 0x1p-8;
+
+// Ops whose bf16 outputs get the attention rule: those that end in a long softmax-weighted sum,
+// where the error of an emulation is a meaningful yardstick.
+inline constexpr bool is_attention_op(std::string_view op) {
+  return op == "attention_dense" || op == "msa_attention";
+}
+
+// The thresholds for one output of `op` in precision `p`: the precision the output is stored in
+// (fp32 outputs of a bf16 case, e.g. block scores and router outputs, use the fp32 tier).
+inline Tolerance tolerance(std::string_view op, Precision p) {
+  switch (p) {
+    case Precision::FP64: return kFp64;
+    case Precision::FP32: return kFp32;
+    case Precision::BF16: {
+      Tolerance t = kBf16;
+      t.attention_rule = is_attention_op(op);
+      return t;
+    }
+  }
+  return kFp32;
+}
+
+}  // namespace m3::cmp
