@@ -1,6 +1,7 @@
 // `m3h run`: prefill a prompt, then K greedy decode steps on the CPU reference; prints timing, the
 // greedy tokens and a logits checksum (an FNV-1a hash of the logits' bits plus their fp64 sum).
 #include "compare/cli_common.h"
+#include "datasets/checkpoint.h"
 #include "datasets/golden.h"
 #include "reference/model.h"
 #include "reference/rng.h"
@@ -9,6 +10,7 @@
 #include <nlohmann/json.hpp>
 
 #include <chrono>
+#include <optional>
 #include <cstring>
 #include <fstream>
 #include <sstream>
@@ -24,6 +26,7 @@ struct RunArgs {
   std::string precision = "fp32";
   std::uint64_t seed = 0;
   std::string out;
+  std::string checkpoint;
   Format format = Format::TABLE;
 };
 
@@ -38,7 +41,10 @@ std::uint64_t logits_hash(const MatD& l) {
 }
 
 int run(const RunArgs& a) {
-  const ModelConfig cfg = resolve_config(a.preset);
+  // A checkpoint brings its own config and weights; otherwise the preset and the seeded generator.
+  std::optional<Checkpoint> ck;
+  if (!a.checkpoint.empty()) ck = load_checkpoint(a.checkpoint);
+  const ModelConfig cfg = ck ? ck->config : resolve_config(a.preset);
   const Precision prec = parse_precision(a.precision);
   const auto prompt = load_tokens(a.tokens, cfg, a.seed);
   if (a.decode < 0) throw std::invalid_argument("--decode must be >= 0");
@@ -48,7 +54,8 @@ int run(const RunArgs& a) {
 
   using clock = std::chrono::steady_clock;
   auto t0 = clock::now();
-  Model model(cfg, generate_weights(cfg, a.seed), prec);
+  Model model(cfg, ck ? ck->weights : generate_weights(cfg, a.seed), prec);
+  if (ck) ck.reset();  // the model holds its own converted copy
   auto t1 = clock::now();
   Sequence seq = model.new_sequence();
   const auto T = static_cast<std::int64_t>(prompt.size());
@@ -148,6 +155,10 @@ CLI::App* register_run(CLI::App& app, int* exit_code) {
       ->check(CLI::IsMember({"fp32", "fp64", "bf16"}))
       ->capture_default_str();
   cmd->add_option("--seed", args->seed, "Seed of the weights and of a drawn prompt")->capture_default_str();
+  cmd->add_option("--checkpoint", args->checkpoint,
+                  "Checkpoint directory (config.json + safetensors, single or sharded, either layout of spec "
+                  "Appendix A) instead of --preset and seeded weights")
+      ->excludes("--preset");
   cmd->add_option("--out", args->out, "Write an HDF5 file in the golden layout (datasets/golden.h): prompt, /logits [T, V], "
                   "/decode/tokens and /decode/logits, and the prefill's trace under /trace/blk.{l}.<name>, "
                   "selection as [Hi, T, K_blk] int32 (-1 padded); float32, float64 in fp64 runs");

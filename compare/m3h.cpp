@@ -1,6 +1,10 @@
 // m3h: the m3-harness command line.
 //   m3h cost  --preset m3 --context 1048576 [--format table|json|csv] [--sweep]
 //   m3h run   --preset tiny --tokens 320 [--decode 32] [--precision fp32|fp64|bf16] [--out run.h5]
+//   m3h run   --checkpoint DIR --tokens FILE.h5:/input_ids        (a safetensors checkpoint)
+//   m3h golden --preset tiny --tokens 100 --decode 16 --out g.h5   (or --check g.h5)
+//   m3h case --op msa_select --out c.h5 ; m3h verify c.h5          (op case files)
+//   m3h inspect PATH ; m3h export --preset tiny --out DIR          (datasets and checkpoints)
 // `m3h --help` and `m3h <command> --help` explain every option.
 #include "compare/cli_common.h"
 
@@ -22,6 +26,8 @@ int main(int argc, char** argv) {
   register_case(app, &exit_code);
   register_verify(app, &exit_code);
   register_golden(app, &exit_code);
+  register_inspect(app, &exit_code);
+  register_export(app, &exit_code);
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {

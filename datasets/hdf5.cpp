@@ -218,6 +218,35 @@ DType File::dtype(const std::string& path) const {
                             static_cast<int>(cls), size));
 }
 
+std::vector<std::string> File::datasets() const {
+  std::vector<std::string> out;
+#if H5_VERSION_GE(1, 12, 0)
+  auto visit = [](hid_t, const char* name, const H5O_info2_t* info, void* op) -> herr_t {
+#else
+  auto visit = [](hid_t, const char* name, const H5O_info_t* info, void* op) -> herr_t {
+#endif
+    if (info->type == H5O_TYPE_DATASET) static_cast<std::vector<std::string>*>(op)->push_back(std::string("/") + name);
+    return 0;
+  };
+#if H5_VERSION_GE(1, 12, 0)
+  M3_H5(H5Ovisit3(id(), H5_INDEX_NAME, H5_ITER_INC, visit, &out, H5O_INFO_BASIC), path_);
+#else
+  M3_H5(H5Ovisit2(id(), H5_INDEX_NAME, H5_ITER_INC, visit, &out, H5O_INFO_BASIC), path_);
+#endif
+  return out;
+}
+
+std::vector<std::string> File::attr_names(const std::string& object) const {
+  std::vector<std::string> out;
+  auto visit = [](hid_t, const char* name, const H5A_info_t*, void* op) -> herr_t {
+    static_cast<std::vector<std::string>*>(op)->push_back(name);
+    return 0;
+  };
+  hsize_t idx = 0;
+  M3_H5(H5Aiterate_by_name(id(), object.c_str(), H5_INDEX_NAME, H5_ITER_INC, &idx, visit, &out, H5P_DEFAULT), object);
+  return out;
+}
+
 template <class T>
 std::vector<T> File::read(const std::string& path) const {
   const auto dims = shape(path);

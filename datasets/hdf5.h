@@ -84,6 +84,10 @@ class File {
   // A numeric attribute (float or integer) widened to double.
   double attr_double(const std::string& object, const std::string& name) const;
   bool has_attr(const std::string& object, const std::string& name) const;
+  // Every dataset of the file (full paths, in HDF5's name order) and the names of an object's
+  // attributes: what `m3h inspect` prints.
+  std::vector<std::string> datasets() const;
+  std::vector<std::string> attr_names(const std::string& object) const;
 
  private:
   File(Handle h, std::string path) : h_(std::move(h)), path_(std::move(path)) {}

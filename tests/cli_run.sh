@@ -32,4 +32,19 @@ assert (sel[:, :, 0] >= 0).all()  # at least one valid block per (head, row)
 print("run file ok:", len(f["trace"]), "traced tensors")
 PY
 fi
+# Checkpoints through the CLI: export both layouts (sharded bf16 too), inspect, run: the F32
+# checkpoint gives the seeded model's logits bit for bit.
+"$m3h" export --preset tiny --seed 0 --out "$tmp/ck_official" >/dev/null
+"$m3h" export --preset tiny --seed 0 --out "$tmp/ck_hf" --layout hf --dtype BF16 --shards 3 >/dev/null
+# (output captured first: grep -q closing the pipe early would fail the pipeline under pipefail)
+ins=$("$m3h" inspect "$tmp/ck_hf")
+grep -qi "hf" <<<"$ins" || { echo "FAIL: inspect does not name the HF layout"; exit 1; }
+ins=$("$m3h" inspect "$tmp/run.h5")
+grep -q "/trace/blk.1.selection" <<<"$ins" || { echo "FAIL: inspect of a run file"; exit 1; }
+d=$("$m3h" run --checkpoint "$tmp/ck_official" --tokens 100 --decode 8 --format json)
+[ "$(field "$d" logits_fnv1a64)" = "$ha" ] || { echo "FAIL: checkpoint run differs from the seeded run"; exit 1; }
+"$m3h" run --checkpoint "$tmp/ck_hf" --tokens 100 --decode 8 --format json >/dev/null
+rm "$tmp/ck_hf/"model-00002-of-00003.safetensors
+if "$m3h" run --checkpoint "$tmp/ck_hf" --tokens 4 >"$tmp/err" 2>&1; then echo "FAIL: missing shard accepted"; exit 1; fi
+grep -q "model-00002-of-00003" "$tmp/err" || { echo "FAIL: missing shard not named:"; cat "$tmp/err"; exit 1; }
 echo "cli_run: OK ($ha)"

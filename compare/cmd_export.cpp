@@ -1,0 +1,55 @@
+// `m3h export`: writes a preset's seeded weights as a checkpoint directory (config.json +
+// safetensors, either layout of spec Appendix A), the small checkpoints tests and users feed back
+// through `m3h run --checkpoint` and `m3h inspect`.
+#include "compare/cli_common.h"
+#include "datasets/checkpoint.h"
+
+#include <fmt/format.h>
+
+namespace m3::cli {
+
+namespace {
+
+struct ExportArgs {
+  std::string preset = "tiny";
+  std::uint64_t seed = 0;
+  std::string out;
+  std::string layout = "official";
+  std::string dtype = "F32";
+  int shards = 1;
+};
+
+int run_export(const ExportArgs& a) {
+  const ModelConfig cfg = resolve_config(a.preset);
+  const auto dtype = parse_dtype(a.dtype);
+  if (!dtype) throw std::invalid_argument(fmt::format("--dtype {}: expected F32, BF16 or F16", a.dtype));
+  save_checkpoint(a.out, cfg, generate_weights(cfg, a.seed), parse_layout(a.layout), *dtype, a.shards);
+  fmt::print("wrote {}: config {}, seed {}, layout {}, {} in {} file(s)\n", a.out, cfg.name, a.seed, a.layout,
+             a.dtype, a.shards);
+  return kExitOk;
+}
+
+}  // namespace
+
+CLI::App* register_export(CLI::App& app, int* exit_code) {
+  auto args = std::make_shared<ExportArgs>();
+  CLI::App* cmd = app.add_subcommand(
+      "export", "Write a preset's seeded weights as a checkpoint directory (config.json + safetensors) in the "
+                "official or the Hugging Face layout (spec Appendix A).");
+  cmd->add_option("--preset,--config", args->preset, "Preset name or path to a config.json")->capture_default_str();
+  cmd->add_option("--seed", args->seed, "Seed of the weights")->capture_default_str();
+  cmd->add_option("--out", args->out, "Checkpoint directory to write (created)")->required();
+  cmd->add_option("--layout", args->layout, "official (A.1 names) or hf (A.2, fused gate_up)")
+      ->check(CLI::IsMember({"official", "hf"}))
+      ->capture_default_str();
+  cmd->add_option("--dtype", args->dtype, "Tensor dtype: F32, BF16 or F16 (the router stays F32)")
+      ->check(CLI::IsMember({"F32", "BF16", "F16"}))
+      ->capture_default_str();
+  cmd->add_option("--shards", args->shards, "Number of safetensors files (> 1 writes model.safetensors.index.json)")
+      ->check(CLI::PositiveNumber)
+      ->capture_default_str();
+  cmd->callback([args, exit_code] { *exit_code = run_export(*args); });
+  return cmd;
+}
+
+}  // namespace m3::cli

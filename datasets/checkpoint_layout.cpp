@@ -1,0 +1,198 @@
+// Slot tables of the official and HF checkpoint layouts (checkpoint_layout.h, spec Appendix A).
+#include "datasets/checkpoint_layout.h"
+
+#include <fmt/format.h>
+
+#include <stdexcept>
+
+namespace m3 {
+
+std::string_view layout_name(Layout l) { return l == Layout::OFFICIAL ? "official" : "hf"; }
+
+Layout parse_layout(std::string_view s) {
+  if (s == "official") return Layout::OFFICIAL;
+  if (s == "hf") return Layout::HF;
+  throw std::invalid_argument(fmt::format("unknown checkpoint layout '{}': expected 'official' or 'hf'", s));
+}
+
+ModelWeights<float> allocate_weights(const ModelConfig& c) {
+  const int H = c.hidden_size, D = c.head_dim, Hq = c.num_attention_heads, Hkv = c.num_key_value_heads;
+  auto mlp = [&](int I) { return ref::MlpWeights<float>{MatF(I, H), MatF(I, H), MatF(H, I)}; };
+  ModelWeights<float> w;
+  w.embed_tokens.resize(c.vocab_size, H);
+  w.layers.resize(c.num_hidden_layers);
+  for (int l = 0; l < c.num_hidden_layers; ++l) {
+    auto& L = w.layers[l];
+    L.attn_type = c.layer_types[l];
+    L.mlp_type = c.mlp_layer_types[l];
+    L.input_layernorm.resize(H);
+    L.post_attention_layernorm.resize(H);
+    L.attn.q_proj.resize(Hq * D, H);
+    L.attn.k_proj.resize(Hkv * D, H);
+    L.attn.v_proj.resize(Hkv * D, H);
+    L.attn.o_proj.resize(H, Hq * D);
+    L.attn.q_norm.resize(D);
+    L.attn.k_norm.resize(D);
+    if (L.attn_type == AttnType::MSA) {
+      L.attn.index_q_proj.resize(c.index_n_heads * c.index_head_dim, H);
+      L.attn.index_k_proj.resize(c.index_head_dim, H);
+      L.attn.index_q_norm.resize(c.index_head_dim);
+      L.attn.index_k_norm.resize(c.index_head_dim);
+    }
+    if (L.mlp_type == MlpType::DENSE) {
+      L.mlp = mlp(c.dense_intermediate_size);
+    } else {
+      L.router.resize(c.num_local_experts, H);
+      L.router_bias.resize(c.num_local_experts);
+      for (int e = 0; e < c.num_local_experts; ++e) L.experts.push_back(mlp(c.intermediate_size));
+      if (c.n_shared_experts > 0) L.shared = mlp(c.shared_intermediate_size);
+    }
+  }
+  w.norm.resize(H);
+  w.lm_head.resize(c.vocab_size, H);
+  return w;
+}
+
+namespace {
+
+using Shape = std::vector<std::int64_t>;
+
+// Builds the table; `bind` is false for a names-only table (no weights).
+class Slots {
+ public:
+  explicit Slots(bool bind) : bind_(bind) {}
+  std::vector<TensorSlot> out;
+
+  // One matrix (rows x cols) or vector (cols == 0) stored as one tensor.
+  template <class M>
+  void one(const std::string& name, M* m, std::int64_t rows, std::int64_t cols, bool optional = false,
+           bool router = false) {
+    const Shape shape = cols ? Shape{rows, cols} : Shape{rows};
+    TensorSlot s{name, shape, {}, optional, router};
+    if (bind_) s.pieces.push_back({data(name, m, rows, cols ? cols : 1), 0, rows * (cols ? cols : 1)});
+    out.push_back(std::move(s));
+  }
+  // [2I, H] = gate rows, then up rows (spec A.2: not interleaved).
+  void gate_up(const std::string& name, ref::MlpWeights<float>* m, std::int64_t I, std::int64_t H) {
+    TensorSlot s{name, {2 * I, H}, {}, false, false};
+    if (bind_) {
+      s.pieces.push_back({data(name + " (gate rows)", &m->gate, I, H), 0, I * H});
+      s.pieces.push_back({data(name + " (up rows)", &m->up, I, H), I * H, I * H});
+    }
+    out.push_back(std::move(s));
+  }
+  // Experts fused along a leading E axis: [E, 2I, H] (gate, then up, per expert) or [E, H, I].
+  void experts(const std::string& name, std::vector<ref::MlpWeights<float>>* ex, bool is_gate_up, std::int64_t E,
+               std::int64_t I, std::int64_t H) {
+    TensorSlot s{name, is_gate_up ? Shape{E, 2 * I, H} : Shape{E, H, I}, {}, false, false};
+    if (bind_) {
+      if (static_cast<std::int64_t>(ex->size()) != E)
+        throw std::invalid_argument(fmt::format("weights for '{}': {} experts, expected num_local_experts = {}", name,
+                                                ex->size(), E));
+      for (std::int64_t e = 0; e < E; ++e) {
+        auto& m = (*ex)[static_cast<std::size_t>(e)];
+        const std::string who = fmt::format("{} (expert {})", name, e);
+        if (is_gate_up) {
+          s.pieces.push_back({data(who, &m.gate, I, H), e * 2 * I * H, I * H});
+          s.pieces.push_back({data(who, &m.up, I, H), e * 2 * I * H + I * H, I * H});
+        } else {
+          s.pieces.push_back({data(who, &m.down, H, I), e * H * I, H * I});
+        }
+      }
+    }
+    out.push_back(std::move(s));
+  }
+
+ private:
+  template <class M>
+  static float* data(const std::string& name, M* m, std::int64_t rows, std::int64_t cols) {
+    if (m->rows() != rows || m->cols() != cols)
+      throw std::invalid_argument(fmt::format("weights for '{}' are [{}, {}], expected [{}, {}] from the config", name,
+                                              m->rows(), m->cols(), rows, cols));
+    return m->data();
+  }
+  bool bind_;
+};
+
+}  // namespace
+
+std::vector<TensorSlot> layout_slots(const ModelConfig& c, const LayoutNames& nm, ModelWeights<float>* w) {
+  c.validate();
+  const std::int64_t H = c.hidden_size, D = c.head_dim, Hq = c.num_attention_heads, Hkv = c.num_key_value_heads;
+  const std::int64_t E = c.num_local_experts, I = c.intermediate_size, Is = c.shared_intermediate_size;
+  const std::int64_t Id = c.dense_intermediate_size, Hi = c.index_n_heads, Di = c.index_head_dim;
+  const bool hf = nm.layout == Layout::HF;
+  if (w && static_cast<int>(w->layers.size()) != c.num_hidden_layers)
+    throw std::invalid_argument(
+        fmt::format("weights have {} layers, expected num_hidden_layers = {}", w->layers.size(), c.num_hidden_layers));
+  ModelWeights<float> none;  // stands in for `w` in a names-only table; never dereferenced for data
+  none.layers.resize(static_cast<std::size_t>(c.num_hidden_layers));
+  ModelWeights<float>& W = w ? *w : none;
+  Slots s(w != nullptr);
+
+  s.one(nm.prefix + "embed_tokens.weight", &W.embed_tokens, c.vocab_size, H);
+  for (int l = 0; l < c.num_hidden_layers; ++l) {
+    auto& L = W.layers[static_cast<std::size_t>(l)];
+    if (w && (L.attn_type != c.layer_types[l] || L.mlp_type != c.mlp_layer_types[l]))
+      throw std::invalid_argument(fmt::format("weights of layer {} have other layer types than the config", l));
+    const std::string p = fmt::format("{}layers.{}.", nm.prefix, l);
+    s.one(p + "input_layernorm.weight", &L.input_layernorm, H, 0);
+    s.one(p + "post_attention_layernorm.weight", &L.post_attention_layernorm, H, 0);
+    s.one(p + "self_attn.q_proj.weight", &L.attn.q_proj, Hq * D, H);
+    s.one(p + "self_attn.k_proj.weight", &L.attn.k_proj, Hkv * D, H);
+    s.one(p + "self_attn.v_proj.weight", &L.attn.v_proj, Hkv * D, H);
+    s.one(p + "self_attn.o_proj.weight", &L.attn.o_proj, H, Hq * D);
+    s.one(p + "self_attn.q_norm.weight", &L.attn.q_norm, D, 0);
+    s.one(p + "self_attn.k_norm.weight", &L.attn.k_norm, D, 0);
+    if (c.layer_types[l] == AttnType::MSA) {
+      const std::string a = p + (hf ? "self_attn.indexer." : "self_attn.index_");
+      s.one(a + "q_proj.weight", &L.attn.index_q_proj, Hi * Di, H);
+      s.one(a + "k_proj.weight", &L.attn.index_k_proj, Di, H);
+      s.one(a + "q_norm.weight", &L.attn.index_q_norm, Di, 0);
+      s.one(a + "k_norm.weight", &L.attn.index_k_norm, Di, 0);
+    }
+    if (c.mlp_layer_types[l] == MlpType::DENSE) {
+      if (hf) {
+        s.gate_up(p + "mlp.gate_up_proj.weight", &L.mlp, Id, H);
+      } else {
+        s.one(p + "mlp.gate_proj.weight", &L.mlp.gate, Id, H);
+        s.one(p + "mlp.up_proj.weight", &L.mlp.up, Id, H);
+      }
+      s.one(p + "mlp.down_proj.weight", &L.mlp.down, H, Id);
+      continue;
+    }
+    const std::string m = p + (hf ? "mlp." : "block_sparse_moe.");
+    s.one(m + "gate.weight", &L.router, E, H, false, true);
+    s.one(m + (hf ? "gate.e_score_correction_bias" : "e_score_correction_bias"), &L.router_bias, E, 0,
+          !c.use_routing_bias, true);
+    if (hf) {
+      s.experts(m + "experts.gate_up_proj", &L.experts, true, E, I, H);
+      s.experts(m + "experts.down_proj", &L.experts, false, E, I, H);
+    } else {
+      if (w && static_cast<std::int64_t>(L.experts.size()) != E)
+        throw std::invalid_argument(
+            fmt::format("weights of layer {} have {} experts, expected num_local_experts = {}", l, L.experts.size(), E));
+      for (std::int64_t e = 0; e < E; ++e) {
+        ref::MlpWeights<float>* x = w ? &L.experts[static_cast<std::size_t>(e)] : &L.shared;
+        const std::string q = fmt::format("{}experts.{}.", m, e);
+        s.one(q + "w1.weight", &x->gate, I, H);
+        s.one(q + "w3.weight", &x->up, I, H);
+        s.one(q + "w2.weight", &x->down, H, I);
+      }
+    }
+    if (c.n_shared_experts > 0) {
+      if (hf) {
+        s.gate_up(m + "shared_experts.gate_up_proj.weight", &L.shared, Is, H);
+      } else {
+        s.one(m + "shared_experts.gate_proj.weight", &L.shared.gate, Is, H);
+        s.one(m + "shared_experts.up_proj.weight", &L.shared.up, Is, H);
+      }
+      s.one(m + "shared_experts.down_proj.weight", &L.shared.down, H, Is);
+    }
+  }
+  s.one(nm.prefix + "norm.weight", &W.norm, H, 0);
+  s.one(nm.lm_head, &W.lm_head, c.vocab_size, H);
+  return std::move(s.out);
+}
+
+}  // namespace m3

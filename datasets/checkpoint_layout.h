@@ -1,0 +1,56 @@
+// The two checkpoint layouts of spec Appendix A as tables of "slots": one slot per checkpoint
+// tensor, with its name, its shape from the config, and the pieces of ModelWeights<float> its
+// elements go to (a fused HF tensor such as experts.gate_up_proj [E, 2I, H] feeds 2E matrices).
+// The loader and the writer (checkpoint.cpp) both walk these tables, so a name or a fusion order
+// exists in one place only.
+#pragma once
+
+#include "reference/config.h"
+#include "reference/weights.h"
+
+#include <cstdint>
+#include <string>
+#include <string_view>
+#include <vector>
+
+namespace m3 {
+
+// OFFICIAL: spec A.1 (per-expert w1/w3/w2, block_sparse_moe.*, self_attn.index_*);
+// HF: spec A.2 (fused gate_up_proj, mlp.experts.{gate_up,down}_proj, self_attn.indexer.*).
+enum class Layout { OFFICIAL, HF };
+std::string_view layout_name(Layout l);  // "official" | "hf"
+// Parses "official" | "hf"; throws std::invalid_argument naming the accepted spellings.
+Layout parse_layout(std::string_view s);
+
+// Where a layout's names start: body tensors under `prefix` ("model.", "language_model.model.",
+// "model.language_model."), the LM head under its own full name.
+struct LayoutNames {
+  Layout layout = Layout::OFFICIAL;
+  std::string prefix = "model.";
+  std::string lm_head = "lm_head.weight";
+};
+
+// Elements [offset, offset + count) of a checkpoint tensor (row-major) are dst[0, count).
+struct TensorPiece {
+  float* dst = nullptr;
+  std::int64_t offset = 0;
+  std::int64_t count = 0;
+};
+
+struct TensorSlot {
+  std::string name;                  // full checkpoint name
+  std::vector<std::int64_t> shape;   // what the config implies
+  std::vector<TensorPiece> pieces;   // cover [0, numel) in order; empty for a names-only table
+  bool optional = false;             // e_score_correction_bias when use_routing_bias is false
+  bool router = false;               // router weight / bias: fp32 in real checkpoints, kept F32 on save
+};
+
+// Every tensor of cfg allocated (not initialized) with its shape and layer types set.
+ModelWeights<float> allocate_weights(const ModelConfig& cfg);
+
+// The slot table of a layout, in model order (embedding, layers, final norm, LM head). With `w`
+// the pieces point into it, and w's shapes are checked against cfg first (std::invalid_argument
+// naming the tensor, expected and found shape); with nullptr only names and shapes are filled.
+std::vector<TensorSlot> layout_slots(const ModelConfig& cfg, const LayoutNames& names, ModelWeights<float>* w);
+
+}  // namespace m3
