@@ -6,6 +6,7 @@
 
 #include <gtest/gtest.h>
 
+#include <cstdio>
 #include <map>
 #include <set>
 
@@ -165,11 +166,14 @@ TEST(Model, PrecisionsAgreeAsFarAsTheyShould) {
   }
   const double e32 = m3::test::rel_l2(out[m3::Precision::FP32], out[m3::Precision::FP64]);
   const double e16 = m3::test::rel_l2(out[m3::Precision::BF16], out[m3::Precision::FP64]);
-  // fp32 (unit roundoff 6e-8) over 4 layers: ~1e-6; bf16 (unit roundoff 3.9e-3) rounding at every
-  // op boundary: 1e-3..3e-2 (a selection flip can add more, hence the loose upper bound).
+  // Measured over 200 seeds (2026-11-28): fp32 at most 2.8e-7 (bound 1e-5); bf16 median 4.7e-2,
+  // p99 0.109, max 0.117 — rounding at every op boundary of a random-weight model, plus MSA block
+  // and expert choices that flip under bf16 and move whole rows. 0.25 leaves 2x over the worst seen
+  // while still catching an emulation that diverges; the lower bound catches one that never rounds.
+  std::printf("rel-L2 vs fp64: fp32 %.3g, bf16 %.3g\n", e32, e16);
   EXPECT_LE(e32, 1e-5);
   EXPECT_GT(e16, 1e-4);  // the emulation really rounds
-  EXPECT_LE(e16, 8e-2);
+  EXPECT_LE(e16, 0.25);
   EXPECT_LT(e32, e16);
 }
 
