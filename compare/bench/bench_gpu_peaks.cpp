@@ -1,0 +1,114 @@
+// GPU peaks that every other GPU kernel is compared with in the same run (DESIGN §10):
+//   BM_gpu_peak_gemm_bf16/m:8192/n:8192/k:8192   cuBLAS bf16 GEMM (gpu::linear: bf16 in and out,
+//                                                fp32 accumulation) on random data -> TFLOP/s
+//   BM_gpu_peak_copy/MiB:1024                    device-to-device cudaMemcpyAsync of 1 GiB ->
+//                                                GB/s counting bytes read + written
+// Part of bench_gpu (every compare/bench/bench_gpu_*.cpp; scripts/gpu-suite runs it):
+//   build/gpu/compare/bench/bench_gpu --benchmark_filter=peak
+// Timing: CUDA events around each iteration (Google Benchmark manual time); the counters are
+// computed from the summed event time, never from the framework's rate counters.
+// Random inputs, not zeros: the tensor cores draw less power on zeros and clock higher (on an H200
+// 8192^3 ran at 894 TFLOP/s on zeros against 788 on random data).
+#include "gpu/kernels/linear.h"
+#include "gpu/runtime/buffer.h"
+#include "gpu/runtime/device.h"
+
+#include <benchmark/benchmark.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <vector>
+
+namespace {
+
+using m3::gpu::bf16;
+
+// Uniform [-1, 1) bf16 values from a 64-bit xorshift, generated in 16M-element host chunks
+// (std::normal_distribution over 2 x 64M elements would take seconds of setup).
+void fill_random(m3::gpu::DeviceBuffer<bf16>& d, std::uint64_t seed) {
+  std::uint64_t s = seed * 0x9E3779B97F4A7C15ull + 1;
+  constexpr std::size_t kChunk = std::size_t{1} << 24;
+  std::vector<float> f(std::min(kChunk, d.size()));
+  for (std::size_t off = 0; off < d.size(); off += kChunk) {
+    const std::size_t n = std::min(kChunk, d.size() - off);
+    for (std::size_t i = 0; i < n; ++i) {
+      s ^= s << 13, s ^= s >> 7, s ^= s << 17;
+      f[i] = static_cast<float>(static_cast<double>(s >> 11) * 0x1p-52 - 1.0);
+    }
+    const auto b = m3::gpu::to_bf16(f.data(), n);
+    M3_CUDA_CHECK(cudaMemcpy(d.data() + off, b.data(), n * sizeof(bf16), cudaMemcpyHostToDevice));
+  }
+}
+
+// Runs op once per benchmark iteration between two events on s; returns the summed seconds.
+template <class Op>
+double time_loop(benchmark::State& state, cudaStream_t s, Op&& op) {
+  m3::gpu::Event start, stop;
+  double total = 0;
+  for (auto _ : state) {
+    start.record(s);
+    op();
+    stop.record(s);
+    const double sec = stop.since(start) * 1e-3;
+    state.SetIterationTime(sec);
+    total += sec;
+  }
+  return total;
+}
+
+bool have_gpu(benchmark::State& state) {
+  if (m3::gpu::device_count() > 0) return true;
+  state.SkipWithError("no CUDA device");
+  return false;
+}
+
+// The device line in the JSON context, so every result file names its card.
+[[maybe_unused]] const int kContext = [] {
+  if (m3::gpu::device_count() > 0)
+    benchmark::AddCustomContext("m3_gpu_device", m3::gpu::describe(m3::gpu::device_info()));
+  return 0;
+}();
+
+void BM_gpu_peak_gemm_bf16(benchmark::State& state) {
+  if (!have_gpu(state)) return;
+  const int m = static_cast<int>(state.range(0)), n = static_cast<int>(state.range(1)),
+            k = static_cast<int>(state.range(2));
+  m3::gpu::DeviceBuffer<bf16> x(static_cast<std::size_t>(m) * k);  // [m, k]
+  m3::gpu::DeviceBuffer<bf16> w(static_cast<std::size_t>(n) * k);  // [n, k]
+  m3::gpu::DeviceBuffer<bf16> y(static_cast<std::size_t>(m) * n);  // [m, n]
+  fill_random(x, 1);
+  fill_random(w, 2);
+  m3::gpu::CublasHandle h;
+  m3::gpu::Stream s;
+  for (int i = 0; i < 3; ++i)  // warm-up: cuBLAS heuristics, clocks
+    m3::gpu::linear(h.get(), x.data(), w.data(), y.data(), m, k, n, s.get());
+  s.sync();
+  const double sec = time_loop(state, s.get(), [&] {
+    m3::gpu::linear(h.get(), x.data(), w.data(), y.data(), m, k, n, s.get());
+  });
+  state.counters["TFLOP/s"] = 2.0 * m * n * k * static_cast<double>(state.iterations()) / sec * 1e-12;
+}
+BENCHMARK(BM_gpu_peak_gemm_bf16)
+    ->ArgNames({"m", "n", "k"})
+    ->Args({8192, 8192, 8192})
+    ->UseManualTime()
+    ->Unit(benchmark::kMicrosecond);
+
+void BM_gpu_peak_copy(benchmark::State& state) {
+  if (!have_gpu(state)) return;
+  const std::size_t bytes = static_cast<std::size_t>(state.range(0)) << 20;
+  m3::gpu::DeviceBuffer<unsigned char> src(bytes), dst(bytes);
+  src.fill_bytes(0x5A);
+  m3::gpu::Stream s;
+  for (int i = 0; i < 3; ++i)
+    M3_CUDA_CHECK(cudaMemcpyAsync(dst.data(), src.data(), bytes, cudaMemcpyDeviceToDevice, s.get()));
+  s.sync();
+  const double sec = time_loop(state, s.get(), [&] {
+    M3_CUDA_CHECK(cudaMemcpyAsync(dst.data(), src.data(), bytes, cudaMemcpyDeviceToDevice, s.get()));
+  });
+  // Every byte is read once and written once.
+  state.counters["GB/s"] = 2.0 * static_cast<double>(bytes) * static_cast<double>(state.iterations()) / sec * 1e-9;
+}
+BENCHMARK(BM_gpu_peak_copy)->ArgName("MiB")->Arg(1024)->UseManualTime()->Unit(benchmark::kMicrosecond);
+
+}  // namespace

@@ -1,0 +1,522 @@
+// Split-K (flash-decoding) attention kernels shared by attention_dense and msa_attention; see
+// attention_dense.h. One CTA = (query row, KV group, m-tile of 16 heads, split of the keys).
+//  - K/V tiles of 64 keys stream through a 3-stage cp.async pipeline (16-byte loads, rows padded
+//    by 16 bytes so that ldmatrix is free of bank conflicts). Masked rows are zero-filled.
+//  - Each of the 4 warps scores 16 keys of a tile for the 16 head rows with mma.m16n8k16
+//    (bf16 in, fp32 accumulate: q.k products are exact, sums fp32), keeps an fp32 online softmax
+//    in base 2, and accumulates P.V with P split into bf16 hi + lo parts (two MMAs), so that P
+//    carries ~16 significant bits instead of bf16's 8: the P.V sum is fp32-accurate.
+//  - At the end the 4 warps merge through shared memory and write one partial (o, m, l) per head.
+//  - A merge kernel combines the splits of each (query, head) and rounds once to bf16.
+#include "gpu/kernels/attention_dense.h"
+
+#include <algorithm>
+#include <cmath>
+#include <map>
+#include <mutex>
+#include <string>
+#include <utility>
+
+namespace m3::gpu {
+namespace detail {
+namespace {
+
+constexpr int kWarps = 4;
+constexpr int kThreads = kWarps * 32;
+constexpr int kTileKeys = 16 * kWarps;  // 64: each warp scores 16 keys of a tile
+constexpr int kStages = 3;              // tiles in flight: 2 loading while 1 is computed
+constexpr int kRowsM = 16;              // MMA M: head rows of one m-tile
+constexpr int kMaxSlots = 64;           // selection slots one sparse CTA may take
+constexpr int kMinChunk = 2 * kTileKeys;  // shortest dense split: two tiles (both loads in flight)
+constexpr float kLog2e = 1.4426950408889634f;
+
+template <int D>
+struct Cfg {
+  static_assert(D % 16 == 0 && D <= 128, "D must be a multiple of 16 and at most 128");
+  static constexpr int kStride = D + 8;  // bf16 elements a smem row: +16 B shifts rows 4 banks
+  static constexpr int kTileElems = kTileKeys * kStride;
+  static constexpr int kPipeBytes = kStages * 2 * kTileElems * 2;  // K and V tiles
+  static constexpr int kRedStride = D + 4;  // floats a row of the cross-warp merge buffer
+  static constexpr int kRedBytes = kWarps * kRowsM * kRedStride * 4;
+  static constexpr int kSmemBytes = kPipeBytes > kRedBytes ? kPipeBytes : kRedBytes;
+};
+
+__device__ __forceinline__ float bf16_round(float x) { return __bfloat162float(__float2bfloat16_rn(x)); }
+
+// The keys of one CTA as a logical sequence 0..n_logical-1 mapped to cache rows.
+struct KeyMap {
+  int c0 = 0, kv_end = 0;  // dense: rows [c0, kv_end)
+  int n_logical = 0;
+  const int* ids = nullptr;  // sparse: valid block ids of this split (shared memory)
+  int blk = 0;
+  std::int64_t p = 0;
+  // Cache row of logical key i, or -1 when the key is masked (past the range or past p).
+  __device__ __forceinline__ int row(int i, bool sparse) const {
+    if (!sparse) {
+      const int j = c0 + i;
+      return j < kv_end ? j : -1;
+    }
+    if (i >= n_logical) return -1;
+    const int slot = i / blk;
+    const std::int64_t j = static_cast<std::int64_t>(ids[slot]) * blk + (i - slot * blk);
+    return j <= p ? static_cast<int>(j) : -1;
+  }
+};
+
+template <int D, bool kSparse>
+__global__ void __launch_bounds__(kThreads, 2) attn_partial_kernel(const AttnLaunch a) {
+  using C = Cfg<D>;
+  extern __shared__ __align__(16) unsigned char smem[];
+  bf16* sk = reinterpret_cast<bf16*>(smem);  // [kStages][kTileKeys][kStride]
+  bf16* sv = sk + kStages * C::kTileElems;   // [kStages][kTileKeys][kStride]
+  float* red = reinterpret_cast<float*>(smem);  // [kWarps][kRowsM][kRedStride], after the loop
+  __shared__ int s_row[kStages][kTileKeys];  // cache row of every tile key, -1 = masked
+  __shared__ int s_ids[kMaxSlots];
+  __shared__ int s_nids;
+  __shared__ float s_m[kWarps][kRowsM], s_l[kWarps][kRowsM];
+
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+  const int G = a.Hq / a.Hkv, MT = (G + kRowsM - 1) / kRowsM;
+  long x = blockIdx.x;
+  const int mt = static_cast<int>(x % MT); x /= MT;  // m-tiles of a chunk adjacent: share K/V in L2
+  const int split = static_cast<int>(x % a.splits); x /= a.splits;
+  const int g = static_cast<int>(x % a.Hkv); x /= a.Hkv;
+  const int qrow = static_cast<int>(x);  // b*T + t
+  const int b = qrow / a.T;
+  const std::int64_t p = a.q_pos[qrow];
+  const bool pos_ok = p >= 0 && p < a.N;
+  const std::int64_t W = static_cast<std::int64_t>(a.Hkv) * D;  // cache row elements
+
+  KeyMap km;
+  km.p = p;
+  if constexpr (!kSparse) {
+    km.c0 = split * a.chunk;
+    km.kv_end = pos_ok ? static_cast<int>(std::min<std::int64_t>(km.c0 + a.chunk, p + 1)) : km.c0;
+    km.n_logical = std::max(0, km.kv_end - km.c0);
+  } else {
+    // Compact this split's valid ids (0 <= id <= floor(p/blk)) in slot order; -1 and out-of-range
+    // ids carry no keys. Warp 0, 32 slots a round: the loads go out together.
+    if (warp == 0) {
+      int n = 0;
+      if (pos_ok) {
+        const std::int32_t* srow =
+            a.sel + ((static_cast<std::int64_t>(b) * a.Hkv + g) * a.T + (qrow - b * a.T)) * a.k_blk;
+        const int s0 = split * a.chunk, s1 = std::min(a.k_blk, s0 + a.chunk);
+        for (int base = s0; base < s1; base += 32) {
+          const int s = base + lane;
+          const std::int32_t id = s < s1 ? srow[s] : -1;
+          const bool ok = id >= 0 && static_cast<std::int64_t>(id) * a.blk <= p;
+          const unsigned m = __ballot_sync(0xffffffffu, ok);
+          if (ok) s_ids[n + __popc(m & ((1u << lane) - 1u))] = id;
+          n += __popc(m);
+        }
+      }
+      if (lane == 0) s_nids = n;
+    }
+    __syncthreads();
+    km.ids = s_ids;
+    km.blk = a.blk;
+    km.n_logical = s_nids * a.blk;
+  }
+  const int ntiles = (km.n_logical + kTileKeys - 1) / kTileKeys;
+
+  // Loads tile `tile` into stage `st`: 64 rows x D/8 16-byte chunks of K and of V.
+  auto load_tile = [&](int tile, int st) {
+    constexpr int kChunks = D / 8;
+    constexpr int kRowsPerPass = kThreads / kChunks;
+    const int c = tid % kChunks;
+    for (int r = tid / kChunks; r < kTileKeys; r += kRowsPerPass) {
+      const int j = km.row(tile * kTileKeys + r, kSparse);
+      const bool ok = j >= 0;
+      const std::int64_t off = static_cast<std::int64_t>(g) * D + c * 8;
+      const bf16* srck = ok ? cache_row(a.k, b, j, a.N, W) + off : a.k;
+      const bf16* srcv = ok ? cache_row(a.v, b, j, a.N, W) + off : a.v;
+      cp_async16(smem_u32(sk + st * C::kTileElems + r * C::kStride + c * 8), srck, ok);
+      cp_async16(smem_u32(sv + st * C::kTileElems + r * C::kStride + c * 8), srcv, ok);
+      if (c == 0) s_row[st][r] = j;
+    }
+  };
+
+  // Q fragments (A operand, rows = heads of this m-tile), straight from global memory.
+  constexpr int kK = D / 16;  // k-steps of q.k
+  std::uint32_t qa[kK][4];
+  {
+    const int r0 = mt * kRowsM + lane / 4, r1 = r0 + 8;  // rows within the group
+    const bf16* qg = a.q + static_cast<std::int64_t>(qrow) * a.Hq * D + static_cast<std::int64_t>(g) * G * D;
+#pragma unroll
+    for (int kk = 0; kk < kK; ++kk) {
+      const int col = kk * 16 + (lane % 4) * 2;
+      auto ld = [&](int r, int cc) -> std::uint32_t {
+        return r < G ? *reinterpret_cast<const std::uint32_t*>(qg + r * D + cc) : 0u;
+      };
+      qa[kk][0] = ld(r0, col);
+      qa[kk][1] = ld(r1, col);
+      qa[kk][2] = ld(r0, col + 8);
+      qa[kk][3] = ld(r1, col + 8);
+    }
+  }
+
+  constexpr int kN = D / 8;  // n-tiles of the output
+  float o[kN][4];
+#pragma unroll
+  for (int i = 0; i < kN; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.f;
+  float m0 = -INFINITY, m1 = -INFINITY, l0 = 0.f, l1 = 0.f;  // rows lane/4 and lane/4 + 8
+  const float scale_log2 = kLog2e * rsqrtf(static_cast<float>(D));
+
+#pragma unroll
+  for (int s = 0; s < kStages - 1; ++s) {
+    if (s < ntiles) load_tile(s, s);
+    cp_async_commit();
+  }
+  for (int it = 0; it < ntiles; ++it) {
+    cp_async_wait<kStages - 2>();
+    __syncthreads();  // tile `it` visible to all; every warp is done with tile it-1's stage
+    if (it + kStages - 1 < ntiles) load_tile(it + kStages - 1, (it + kStages - 1) % kStages);
+    cp_async_commit();
+
+    const int st = it % kStages;
+    const bf16* kt = sk + st * C::kTileElems + warp * 16 * C::kStride;
+    const bf16* vt = sv + st * C::kTileElems + warp * 16 * C::kStride;
+    float sc[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
+#pragma unroll
+    for (int kk = 0; kk < kK; ++kk) {
+      std::uint32_t b0, b1, b2, b3;
+      // Matrices: keys 0-7 x d 0-7 | keys 0-7 x d 8-15 | keys 8-15 x d 0-7 | keys 8-15 x d 8-15.
+      const bf16* src = kt + ((lane & 7) + ((lane >> 4) << 3)) * C::kStride + kk * 16 + ((lane >> 3) & 1) * 8;
+      ldmatrix_x4(b0, b1, b2, b3, smem_u32(src));
+      mma_bf16(sc[0], qa[kk], b0, b1);
+      mma_bf16(sc[1], qa[kk], b2, b3);
+    }
+    // Mask and scale: element e of n-tile nt is key warp*16 + nt*8 + (lane%4)*2 + (e&1).
+#pragma unroll
+    for (int nt = 0; nt < 2; ++nt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int key = warp * 16 + nt * 8 + (lane % 4) * 2 + (e & 1);
+        sc[nt][e] = s_row[st][key] >= 0 ? sc[nt][e] * scale_log2 : -INFINITY;
+      }
+    float t0 = fmaxf(fmaxf(sc[0][0], sc[0][1]), fmaxf(sc[1][0], sc[1][1]));
+    float t1 = fmaxf(fmaxf(sc[0][2], sc[0][3]), fmaxf(sc[1][2], sc[1][3]));
+    t0 = fmaxf(t0, __shfl_xor_sync(0xffffffffu, t0, 1));
+    t0 = fmaxf(t0, __shfl_xor_sync(0xffffffffu, t0, 2));
+    t1 = fmaxf(t1, __shfl_xor_sync(0xffffffffu, t1, 1));
+    t1 = fmaxf(t1, __shfl_xor_sync(0xffffffffu, t1, 2));
+    const float n0 = fmaxf(m0, t0), n1 = fmaxf(m1, t1);
+    // A row with no unmasked key yet has max -inf: subtract 0 instead, so exp2 gives 0, not NaN.
+    const float u0 = n0 == -INFINITY ? 0.f : n0, u1 = n1 == -INFINITY ? 0.f : n1;
+    const float alpha0 = exp2f(m0 - u0), alpha1 = exp2f(m1 - u1);
+    m0 = n0;
+    m1 = n1;
+    float pr[2][4];
+#pragma unroll
+    for (int nt = 0; nt < 2; ++nt) {
+      pr[nt][0] = exp2f(sc[nt][0] - u0);
+      pr[nt][1] = exp2f(sc[nt][1] - u0);
+      pr[nt][2] = exp2f(sc[nt][2] - u1);
+      pr[nt][3] = exp2f(sc[nt][3] - u1);
+    }
+    l0 = l0 * alpha0 + (pr[0][0] + pr[0][1] + pr[1][0] + pr[1][1]);
+    l1 = l1 * alpha1 + (pr[0][2] + pr[0][3] + pr[1][2] + pr[1][3]);
+#pragma unroll
+    for (int i = 0; i < kN; ++i) {
+      o[i][0] *= alpha0;
+      o[i][1] *= alpha0;
+      o[i][2] *= alpha1;
+      o[i][3] *= alpha1;
+    }
+    // P as the A operand (rows = heads, k = the warp's 16 keys), split into bf16 hi + lo.
+    std::uint32_t ph[4], pl[4];
+    {
+      const float h00 = bf16_round(pr[0][0]), h01 = bf16_round(pr[0][1]);
+      const float h02 = bf16_round(pr[0][2]), h03 = bf16_round(pr[0][3]);
+      const float h10 = bf16_round(pr[1][0]), h11 = bf16_round(pr[1][1]);
+      const float h12 = bf16_round(pr[1][2]), h13 = bf16_round(pr[1][3]);
+      ph[0] = pack_bf16(h00, h01);
+      ph[1] = pack_bf16(h02, h03);
+      ph[2] = pack_bf16(h10, h11);
+      ph[3] = pack_bf16(h12, h13);
+      pl[0] = pack_bf16(pr[0][0] - h00, pr[0][1] - h01);
+      pl[1] = pack_bf16(pr[0][2] - h02, pr[0][3] - h03);
+      pl[2] = pack_bf16(pr[1][0] - h10, pr[1][1] - h11);
+      pl[3] = pack_bf16(pr[1][2] - h12, pr[1][3] - h13);
+    }
+#pragma unroll
+    for (int dp = 0; dp < D / 16; ++dp) {
+      std::uint32_t v0, v1, v2, v3;
+      // Transposed matrices: keys 0-7 x d 0-7 | keys 8-15 x d 0-7 | keys 0-7 x d 8-15 | keys 8-15 x d 8-15.
+      const bf16* src = vt + ((lane & 7) + ((lane >> 3) & 1) * 8) * C::kStride + dp * 16 + (lane >> 4) * 8;
+      ldmatrix_x4_trans(v0, v1, v2, v3, smem_u32(src));
+      mma_bf16(o[2 * dp], ph, v0, v1);
+      mma_bf16(o[2 * dp], pl, v0, v1);
+      mma_bf16(o[2 * dp + 1], ph, v2, v3);
+      mma_bf16(o[2 * dp + 1], pl, v2, v3);
+    }
+  }
+  cp_async_wait<0>();
+  __syncthreads();  // the pipeline's shared memory is reused below
+
+  l0 += __shfl_xor_sync(0xffffffffu, l0, 1);
+  l0 += __shfl_xor_sync(0xffffffffu, l0, 2);
+  l1 += __shfl_xor_sync(0xffffffffu, l1, 1);
+  l1 += __shfl_xor_sync(0xffffffffu, l1, 2);
+  const int r0 = lane / 4, r1 = r0 + 8;
+  if (lane % 4 == 0) {
+    s_m[warp][r0] = m0;
+    s_m[warp][r1] = m1;
+    s_l[warp][r0] = l0;
+    s_l[warp][r1] = l1;
+  }
+  float* rw = red + warp * kRowsM * C::kRedStride;
+#pragma unroll
+  for (int i = 0; i < kN; ++i) {
+    const int col = i * 8 + (lane % 4) * 2;
+    *reinterpret_cast<float2*>(rw + r0 * C::kRedStride + col) = make_float2(o[i][0], o[i][1]);
+    *reinterpret_cast<float2*>(rw + r1 * C::kRedStride + col) = make_float2(o[i][2], o[i][3]);
+  }
+  __syncthreads();
+
+  const int nrows = G - mt * kRowsM < kRowsM ? G - mt * kRowsM : kRowsM;
+  for (int idx = tid; idx < nrows * D; idx += kThreads) {
+    const int r = idx / D, d = idx % D;
+    float M = -INFINITY;
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) M = fmaxf(M, s_m[w][r]);
+    float acc = 0.f, L = 0.f;
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) {
+      const float mw = s_m[w][r];
+      if (mw != -INFINITY) {  // a warp that saw no key holds o = 0, l = 0 and adds nothing
+        const float sw = exp2f(mw - M);
+        acc += sw * red[(w * kRowsM + r) * C::kRedStride + d];
+        L += sw * s_l[w][r];
+      }
+    }
+    const int h = g * G + mt * kRowsM + r;
+    const std::int64_t prow = (static_cast<std::int64_t>(qrow) * a.Hq + h) * a.splits + split;
+    a.part_o[prow * D + d] = acc;
+    if (d == 0) a.part_ml[prow] = make_float2(M, L);
+  }
+}
+
+constexpr int kMergeThreads = 256;  // 8 split lanes x 32 threads of 4 output dims (D <= 128)
+
+__device__ float block_reduce(float v, bool is_max, float* scratch) {
+  for (int o = 16; o > 0; o >>= 1) {
+    const float w = __shfl_xor_sync(0xffffffffu, v, o);
+    v = is_max ? fmaxf(v, w) : v + w;
+  }
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  __syncthreads();  // scratch may still be read from the previous call
+  if (lane == 0) scratch[warp] = v;
+  __syncthreads();
+  v = scratch[0];
+  for (int w = 1; w < kMergeThreads / 32; ++w) v = is_max ? fmaxf(v, scratch[w]) : v + scratch[w];
+  return v;
+}
+
+// One CTA per (query row, head): out = sum_s 2^(m_s - M) o_s / sum_s 2^(m_s - M) l_s. The split
+// weights go to shared memory first, so the partial-output loads carry no branch and issue back
+// to back.
+template <int D>
+__global__ void __launch_bounds__(kMergeThreads) attn_merge_kernel(const AttnLaunch a) {
+  extern __shared__ float w_s[];  // [splits] weight of each split (0 for an empty one)
+  __shared__ float scratch[kMergeThreads / 32];
+  __shared__ float4 red[kMergeThreads / 32][32];
+  const std::int64_t row = blockIdx.x;  // qrow*Hq + h
+  const int qrow = static_cast<int>(row / a.Hq);
+  const std::int64_t p = a.q_pos[qrow];
+  bf16* out = a.out + row * D;
+  if (p < 0 || p >= a.N) {  // precondition violated: a visible NaN instead of garbage
+    for (int d = threadIdx.x; d < D; d += kMergeThreads) out[d] = __float2bfloat16_rn(NAN);
+    return;
+  }
+  const float2* ml = a.part_ml + row * a.splits;
+  float M = -INFINITY;
+  for (int s = threadIdx.x; s < a.splits; s += kMergeThreads) M = fmaxf(M, ml[s].x);
+  M = block_reduce(M, true, scratch);
+  float L = 0.f;
+  for (int s = threadIdx.x; s < a.splits; s += kMergeThreads) {
+    const float2 v = ml[s];
+    const float w = v.x == -INFINITY ? 0.f : exp2f(v.x - M);  // an empty split weighs nothing
+    w_s[s] = w;
+    L += w * v.y;
+  }
+  L = block_reduce(L, false, scratch);  // its barriers also publish w_s
+
+  const int lane = threadIdx.x % 32, sl = threadIdx.x / 32;
+  float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
+  if (lane < D / 4) {
+    const float* po = a.part_o + row * a.splits * D + lane * 4;
+#pragma unroll 4
+    for (int s = sl; s < a.splits; s += kMergeThreads / 32) {
+      const float w = w_s[s];
+      const float4 v = *reinterpret_cast<const float4*>(po + static_cast<std::int64_t>(s) * D);
+      acc.x += w * v.x;
+      acc.y += w * v.y;
+      acc.z += w * v.z;
+      acc.w += w * v.w;
+    }
+  }
+  red[sl][lane] = acc;
+  __syncthreads();
+  if (threadIdx.x < D) {
+    const int d = threadIdx.x, ln = d / 4, c = d % 4;
+    float sum = 0.f;
+    for (int w = 0; w < kMergeThreads / 32; ++w) {
+      const float4 v = red[w][ln];
+      sum += c == 0 ? v.x : c == 1 ? v.y : c == 2 ? v.z : v.w;
+    }
+    // No key at all (an empty sparse selection): 0/0 -> NaN, on purpose.
+    out[d] = __float2bfloat16_rn(L > 0.f ? sum / L : NAN);
+  }
+}
+
+long ceil_div(long a, long b) { return (a + b - 1) / b; }
+
+template <int D, bool kSparse>
+int prepare() {
+  return resident_ctas(reinterpret_cast<const void*>(attn_partial_kernel<D, kSparse>), kThreads, Cfg<D>::kSmemBytes);
+}
+
+template <int D>
+void launch(const AttnLaunch& a, cudaStream_t s) {
+  const int G = a.Hq / a.Hkv, MT = (G + kRowsM - 1) / kRowsM;
+  const long ctas = static_cast<long>(a.B) * a.T * a.Hkv * MT * a.splits;
+  constexpr int smem = Cfg<D>::kSmemBytes;
+  if (a.sel) {
+    prepare<D, true>();
+    attn_partial_kernel<D, true><<<static_cast<unsigned>(ctas), kThreads, smem, s>>>(a);
+  } else {
+    prepare<D, false>();
+    attn_partial_kernel<D, false><<<static_cast<unsigned>(ctas), kThreads, smem, s>>>(a);
+  }
+  M3_CUDA_CHECK_LAUNCH();
+  attn_merge_kernel<D><<<static_cast<unsigned>(static_cast<long>(a.B) * a.T * a.Hq), kMergeThreads,
+                         a.splits * sizeof(float), s>>>(a);
+  M3_CUDA_CHECK_LAUNCH();
+}
+
+// Resident CTAs of the partial kernel for head dim D (64 or 128; others are rejected earlier).
+int partial_slots(int D, bool sparse) {
+  if (D == 64) return sparse ? prepare<64, true>() : prepare<64, false>();
+  return sparse ? prepare<128, true>() : prepare<128, false>();
+}
+
+std::string dims_str(const AttnDims& d) {
+  return "Hq = " + std::to_string(d.Hq) + ", Hkv = " + std::to_string(d.Hkv) + ", D = " + std::to_string(d.D);
+}
+
+}  // namespace
+
+int resident_ctas(const void* kernel, int threads, int smem) {
+  static std::mutex mu;
+  static std::map<std::pair<int, const void*>, int> cache;
+  int dev = 0;
+  M3_CUDA_CHECK(cudaGetDevice(&dev));
+  std::lock_guard<std::mutex> lock(mu);
+  auto it = cache.find({dev, kernel});
+  if (it != cache.end()) return it->second;
+  M3_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+  int per_sm = 0, sms = 0;
+  M3_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, smem));
+  M3_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
+  const int slots = std::max(1, per_sm * sms);
+  cache[{dev, kernel}] = slots;
+  return slots;
+}
+
+SplitPlan plan_dense_splits(int B, int T, int N, const AttnDims& dims) {
+  const long G = dims.Hq / dims.Hkv, MT = (G + kRowsM - 1) / kRowsM;
+  const long work = std::max(1L, static_cast<long>(B) * T * dims.Hkv * MT);
+  const long max_splits = std::max(1L, ceil_div(N, kMinChunk));
+  const long splits = std::clamp(partial_slots(dims.D, false) / work, 1L, max_splits);
+  SplitPlan p;
+  p.chunk = static_cast<int>(ceil_div(ceil_div(std::max(N, 1), splits), kTileKeys) * kTileKeys);
+  p.splits = static_cast<int>(ceil_div(std::max(N, 1), p.chunk));
+  return p;
+}
+
+SplitPlan plan_sparse_splits(int B, int T, int k_blk, const AttnDims& dims) {
+  const long G = dims.Hq / dims.Hkv, MT = (G + kRowsM - 1) / kRowsM;
+  const long work = std::max(1L, static_cast<long>(B) * T * dims.Hkv * MT);
+  const long splits = std::clamp(partial_slots(dims.D, true) / work, ceil_div(k_blk, kMaxSlots),
+                                 static_cast<long>(k_blk));
+  SplitPlan p;
+  p.chunk = static_cast<int>(ceil_div(k_blk, splits));
+  p.splits = static_cast<int>(ceil_div(k_blk, p.chunk));
+  return p;
+}
+
+std::size_t attention_workspace_bytes(int B, int T, const AttnDims& dims, int splits) {
+  const std::size_t rows = static_cast<std::size_t>(B) * T * dims.Hq * splits;
+  const std::size_t o_bytes = (rows * dims.D * sizeof(float) + 255) / 256 * 256;
+  return o_bytes + rows * sizeof(float2);
+}
+
+void attention_run(AttnLaunch a, void* workspace, std::size_t workspace_bytes, cudaStream_t s) {
+  const std::size_t need = attention_workspace_bytes(a.B, a.T, {a.Hq, a.Hkv, a.D}, a.splits);
+  if (workspace_bytes < need || (need > 0 && workspace == nullptr))
+    throw GpuError("attention: workspace of " + std::to_string(workspace_bytes) + " bytes at " +
+                   std::to_string(reinterpret_cast<std::uintptr_t>(workspace)) + ", expected >= " +
+                   std::to_string(need) + " bytes (the *_workspace_bytes function of the same arguments)");
+  if (reinterpret_cast<std::uintptr_t>(workspace) % 16 != 0)
+    throw GpuError("attention: workspace is not 16-byte aligned");
+  // The merge keeps one weight a split in shared memory (plans give at most a few hundred splits
+  // for dense, k_blk for sparse).
+  if (a.splits > 8192)
+    throw GpuError("attention: " + std::to_string(a.splits) + " splits, expected <= 8192 (k_blk too large)");
+  const std::size_t rows = static_cast<std::size_t>(a.B) * a.T * a.Hq * a.splits;
+  a.part_o = static_cast<float*>(workspace);
+  a.part_ml = reinterpret_cast<float2*>(static_cast<unsigned char*>(workspace) +
+                                        (rows * a.D * sizeof(float) + 255) / 256 * 256);
+  if (a.D == 64) launch<64>(a, s);
+  else launch<128>(a, s);
+}
+
+// Shared argument checks of attention_dense and msa_attention (op names the caller).
+void check_attn_args(const char* op, const bf16* q, const bf16* k, const bf16* v, int T, int N,
+                     const AttnDims& d, int B) {
+  const std::string o = op;
+  if (d.Hq <= 0 || d.Hkv <= 0 || d.D <= 0 || d.Hq % d.Hkv != 0)
+    throw GpuError(o + ": dims " + dims_str(d) + ", expected all > 0 and Hq % Hkv == 0");
+  if (d.D != 64 && d.D != 128)
+    throw GpuError(o + ": D = " + std::to_string(d.D) + ", expected 64 or 128 (the compiled head dims)");
+  if (T < 0 || B < 1 || N < 1)
+    throw GpuError(o + ": T = " + std::to_string(T) + ", N = " + std::to_string(N) + ", B = " +
+                   std::to_string(B) + ", expected T >= 0, N >= 1, B >= 1");
+  const long G = d.Hq / d.Hkv, MT = (G + kRowsM - 1) / kRowsM;
+  const double ctas = static_cast<double>(B) * T * d.Hkv * MT * ceil_div(N, kMinChunk);
+  if (static_cast<double>(B) * T * d.Hq > 2147483647.0 || ctas > 2147483647.0 ||
+      static_cast<double>(B) * N * d.Hkv * d.D > 9.0e18)
+    throw GpuError(o + ": B*T = " + std::to_string(static_cast<long>(B) * T) + " queries against N = " +
+                   std::to_string(N) + " keys exceed the grid limits");
+  for (auto [name, ptr] : {std::pair{"q", q}, {"k", k}, {"v", v}})
+    if (ptr == nullptr || reinterpret_cast<std::uintptr_t>(ptr) % 16 != 0)
+      throw GpuError(o + ": " + name + " is null or not 16-byte aligned, expected a 16-byte aligned device pointer");
+}
+
+}  // namespace detail
+
+std::size_t attention_dense_workspace_bytes(int T, int N, const AttnDims& dims, int B) {
+  if (T <= 0 || B <= 0 || dims.Hkv <= 0 || dims.Hq <= 0) return 0;
+  const auto plan = detail::plan_dense_splits(B, T, N, dims);
+  return detail::attention_workspace_bytes(B, T, dims, plan.splits);
+}
+
+void attention_dense(const bf16* q, const bf16* k, const bf16* v, const std::int64_t* q_pos, int T,
+                     int N, const AttnDims& dims, bf16* out, cudaStream_t s, void* workspace,
+                     std::size_t workspace_bytes, int B) {
+  detail::check_attn_args("attention_dense", q, k, v, T, N, dims, B);
+  if (T == 0) return;
+  if (q_pos == nullptr || out == nullptr)
+    throw GpuError("attention_dense: q_pos or out is null, expected device pointers");
+  const auto plan = detail::plan_dense_splits(B, T, N, dims);
+  detail::AttnLaunch a;
+  a.q = q; a.k = k; a.v = v; a.q_pos = q_pos; a.out = out;
+  a.B = B; a.T = T; a.N = N; a.Hq = dims.Hq; a.Hkv = dims.Hkv; a.D = dims.D;
+  a.splits = plan.splits;
+  a.chunk = plan.chunk;
+  detail::attention_run(a, workspace, workspace_bytes, s);
+}
+
+}  // namespace m3::gpu

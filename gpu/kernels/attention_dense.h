@@ -1,0 +1,140 @@
+// Dense causal GQA attention on the GPU, twin of m3::ref::attention_dense
+// (reference/ops/attention_dense.h), for any number of query tokens at arbitrary positions
+// (query-outer flash-decoding; decode is T = 1 per sequence, a prefill chunk is correct but slow).
+//   z_j = q_h . k_g(j) / sqrt(D) for every cache key j <= p_t, g = h / (Hq/Hkv);
+//   out = softmax(z) . V, fp32 online softmax (base 2), fp32 accumulation, one bf16 rounding.
+// The keys 0..p_t of each (query, KV group) are split into chunks; one CTA scores a chunk for the
+// G = Hq/Hkv heads of the group at once with bf16 tensor-core MMAs (each K/V element is read once
+// per group, not per head), writes a partial (o, m, l) to a caller-owned workspace, and a merge
+// kernel combines the chunks by their log-sum-exp.
+//
+// Batching: B sequences of T queries each, sequence b owning cache rows [b*N, b*N + N) of k and v
+// and query rows [b*T, b*T + T) of q / q_pos / out. B = 1 is exactly the reference's layout.
+// Requirements (checked, GpuError otherwise): D in {64, 128}; Hq % Hkv == 0; 16-byte aligned
+// q, k, v and workspace. Positions are on the device and cannot be checked by the launcher: a
+// query whose position is outside [0, N) gets a NaN output row (never an out-of-bounds read).
+#pragma once
+
+#include "gpu/runtime/buffer.h"
+#include "reference/dims.h"
+
+#include <cstddef>
+#include <cstdint>
+
+#if defined(__CUDACC__)
+#define M3_HOST_DEVICE __host__ __device__
+#else
+#define M3_HOST_DEVICE
+#endif
+
+namespace m3::gpu {
+
+// Row j of sequence b in a cache of N rows a sequence and row_elems elements a row ([B*N, W]).
+// Every kernel that reads the K, V or index-K cache goes through this one helper, so paging
+// (128-token pages = BLK) changes only here.
+template <class E>
+M3_HOST_DEVICE inline const E* cache_row(const E* base, int b, std::int64_t j, int N,
+                                         std::int64_t row_elems) {
+  return base + (static_cast<std::int64_t>(b) * N + j) * row_elems;
+}
+
+// Bytes of workspace attention_dense needs for these arguments (0 when T == 0). The split plan
+// behind it is sized to the current device (one wave of CTAs), so call it with that device set.
+std::size_t attention_dense_workspace_bytes(int T, int N, const AttnDims& dims, int B = 1);
+
+// q [B*T, Hq*D], k, v [B*N, Hkv*D], q_pos [B*T] (device, int64) -> out [B*T, Hq*D].
+// workspace: device memory of at least attention_dense_workspace_bytes(T, N, dims, B) bytes,
+// 16-byte aligned; its contents need no initialization.
+void attention_dense(const bf16* q, const bf16* k, const bf16* v, const std::int64_t* q_pos, int T,
+                     int N, const AttnDims& dims, bf16* out, cudaStream_t s, void* workspace,
+                     std::size_t workspace_bytes, int B = 1);
+
+namespace detail {
+
+// One launch of the shared split-K attention machinery (used by attention_dense and
+// msa_attention). sel == nullptr: dense causal over keys 0..p; else the keys of the selected
+// blocks (sel row (b*Hkv + g)*T + t, k_blk slots, -1 = unused), causal inside the local block.
+struct AttnLaunch {
+  const bf16* q = nullptr;
+  const bf16* k = nullptr;
+  const bf16* v = nullptr;
+  const std::int64_t* q_pos = nullptr;
+  const std::int32_t* sel = nullptr;
+  int B = 1, T = 0, N = 0, Hq = 0, Hkv = 0, D = 0;
+  int blk = 0, k_blk = 0;  // sparse only
+  int splits = 1;          // CTAs per (query, group, m-tile)
+  int chunk = 0;           // keys (dense) or selection slots (sparse) per split
+  float* part_o = nullptr;   // [B*T*Hq, splits, D] unnormalized partial outputs
+  float2* part_ml = nullptr; // [B*T*Hq, splits] (running max in log2 units, sum of weights)
+  bf16* out = nullptr;
+};
+
+struct SplitPlan {
+  int splits = 1;
+  int chunk = 0;
+};
+
+// CTAs of `kernel` that are resident on the current device at once (occupancy x SMs) at `smem`
+// bytes of dynamic shared memory, after raising the kernel's dynamic shared-memory limit to
+// `smem` (the most it is ever launched with). Cached per (device, kernel): call it before every
+// launch, it costs a map lookup.
+int resident_ctas(const void* kernel, int threads, int smem);
+
+// Split plans: one full wave of CTAs on the current device (decode work is uniform, so a single
+// wave of equal CTAs finishes together), chunks of whole 64-key tiles.
+SplitPlan plan_dense_splits(int B, int T, int N, const AttnDims& dims);
+SplitPlan plan_sparse_splits(int B, int T, int k_blk, const AttnDims& dims);
+std::size_t attention_workspace_bytes(int B, int T, const AttnDims& dims, int splits);
+// Throws GpuError unless the dims, sizes and q / k / v pointers suit the kernels (op names the caller).
+void check_attn_args(const char* op, const bf16* q, const bf16* k, const bf16* v, int T, int N,
+                     const AttnDims& dims, int B);
+// Carves part_o / part_ml out of the workspace, launches the partial and merge kernels.
+void attention_run(AttnLaunch a, void* workspace, std::size_t workspace_bytes, cudaStream_t s);
+
+}  // namespace detail
+
+#if defined(__CUDACC__)
+// PTX wrappers shared by the attention and MSA index kernels (device code only).
+namespace detail {
+__device__ __forceinline__ std::uint32_t smem_u32(const void* p) {
+  return static_cast<std::uint32_t>(__cvta_generic_to_shared(p));
+}
+// 16-byte global -> shared copy; valid == false zero-fills the destination and reads nothing.
+__device__ __forceinline__ void cp_async16(std::uint32_t dst, const void* src, bool valid) {
+  const int n = valid ? 16 : 0;
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(n));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+}
+__device__ __forceinline__ void ldmatrix_x4(std::uint32_t& r0, std::uint32_t& r1, std::uint32_t& r2,
+                                            std::uint32_t& r3, std::uint32_t addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3)
+               : "r"(addr));
+}
+__device__ __forceinline__ void ldmatrix_x4_trans(std::uint32_t& r0, std::uint32_t& r1,
+                                                  std::uint32_t& r2, std::uint32_t& r3,
+                                                  std::uint32_t addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3)
+               : "r"(addr));
+}
+// c [16x8 fp32] += a [16x16 bf16, row] * b [16x8 bf16, col]
+__device__ __forceinline__ void mma_bf16(float (&c)[4], const std::uint32_t (&a)[4], std::uint32_t b0,
+                                         std::uint32_t b1) {
+  asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+      "{%8,%9}, {%0,%1,%2,%3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+__device__ __forceinline__ std::uint32_t pack_bf16(float lo, float hi) {
+  const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);  // .x (low half) = lo
+  return *reinterpret_cast<const std::uint32_t*>(&v);
+}
+}  // namespace detail
+#endif
+
+}  // namespace m3::gpu

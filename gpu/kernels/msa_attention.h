@@ -1,0 +1,35 @@
+// MSA main branch on the GPU (block-sparse exact attention), twin of m3::ref::msa_attention
+// (reference/ops/msa_attention.h): query head h (group g = h / (Hq/Hkv)) attends the keys
+//   K_t = { j : floor(j/blk) in sel[g, t] and j <= p_t },   z_j = q_h . k_g(j) / sqrt(D),
+// fp32 online softmax over that union, fp32 accumulation, one bf16 rounding of the output.
+// Query-outer split-K: one CTA per (query, KV group, a few selected blocks), the G heads of the
+// group together (each selected K/V row read once per group), partial (o, m, l) per CTA merged by
+// log-sum-exp (the machinery of attention_dense.h, detail::attention_run).
+//
+// Batching as in attention_dense.h: B sequences, q / q_pos / out rows b*T + t, cache rows b*N + j,
+// sel rows (b*Hkv + g)*T + t (msa_select's layout per sequence). B = 1 is the reference's layout.
+// Selection entries: -1 = unused, anywhere in a row. The device cannot throw, so where the
+// reference throws the GPU degrades visibly instead: an id < 0 or > floor(p_t/blk) carries no
+// keys, a row with no valid id gives a NaN output row, a position outside [0, N) a NaN row.
+// Repeated ids are not detected (the block would count twice): msa_select never emits them.
+#pragma once
+
+#include "gpu/runtime/buffer.h"
+#include "reference/dims.h"
+
+#include <cstddef>
+#include <cstdint>
+
+namespace m3::gpu {
+
+// Bytes of workspace msa_attention needs (0 when T == 0); sized to the current device, as
+// attention_dense_workspace_bytes.
+std::size_t msa_attention_workspace_bytes(int T, int k_blk, const AttnDims& dims, int B = 1);
+
+// q [B*T, Hq*D], k, v [B*N, Hkv*D], q_pos [B*T], sel [B*Hkv*T, k_blk] int32 -> out [B*T, Hq*D].
+// D in {64, 128}; blk > 0; workspace of msa_attention_workspace_bytes(T, k_blk, dims, B) bytes.
+void msa_attention(const bf16* q, const bf16* k, const bf16* v, const std::int64_t* q_pos,
+                   const std::int32_t* sel, int T, int N, int blk, int k_blk, const AttnDims& dims,
+                   bf16* out, cudaStream_t s, void* workspace, std::size_t workspace_bytes, int B = 1);
+
+}  // namespace m3::gpu

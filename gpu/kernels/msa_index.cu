@@ -1,0 +1,303 @@
+// MSA index block-max scores; see msa_index.h. One CTA = (16 (query, index head) rows of one
+// sequence, a chunk of whole blocks; one wave of equal chunks in decode). Index-K tiles of 64 keys
+// (128 for fp8) stream through a 3-stage cp.async pipeline; each of the 4 warps scores slices of
+// 16 keys (each inside one block, as BLK % 16 == 0) for the 16 rows with mma.m16n8k16 (bf16 in, fp32 accumulate), takes the NaN-propagating max over its keys
+// and folds it into a per-(row, block) maximum in shared memory (atomicMax on an order-preserving
+// uint32 image of the float). The fp8 variant stages the raw E4M3 bytes, widens each B fragment
+// to f16 with one cvt (exact) and multiplies in f16 (Q widened bf16 -> f16 once, exact for
+// |q| >= 2^-17), so that the conversion does not bound the kernel.
+#include "gpu/kernels/msa_index.h"
+
+#include "gpu/kernels/attention_dense.h"
+
+#include <algorithm>
+#include <string>
+
+namespace m3::gpu {
+namespace {
+
+using namespace detail;
+
+constexpr int kWarps = 4;
+constexpr int kThreads = kWarps * 32;
+constexpr int kRows = 16;      // (query, head) rows a CTA: the MMA's M
+constexpr int kMaxBpc = 256;   // blocks a chunk: the [16, bpc] maxima take <= 16 KiB of smem
+
+struct IndexLaunch {
+  const bf16* q = nullptr;
+  const void* k = nullptr;  // bf16 or E4M3 bytes
+  const std::int64_t* q_pos = nullptr;
+  float* scores = nullptr;
+  int B = 1, T = 0, N = 0, NB = 0, Hi = 0, BLK = 0;
+  int bpc = 1, chunks = 1, tiles_per_seq = 1;
+};
+
+template <int Di, bool kFp8>
+struct Cfg {
+  // 16-key slices a warp scores per tile: fp8 tiles take two, so that every pipeline step (one
+  // barrier) moves 16 KB either way; 3 stages keep 2 x 16 KB in flight a CTA, 3 CTAs an SM:
+  // ~96 KB in flight an SM, twice Little's law's ~32 B/ns x ~1.5 us.
+  static constexpr int kStages = 3;
+  static constexpr int kSlices = kFp8 ? 2 : 1;
+  static constexpr int kTileKeys = 16 * kWarps * kSlices;
+  static constexpr int kElemBytes = kFp8 ? 1 : 2;
+  // +16 B a row: consecutive rows start 4 banks apart (ldmatrix / the fp8 pair loads conflict-free)
+  static constexpr int kRowBytes = Di * kElemBytes + 16;
+  static constexpr int kPipeBytes = kStages * kTileKeys * kRowBytes;
+  static constexpr int kMaxSmem = kPipeBytes + kRows * kMaxBpc * 4;
+};
+
+// Order-preserving image of a float for atomicMax: NaN above everything (it must win the max,
+// as the reference's PropagateNaN), -0 folded into +0.
+__device__ __forceinline__ unsigned ord_key(float x) {
+  if (x != x) return 0xFFFFFFFFu;
+  if (x == 0.f) x = 0.f;
+  const unsigned u = __float_as_uint(x);
+  return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+}
+__device__ __forceinline__ float from_ord(unsigned k) {
+  if (k == 0xFFFFFFFFu) return __uint_as_float(0x7fc00000u);
+  return __uint_as_float((k & 0x80000000u) ? (k & 0x7fffffffu) : ~k);
+}
+__device__ __forceinline__ float nan_max(float a, float b) { return (a > b || a != a) ? a : b; }
+
+// Two E4M3 bytes -> f16x2, one cvt (exact: every E4M3 value, subnormals included, is a normal f16).
+__device__ __forceinline__ std::uint32_t e4m3x2_to_f16x2(std::uint16_t v) {
+  const __half2_raw h = __nv_cvt_fp8x2_to_halfraw2(static_cast<__nv_fp8x2_storage_t>(v), __NV_E4M3);
+  return static_cast<std::uint32_t>(h.x) | (static_cast<std::uint32_t>(h.y) << 16);
+}
+// bf16x2 -> f16x2 (exact for |x| in [2^-17, 65504]; smaller values round at 2^-24 absolute).
+__device__ __forceinline__ std::uint32_t bf16x2_to_f16x2(std::uint32_t v) {
+  const float2 f = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&v));
+  const __half2 h = __floats2half2_rn(f.x, f.y);
+  return *reinterpret_cast<const std::uint32_t*>(&h);
+}
+// c [16x8 fp32] += a [16x16 f16, row] * b [16x8 f16, col]
+__device__ __forceinline__ void mma_f16(float (&c)[4], const std::uint32_t (&a)[4], std::uint32_t b0, std::uint32_t b1) {
+  asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+      "{%8,%9}, {%0,%1,%2,%3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+template <int Di, bool kFp8>
+__global__ void __launch_bounds__(kThreads, 3) msa_index_kernel(const IndexLaunch a) {
+  using C = Cfg<Di, kFp8>;
+  extern __shared__ __align__(16) unsigned char smem[];
+  unsigned char* tiles = smem;  // [kStages][kTileKeys][kRowBytes]
+  unsigned* bmax = reinterpret_cast<unsigned*>(smem + C::kPipeBytes);  // [16][bpc]
+  __shared__ long long s_p[kRows];  // position of each row; -1 = padding or invalid
+
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+  const int chunk = static_cast<int>(blockIdx.x % a.chunks);
+  const int rt_all = static_cast<int>(blockIdx.x / a.chunks);
+  const int b = rt_all / a.tiles_per_seq, rt = rt_all % a.tiles_per_seq;
+  const int rows_seq = a.T * a.Hi, r0 = rt * kRows;
+  const int nrows = rows_seq - r0 < kRows ? rows_seq - r0 : kRows;
+  const int bpc = a.bpc;
+
+  if (tid < kRows) {
+    long long p = -1;
+    if (tid < nrows) {
+      p = a.q_pos[static_cast<std::int64_t>(b) * a.T + (r0 + tid) / a.Hi];
+      if (p < 0 || p >= a.N) p = -2;  // invalid: masked everywhere, NaN row at the end
+    }
+    s_p[tid] = p;
+  }
+  for (int i = tid; i < kRows * bpc; i += kThreads) bmax[i] = ord_key(-INFINITY);
+  __syncthreads();
+
+  long long pmax = -1;
+#pragma unroll
+  for (int r = 0; r < kRows; ++r) pmax = s_p[r] > pmax ? s_p[r] : pmax;
+  const int cb0 = chunk * bpc, cb1 = min(a.NB, cb0 + bpc);
+  const std::int64_t c0 = static_cast<std::int64_t>(cb0) * a.BLK;
+  const std::int64_t kv_end = min(static_cast<std::int64_t>(cb1) * a.BLK, static_cast<std::int64_t>(pmax) + 1);
+  const int n_keys = kv_end > c0 ? static_cast<int>(kv_end - c0) : 0;
+  constexpr int kTileKeys = C::kTileKeys;
+  const int ntiles = (n_keys + kTileKeys - 1) / kTileKeys;
+  const long long p_lo = s_p[lane / 4], p_hi = s_p[lane / 4 + 8];  // this thread's MMA rows
+
+  auto load_tile = [&](int tile, int st) {
+    constexpr int kChunks = Di * C::kElemBytes / 16;
+    constexpr int kRowsPerPass = kThreads / kChunks;
+    const int c = tid % kChunks;
+    for (int r = tid / kChunks; r < kTileKeys; r += kRowsPerPass) {
+      const std::int64_t j = c0 + tile * kTileKeys + r;
+      const bool ok = j < kv_end;
+      const unsigned char* src = static_cast<const unsigned char*>(a.k);
+      if (ok) {
+        if constexpr (kFp8) src = reinterpret_cast<const unsigned char*>(cache_row(static_cast<const __nv_fp8_e4m3*>(a.k), b, j, a.N, Di));
+        else src = reinterpret_cast<const unsigned char*>(cache_row(static_cast<const bf16*>(a.k), b, j, a.N, Di));
+        src += c * 16;
+      }
+      cp_async16(smem_u32(tiles + (st * kTileKeys + r) * C::kRowBytes + c * 16), src, ok);
+    }
+  };
+
+  constexpr int kK = Di / 16;
+  std::uint32_t qa[kK][4];
+  {
+    const int ra = lane / 4, rb = ra + 8;
+    const bf16* qs = a.q + (static_cast<std::int64_t>(b) * rows_seq + r0) * Di;
+#pragma unroll
+    for (int kk = 0; kk < kK; ++kk) {
+      const int col = kk * 16 + (lane % 4) * 2;
+      auto ld = [&](int r, int cc) -> std::uint32_t {
+        return r < nrows ? *reinterpret_cast<const std::uint32_t*>(qs + r * Di + cc) : 0u;
+      };
+      qa[kk][0] = ld(ra, col);
+      qa[kk][1] = ld(rb, col);
+      qa[kk][2] = ld(ra, col + 8);
+      qa[kk][3] = ld(rb, col + 8);
+      if constexpr (kFp8)  // the fp8 path multiplies in f16: one cvt widens a K pair
+#pragma unroll
+        for (int e = 0; e < 4; ++e) qa[kk][e] = bf16x2_to_f16x2(qa[kk][e]);
+    }
+  }
+
+#pragma unroll
+  for (int s = 0; s < C::kStages - 1; ++s) {
+    if (s < ntiles) load_tile(s, s);
+    cp_async_commit();
+  }
+  for (int it = 0; it < ntiles; ++it) {
+    cp_async_wait<C::kStages - 2>();
+    __syncthreads();
+    if (it + C::kStages - 1 < ntiles) load_tile(it + C::kStages - 1, (it + C::kStages - 1) % C::kStages);
+    cp_async_commit();
+
+#pragma unroll
+    for (int sl = 0; sl < C::kSlices; ++sl) {
+      const int slice = warp * C::kSlices + sl;
+      const std::int64_t js = c0 + it * kTileKeys + slice * 16;  // first key of this warp's slice
+      if (js >= kv_end) break;  // warp-uniform (later slices start later); no barrier below
+      const unsigned char* kt = tiles + ((it % C::kStages) * kTileKeys + slice * 16) * C::kRowBytes;
+      float sc[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
+  #pragma unroll
+      for (int kk = 0; kk < kK; ++kk) {
+        std::uint32_t b0, b1, b2, b3;
+        if constexpr (kFp8) {
+          const unsigned char* ra = kt + (lane / 4) * C::kRowBytes + kk * 16 + (lane % 4) * 2;
+          const unsigned char* rb = ra + 8 * C::kRowBytes;
+          b0 = e4m3x2_to_f16x2(*reinterpret_cast<const std::uint16_t*>(ra));
+          b1 = e4m3x2_to_f16x2(*reinterpret_cast<const std::uint16_t*>(ra + 8));
+          b2 = e4m3x2_to_f16x2(*reinterpret_cast<const std::uint16_t*>(rb));
+          b3 = e4m3x2_to_f16x2(*reinterpret_cast<const std::uint16_t*>(rb + 8));
+          mma_f16(sc[0], qa[kk], b0, b1);
+          mma_f16(sc[1], qa[kk], b2, b3);
+        } else {
+          const unsigned char* src = kt + ((lane & 7) + ((lane >> 4) << 3)) * C::kRowBytes +
+                                     (kk * 16 + ((lane >> 3) & 1) * 8) * 2;
+          ldmatrix_x4(b0, b1, b2, b3, smem_u32(src));
+          mma_bf16(sc[0], qa[kk], b0, b1);
+          mma_bf16(sc[1], qa[kk], b2, b3);
+        }
+      }
+      float m_lo = -INFINITY, m_hi = -INFINITY;
+  #pragma unroll
+      for (int nt = 0; nt < 2; ++nt)
+  #pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const std::int64_t j = js + nt * 8 + (lane % 4) * 2 + e;
+          if (j <= p_lo) m_lo = nan_max(m_lo, sc[nt][e]);
+          if (j <= p_hi) m_hi = nan_max(m_hi, sc[nt][e + 2]);
+        }
+  #pragma unroll
+      for (int o = 1; o <= 2; o <<= 1) {
+        m_lo = nan_max(m_lo, __shfl_xor_sync(0xffffffffu, m_lo, o));
+        m_hi = nan_max(m_hi, __shfl_xor_sync(0xffffffffu, m_hi, o));
+      }
+      if (lane % 4 == 0) {
+        const int bl = static_cast<int>(js / a.BLK) - cb0;
+        if (m_lo != -INFINITY) atomicMax(&bmax[(lane / 4) * bpc + bl], ord_key(m_lo));
+        if (m_hi != -INFINITY) atomicMax(&bmax[(lane / 4 + 8) * bpc + bl], ord_key(m_hi));
+      }
+    }
+  }
+  cp_async_wait<0>();
+  __syncthreads();
+
+  const int nbc = cb1 - cb0;
+  for (int idx = tid; idx < nrows * nbc; idx += kThreads) {
+    const int r = idx / nbc, bl = idx % nbc, blk_id = cb0 + bl;
+    const long long p = s_p[r];
+    const int t = (r0 + r) / a.Hi, i = (r0 + r) % a.Hi;
+    float v;
+    if (p < 0) v = __uint_as_float(0x7fc00000u);
+    else if (blk_id > p / a.BLK) v = -INFINITY;
+    else v = from_ord(bmax[r * bpc + bl]);
+    a.scores[((static_cast<std::int64_t>(b) * a.Hi + i) * a.T + t) * a.NB + blk_id] = v;
+  }
+}
+
+long ceil_div(long x, long y) { return (x + y - 1) / y; }
+
+// Resident CTAs at the largest shared-memory footprint (raises the kernel's limit to it).
+template <int Di, bool kFp8>
+int slots() {
+  return resident_ctas(reinterpret_cast<const void*>(msa_index_kernel<Di, kFp8>), kThreads, Cfg<Di, kFp8>::kMaxSmem);
+}
+
+template <int Di, bool kFp8>
+void launch(const IndexLaunch& a, cudaStream_t s) {
+  using C = Cfg<Di, kFp8>;
+  const int smem = C::kPipeBytes + kRows * a.bpc * 4;
+  slots<Di, kFp8>();
+  const long ctas = static_cast<long>(a.chunks) * a.B * a.tiles_per_seq;
+  msa_index_kernel<Di, kFp8><<<static_cast<unsigned>(ctas), kThreads, smem, s>>>(a);
+  M3_CUDA_CHECK_LAUNCH();
+}
+
+void run(const char* op, const bf16* idx_q, const void* idx_k, const std::int64_t* q_pos, int T, int N,
+         int NB, const MsaDims& d, float* scores, cudaStream_t s, int B, bool fp8) {
+  const std::string o = op;
+  if (d.Hi <= 0 || (d.Di != 64 && d.Di != 128))
+    throw GpuError(o + ": Hi = " + std::to_string(d.Hi) + ", Di = " + std::to_string(d.Di) +
+                   ", expected Hi > 0 and Di in {64, 128} (the compiled index dims)");
+  if (d.BLK <= 0 || d.BLK % 16 != 0)
+    throw GpuError(o + ": BLK = " + std::to_string(d.BLK) + ", expected a positive multiple of 16");
+  if (T < 0 || N < 1 || B < 1)
+    throw GpuError(o + ": T = " + std::to_string(T) + ", N = " + std::to_string(N) + ", B = " +
+                   std::to_string(B) + ", expected T >= 0, N >= 1, B >= 1");
+  const long nb_min = ceil_div(N, d.BLK);
+  if (NB < nb_min)
+    throw GpuError(o + ": NB = " + std::to_string(NB) + ", expected >= ceil(N/BLK) = ceil(" + std::to_string(N) +
+                   "/" + std::to_string(d.BLK) + ") = " + std::to_string(nb_min));
+  if (T == 0) return;
+  if (idx_q == nullptr || idx_k == nullptr || q_pos == nullptr || scores == nullptr)
+    throw GpuError(o + ": a null pointer among idx_q, idx_k, q_pos, scores; expected device pointers");
+  if (reinterpret_cast<std::uintptr_t>(idx_q) % 16 != 0 || reinterpret_cast<std::uintptr_t>(idx_k) % 16 != 0)
+    throw GpuError(o + ": idx_q or idx_k is not 16-byte aligned");
+  IndexLaunch a;
+  a.q = idx_q; a.k = idx_k; a.q_pos = q_pos; a.scores = scores;
+  a.B = B; a.T = T; a.N = N; a.NB = NB; a.Hi = d.Hi; a.BLK = d.BLK;
+  a.tiles_per_seq = static_cast<int>(ceil_div(static_cast<long>(T) * d.Hi, kRows));
+  const long row_tiles = static_cast<long>(B) * a.tiles_per_seq;
+  // One wave of equal chunks for decode; many row tiles (a prefill chunk) get the fewest chunks.
+  const int resident = d.Di == 64 ? (fp8 ? slots<64, true>() : slots<64, false>())
+                                  : (fp8 ? slots<128, true>() : slots<128, false>());
+  const long want = std::max(1L, resident / row_tiles);
+  const long chunks = std::clamp(want, ceil_div(NB, kMaxBpc), static_cast<long>(NB));
+  a.bpc = static_cast<int>(ceil_div(NB, chunks));
+  a.chunks = static_cast<int>(ceil_div(NB, a.bpc));
+  if (static_cast<double>(a.chunks) * row_tiles > 2147483647.0)
+    throw GpuError(o + ": " + std::to_string(row_tiles) + " row tiles x " + std::to_string(a.chunks) +
+                   " chunks exceed the grid limit");
+  if (d.Di == 64) fp8 ? launch<64, true>(a, s) : launch<64, false>(a, s);
+  else fp8 ? launch<128, true>(a, s) : launch<128, false>(a, s);
+}
+
+}  // namespace
+
+void msa_index(const bf16* idx_q, const bf16* idx_k, const std::int64_t* q_pos, int T, int N, int NB,
+               const MsaDims& dims, float* scores, cudaStream_t s, int B) {
+  run("msa_index", idx_q, idx_k, q_pos, T, N, NB, dims, scores, s, B, false);
+}
+
+void msa_index_fp8(const bf16* idx_q, const __nv_fp8_e4m3* idx_k, const std::int64_t* q_pos, int T,
+                   int N, int NB, const MsaDims& dims, float* scores, cudaStream_t s, int B) {
+  run("msa_index_fp8", idx_q, idx_k, q_pos, T, N, NB, dims, scores, s, B, true);
+}
+
+}  // namespace m3::gpu

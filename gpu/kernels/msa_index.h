@@ -1,0 +1,38 @@
+// MSA index-branch block scores on the GPU, twin of m3::ref::msa_index (reference/ops/msa_index.h):
+//   s_i(t, j) = qI_i(t) . kI(j)   (no scale; fp32 accumulation of exact bf16 products)
+//   S_i(t, b) = max over j in block b with j <= p_t of s_i(t, j);  -inf for blocks b > p_t/BLK.
+// A NaN dot product makes its block score NaN (the reference's PropagateNaN); msa_select ranks it
+// as -inf. One CTA scores a chunk of blocks for 16 (query, index head) rows at once with bf16
+// tensor-core MMAs, reading each index-K row of the chunk once for all of them (the index-K cache
+// [N, Di] is shared by the Hi heads): decode is bound by the n*Di*2 bytes of that read.
+//
+// Batching: B sequences of T queries; idx_q / q_pos rows b*T + t, idx_k rows b*N + j, scores rows
+// (b*Hi + i)*T + t (the reference's [Hi*T, NB] per sequence). B = 1 is the reference's layout.
+// NB (the scores' column count) must be >= ceil(N/BLK), so every visible block has a column; the
+// columns past a query's own block are written -inf (all NB columns of every row are written).
+// A query whose position is outside [0, N) gets a NaN row. Requirements (GpuError otherwise):
+// Di in {64, 128}; BLK a positive multiple of 16 (so that a warp's 16 keys lie in one block);
+// 16-byte aligned idx_q and idx_k.
+#pragma once
+
+#include "gpu/runtime/buffer.h"
+#include "reference/dims.h"
+
+#include <cuda_fp8.h>
+
+#include <cstdint>
+
+namespace m3::gpu {
+
+// idx_q [B*T, Hi*Di] bf16, idx_k [B*N, Di] bf16, q_pos [B*T] -> scores [B*Hi*T, NB] fp32.
+void msa_index(const bf16* idx_q, const bf16* idx_k, const std::int64_t* q_pos, int T, int N, int NB,
+               const MsaDims& dims, float* scores, cudaStream_t s, int B = 1);
+
+// The same with an fp8 E4M3 index-K cache (no scale, as the MSA decode kernels store it, spec §6):
+// every E4M3 value is exact in f16, in which this path multiplies (fp32 accumulation); idx_q is
+// widened bf16 -> f16, exact for |q| >= 2^-17 (smaller elements round at 2^-24 absolute, far
+// below the fp32 summation noise), so the scores are those of msa_index on the decoded cache.
+void msa_index_fp8(const bf16* idx_q, const __nv_fp8_e4m3* idx_k, const std::int64_t* q_pos, int T,
+                   int N, int NB, const MsaDims& dims, float* scores, cudaStream_t s, int B = 1);
+
+}  // namespace m3::gpu

@@ -1,0 +1,203 @@
+// gpu::msa_index / msa_index_fp8 against ref::msa_index in fp32 on the same bf16 (or E4M3-decoded)
+// inputs. Both sides sum the same exact bf16 products in fp32 in different orders, so each score
+// is within 2 * gamma_Di * ||q_i|| * max_j ||k_j|| of the other (gamma_n = n * 2^-24, the fp32
+// dot-product bound, doubled for the two sides). -inf (blocks past the query's own block) and
+// NaN / +-inf must match exactly; the GPU's extra columns (NB > the reference's) must be -inf.
+#include "gpu/kernels/msa_index.h"
+#include "reference/ops/msa_index.h"
+#include "tests/gpu/gpu_test_util.h"
+
+#include <algorithm>
+#include <cmath>
+#include <numeric>
+#include <random>
+#include <vector>
+
+using namespace m3;
+using m3::test::bf16_exact;
+
+namespace {
+
+constexpr double kRelL2 = 1e-5;  // fp32 path (DESIGN §4): the scores are fp32 dot products
+
+struct Case {
+  int B, T, N, Hi, Di, BLK;
+  bool decode;  // T = 1 at p = N - 1; else scattered positions
+  int extra_nb = 2;  // GPU columns beyond ceil(N/BLK)
+};
+
+std::string name(const Case& c) {
+  return "B=" + std::to_string(c.B) + " T=" + std::to_string(c.T) + " N=" + std::to_string(c.N) + " Hi=" +
+         std::to_string(c.Hi) + " Di=" + std::to_string(c.Di) + " BLK=" + std::to_string(c.BLK) +
+         (c.decode ? " decode" : " scattered");
+}
+
+std::vector<std::int64_t> scattered_positions(int T, int N, std::mt19937_64& g) {
+  std::vector<std::int64_t> all(N);
+  std::iota(all.begin(), all.end(), 0);
+  std::shuffle(all.begin(), all.end(), g);
+  std::vector<std::int64_t> p(T);
+  for (int t = 0; t < T; ++t) p[t] = all[t % N];
+  p[std::uniform_int_distribution<int>(0, T - 1)(g)] = N - 1;
+  return p;
+}
+
+// Rounds to E4M3 (round to nearest even, saturating to +-448 as the cache writer would).
+float e4m3(float x) { return static_cast<float>(__nv_fp8_e4m3(x)); }
+
+// special: put +inf / NaN into a few index-K rows (the NaN-propagation contract).
+void run_case(const Case& c, bool fp8 = false, bool special = false) {
+  SCOPED_TRACE(name(c) + (fp8 ? " fp8" : "") + (special ? " non-finite" : ""));
+  auto g = test::test_rng();
+  SCOPED_TRACE(test::seed_note());
+  const MsaDims dims{c.Hi, c.Di, c.BLK, 16, 1, 0};
+  MatF q = bf16_exact(test::randn<float>(static_cast<Eigen::Index>(c.B) * c.T, c.Hi * c.Di, g));
+  MatF k = test::randn<float>(static_cast<Eigen::Index>(c.B) * c.N, c.Di, g);
+  for (Eigen::Index i = 0; i < k.size(); ++i) k.data()[i] = fp8 ? e4m3(k.data()[i]) : round_bf16(k.data()[i]);
+  if (special) {
+    std::uniform_int_distribution<Eigen::Index> row(0, k.rows() - 1), col(0, c.Di - 1);
+    for (int s = 0; s < 3; ++s) k(row(g), col(g)) = std::numeric_limits<float>::infinity();
+    k(row(g), col(g)) = std::numeric_limits<float>::quiet_NaN();
+  }
+  std::vector<std::int64_t> pos;
+  for (int b = 0; b < c.B; ++b) {
+    auto p = c.decode ? std::vector<std::int64_t>(c.T, c.N - 1) : scattered_positions(c.T, c.N, g);
+    pos.insert(pos.end(), p.begin(), p.end());
+  }
+  const int NB = (c.N + c.BLK - 1) / c.BLK + c.extra_nb;
+
+  auto dq = test::upload_bf16(q);
+  gpu::DeviceBuffer<gpu::bf16> dk16;
+  gpu::DeviceBuffer<__nv_fp8_e4m3> dk8;
+  if (fp8) {
+    std::vector<__nv_fp8_e4m3> h(static_cast<std::size_t>(k.size()));
+    for (std::size_t i = 0; i < h.size(); ++i) h[i] = __nv_fp8_e4m3(k.data()[i]);
+    dk8 = gpu::DeviceBuffer<__nv_fp8_e4m3>(h.size());
+    dk8.upload(h);
+  } else {
+    dk16 = test::upload_bf16(k);
+  }
+  gpu::DeviceBuffer<std::int64_t> dpos(pos.size());
+  dpos.upload(pos);
+  const Eigen::Index rows = static_cast<Eigen::Index>(c.B) * c.Hi * c.T;
+  gpu::DeviceBuffer<float> dsc(static_cast<std::size_t>(rows) * NB);
+  dsc.fill_bytes(0xFF);  // NaN: every column of every row must be written
+  if (fp8) gpu::msa_index_fp8(dq.data(), dk8.data(), dpos.data(), c.T, c.N, NB, dims, dsc.data(), nullptr, c.B);
+  else gpu::msa_index(dq.data(), dk16.data(), dpos.data(), c.T, c.N, NB, dims, dsc.data(), nullptr, c.B);
+  const auto hs = dsc.download();
+
+  double num = 0, den = 0;
+  long finite = 0, bad = 0;
+  for (int b = 0; b < c.B; ++b) {
+    const MatF qb = q.middleRows(static_cast<Eigen::Index>(b) * c.T, c.T);
+    const MatF kb = k.middleRows(static_cast<Eigen::Index>(b) * c.N, c.N);
+    std::vector<std::int64_t> pb(pos.begin() + b * c.T, pos.begin() + (b + 1) * c.T);
+    MatF ref;  // [Hi*T, NBr]
+    ref::msa_index<float>(qb, kb, pb, dims, ref);
+    float kmax = 0;
+    for (Eigen::Index j = 0; j < kb.rows(); ++j)
+      if (kb.row(j).allFinite()) kmax = std::max(kmax, kb.row(j).norm());
+    for (Eigen::Index r = 0; r < ref.rows(); ++r) {
+      const int i = static_cast<int>(r / c.T), t = static_cast<int>(r % c.T);
+      const double qn = qb.row(t).segment(static_cast<Eigen::Index>(i) * c.Di, c.Di).norm();
+      const double tol = 2.0 * c.Di * 0x1p-24 * qn * kmax;
+      for (int col = 0; col < NB; ++col) {
+        const float want = col < ref.cols() ? ref(r, col) : -std::numeric_limits<float>::infinity();
+        const float got = hs[static_cast<std::size_t>((static_cast<Eigen::Index>(b) * c.Hi * c.T + r) * NB + col)];
+        bool ok;
+        if (std::isnan(want)) ok = std::isnan(got);
+        else if (std::isinf(want)) ok = got == want;
+        else {
+          ok = std::isfinite(got) && std::abs(got - want) <= tol;
+          num += (got - want) * double(got - want);
+          den += double(want) * want;
+          ++finite;
+        }
+        if (!ok && ++bad <= 5)
+          ADD_FAILURE() << "b " << b << " row " << r << " block " << col << ": gpu " << got << ", ref " << want
+                        << " (tol " << tol << ")";
+      }
+    }
+  }
+  EXPECT_EQ(bad, 0);
+  EXPECT_GT(finite, 0);
+  EXPECT_GT(den, 0.0);
+  EXPECT_LE(std::sqrt(num / std::max(den, 1e-300)), kRelL2);
+}
+
+const int kAwkwardN[] = {1, 127, 129, 2048, 2049, 5000};
+
+}  // namespace
+
+TEST(MsaIndex_bf16, Decode_M3Dims_AwkwardN) {
+  M3_REQUIRE_GPU();
+  for (int N : kAwkwardN) run_case({1, 1, N, 4, 128, 128, true});
+}
+
+TEST(MsaIndex_bf16, Scattered37_M3Dims_Batch2) {
+  M3_REQUIRE_GPU();
+  for (int N : kAwkwardN) run_case({2, 37, N, 4, 128, 128, false});
+}
+
+TEST(MsaIndex_bf16, OddHeads_SmallBlocks) {
+  M3_REQUIRE_GPU();
+  // Hi = 3 (16-row tiles straddle queries), Hi = 1, BLK 16 and 64, Di 64.
+  for (int N : {1, 15, 17, 300}) run_case({1, 37, N, 3, 128, 16, false});
+  for (int N : {63, 65, 1000}) run_case({3, 5, N, 1, 64, 64, false});
+  run_case({2, 1, 777, 3, 64, 16, true, 0});  // NB exactly ceil(N/BLK)
+}
+
+TEST(MsaIndex_bf16, LongContext_ManyChunks) {
+  M3_REQUIRE_GPU();
+  run_case({1, 1, 300000, 4, 128, 128, true});
+  run_case({2, 3, 70000, 4, 128, 128, false});
+}
+
+TEST(MsaIndex_bf16, NonFiniteKeysPropagate) {
+  M3_REQUIRE_GPU();
+  run_case({1, 1, 2049, 4, 128, 128, true}, false, true);
+  run_case({1, 37, 5000, 4, 128, 128, false}, false, true);
+}
+
+TEST(MsaIndex_fp8, Decode_And_Scattered) {
+  M3_REQUIRE_GPU();
+  for (int N : {1, 129, 2049}) run_case({1, 1, N, 4, 128, 128, true}, true);
+  run_case({2, 37, 5000, 4, 128, 128, false}, true);
+  run_case({1, 5, 1000, 3, 64, 16, false}, true);
+  run_case({1, 1, 300000, 4, 128, 128, true}, true);
+}
+
+TEST(MsaIndex_bf16, OutOfRangePositionGivesNaNRow) {
+  M3_REQUIRE_GPU();
+  const MsaDims dims{2, 64, 16, 4, 1, 0};
+  const int T = 2, N = 100, NB = 7;
+  auto dq = test::upload_bf16(MatF(MatF::Ones(T, 2 * 64)));
+  auto dk = test::upload_bf16(MatF(MatF::Ones(N, 64)));
+  const std::vector<std::int64_t> pos{99, 100};
+  gpu::DeviceBuffer<std::int64_t> dpos(2);
+  dpos.upload(pos);
+  gpu::DeviceBuffer<float> dsc(2 * T * NB);
+  dsc.fill_bytes(0);
+  gpu::msa_index(dq.data(), dk.data(), dpos.data(), T, N, NB, dims, dsc.data(), nullptr);
+  const auto s = dsc.download();
+  for (int i = 0; i < 2; ++i)
+    for (int b = 0; b < NB; ++b) {
+      EXPECT_EQ(s[(i * T + 0) * NB + b], 64.f) << "valid row, head " << i << " block " << b;
+      EXPECT_TRUE(std::isnan(s[(i * T + 1) * NB + b])) << "invalid row, head " << i << " block " << b;
+    }
+}
+
+TEST(MsaIndex_bf16, RejectsBadArguments) {
+  M3_REQUIRE_GPU();
+  gpu::DeviceBuffer<gpu::bf16> buf(1 << 16);
+  gpu::DeviceBuffer<std::int64_t> pos(4);
+  gpu::DeviceBuffer<float> sc(1 << 16);
+  auto* p = buf.data();
+  EXPECT_THROW(gpu::msa_index(p, p, pos.data(), 1, 256, 2, {4, 96, 128, 16}, sc.data(), nullptr), gpu::GpuError);  // Di
+  EXPECT_THROW(gpu::msa_index(p, p, pos.data(), 1, 256, 11, {4, 128, 24, 16}, sc.data(), nullptr), gpu::GpuError);  // BLK % 16
+  EXPECT_THROW(gpu::msa_index(p, p, pos.data(), 1, 257, 2, {4, 128, 128, 16}, sc.data(), nullptr), gpu::GpuError);  // NB < ceil(N/BLK)
+  EXPECT_THROW(gpu::msa_index(p, p, pos.data(), 1, 0, 2, {4, 128, 128, 16}, sc.data(), nullptr), gpu::GpuError);    // N = 0
+  EXPECT_THROW(gpu::msa_index(p, p + 1, pos.data(), 1, 256, 2, {4, 128, 128, 16}, sc.data(), nullptr), gpu::GpuError);  // align
+  EXPECT_THROW(gpu::msa_index(p, p, pos.data(), 1, 256, 2, {0, 128, 128, 16}, sc.data(), nullptr), gpu::GpuError);  // Hi
+  EXPECT_NO_THROW(gpu::msa_index(p, p, pos.data(), 0, 256, 2, {4, 128, 128, 16}, sc.data(), nullptr));
+}
