@@ -41,5 +41,6 @@ CLI::App* register_verify(CLI::App& app, int* exit_code);
 CLI::App* register_golden(CLI::App& app, int* exit_code);
 CLI::App* register_inspect(CLI::App& app, int* exit_code);
 CLI::App* register_export(CLI::App& app, int* exit_code);
+CLI::App* register_compare(CLI::App& app, int* exit_code);
 
 }  // namespace m3::cli

@@ -1,14 +1,21 @@
-// `m3h run`: prefill a prompt, then K greedy decode steps on the CPU reference; prints timing, the
-// greedy tokens and a logits checksum (an FNV-1a hash of the logits' bits plus their fp64 sum).
+// `m3h run`: prefill a prompt, then K greedy decode steps on the CPU reference or on the GPU
+// (--device gpu, bf16); prints timing, the greedy tokens and a logits checksum (an FNV-1a hash of
+// the logits' bits plus their fp64 sum). Both engines share one driver: their Model classes have
+// the same new_sequence / prefill / decode interface and the same trace vocabulary.
 #include "compare/cli_common.h"
 #include "datasets/checkpoint.h"
 #include "datasets/golden.h"
 #include "reference/model.h"
 #include "reference/rng.h"
+#if M3_HAVE_GPU
+#include "gpu/model.h"
+#include "gpu/runtime/device.h"
+#endif
 
 #include <fmt/format.h>
 #include <nlohmann/json.hpp>
 
+#include <algorithm>
 #include <chrono>
 #include <optional>
 #include <cstring>
@@ -23,7 +30,9 @@ struct RunArgs {
   std::string preset = "tiny";
   std::string tokens = "64";
   int decode = 0;
-  std::string precision = "fp32";
+  std::string precision;  // "" = fp32 on the CPU, bf16 on the GPU
+  std::string device = "cpu";
+  std::int64_t max_context = 0;
   std::uint64_t seed = 0;
   std::string out;
   std::string checkpoint;
@@ -45,7 +54,19 @@ int run(const RunArgs& a) {
   std::optional<Checkpoint> ck;
   if (!a.checkpoint.empty()) ck = load_checkpoint(a.checkpoint);
   const ModelConfig cfg = ck ? ck->config : resolve_config(a.preset);
-  const Precision prec = parse_precision(a.precision);
+  if (a.device == "gpu") {
+#if M3_HAVE_GPU
+    if (gpu::device_count() == 0)
+      throw std::invalid_argument("--device gpu: no CUDA device is visible on this machine");
+#else
+    throw std::invalid_argument("--device gpu: this build has no CUDA support (configure with -DM3_WITH_CUDA=ON)");
+#endif
+    if (!a.precision.empty() && a.precision != "bf16")
+      throw std::invalid_argument(fmt::format("--device gpu computes in bf16; --precision {} is a CPU reference "
+                                              "precision (omit it or say bf16)", a.precision));
+  }
+  const std::string prec_name = !a.precision.empty() ? a.precision : a.device == "gpu" ? "bf16" : "fp32";
+  const Precision prec = parse_precision(prec_name);
   const auto prompt = load_tokens(a.tokens, cfg, a.seed);
   if (a.decode < 0) throw std::invalid_argument("--decode must be >= 0");
   if (static_cast<std::int64_t>(prompt.size()) + a.decode > cfg.max_position_embeddings)
@@ -53,29 +74,56 @@ int run(const RunArgs& a) {
                                         prompt.size(), a.decode, cfg.max_position_embeddings));
 
   using clock = std::chrono::steady_clock;
-  auto t0 = clock::now();
-  Model model(cfg, ck ? ck->weights : generate_weights(cfg, a.seed), prec);
-  if (ck) ck.reset();  // the model holds its own converted copy
-  auto t1 = clock::now();
-  Sequence seq = model.new_sequence();
+  auto ms = [](auto d) { return std::chrono::duration<double, std::milli>(d).count(); };
   const auto T = static_cast<std::int64_t>(prompt.size());
   TraceRecorder rec(T, sample_rows(T, 1, 1, T, 0));  // every row
-  MatD logits = model.prefill(seq, prompt, a.out.empty() ? TraceFn{} : rec.fn());  // [T, V]
-  auto t2 = clock::now();
   std::vector<std::int32_t> gen;
-  MatD all = logits;
-  for (int i = 0; i < a.decode; ++i) {
-    gen.push_back(greedy_token(all, all.rows() - 1));
-    MatD step = model.decode(seq, gen.back());
-    all.conservativeResize(all.rows() + 1, Eigen::NoChange);
-    all.row(all.rows() - 1) = step.row(0);
+  MatD all;
+  // Prefill with the trace (when --out), then greedy steps; the same for both engines.
+  auto drive = [&](auto& model, auto& seq) {
+    all = model.prefill(seq, prompt, a.out.empty() ? TraceFn{} : rec.fn());  // [T, V]
+    const auto t = clock::now();
+    for (int i = 0; i < a.decode; ++i) {
+      gen.push_back(greedy_token(all, all.rows() - 1));
+      MatD step = model.decode(seq, gen.back());
+      all.conservativeResize(all.rows() + 1, Eigen::NoChange);
+      all.row(all.rows() - 1) = step.row(0);
+    }
+    return t;
+  };
+  double load_ms = 0, prefill_ms = 0, decode_ms = 0;
+  AttnCounter dense_st, msa_st;
+  std::string device_line = cpu_description();
+  if (a.device == "cpu") {
+    auto t0 = clock::now();
+    Model model(cfg, ck ? ck->weights : generate_weights(cfg, a.seed), prec);
+    if (ck) ck.reset();  // the model holds its own converted copy
+    auto t1 = clock::now();
+    Sequence seq = model.new_sequence();
+    auto t2 = drive(model, seq);
+    auto t3 = clock::now();
+    load_ms = ms(t1 - t0), prefill_ms = ms(t2 - t1), decode_ms = ms(t3 - t2);
+    dense_st = model.stats().dense;
+    msa_st = model.stats().msa;
+  } else {
+#if M3_HAVE_GPU
+    device_line = gpu::describe(gpu::device_info(0));
+    gpu::ModelOptions o;
+    o.max_batch = 1;
+    o.max_context = a.max_context > 0 ? a.max_context : T + a.decode;
+    o.max_tokens = std::min<std::int64_t>(T, 16384);
+    auto t0 = clock::now();
+    gpu::Model model(cfg, ck ? ck->weights : generate_weights(cfg, a.seed), o);
+    if (ck) ck.reset();
+    auto t1 = clock::now();
+    gpu::Sequence seq = model.new_sequence();
+    auto t2 = drive(model, seq);
+    auto t3 = clock::now();
+    load_ms = ms(t1 - t0), prefill_ms = ms(t2 - t1), decode_ms = ms(t3 - t2);
+#endif
   }
-  auto t3 = clock::now();
-  auto ms = [](auto d) { return std::chrono::duration<double, std::milli>(d).count(); };
-  const double load_ms = ms(t1 - t0), prefill_ms = ms(t2 - t1), decode_ms = ms(t3 - t2);
   const std::uint64_t hash = logits_hash(all);
   const double sum = all.sum();
-  const auto& st = model.stats();
   if (!a.out.empty()) {
     GoldenRun g;
     g.generator = command_line();
@@ -95,9 +143,10 @@ int run(const RunArgs& a) {
   if (a.format == Format::JSON) {
     nlohmann::json j;
     j["command"] = command_line();
-    j["device"] = cpu_description();
+    j["device"] = device_line;
+    j["engine"] = a.device;
     j["config"] = cfg.name;
-    j["precision"] = a.precision;
+    j["precision"] = prec_name;
     j["seed"] = a.seed;
     j["prompt_tokens"] = prompt.size();
     j["decode_steps"] = a.decode;
@@ -108,29 +157,31 @@ int run(const RunArgs& a) {
     j["logits_rows"] = all.rows();
     j["logits_fnv1a64"] = fmt::format("{:016x}", hash);
     j["logits_sum"] = sum;
-    j["attn_macs"] = {{"dense", st.dense.qk_macs + st.dense.pv_macs},
-                      {"msa_main", st.msa.qk_macs + st.msa.pv_macs},
-                      {"msa_index", st.msa.index_macs}};
+    if (a.device == "cpu")
+      j["attn_macs"] = {{"dense", dense_st.qk_macs + dense_st.pv_macs},
+                        {"msa_main", msa_st.qk_macs + msa_st.pv_macs},
+                        {"msa_index", msa_st.index_macs}};
     fmt::print("{}\n", j.dump(2));
     return kExitOk;
   }
   const bool csv = a.format == Format::CSV;
   if (csv) {
     fmt::print("config,precision,prompt_tokens,decode_steps,prefill_ms,decode_ms,logits_fnv1a64,logits_sum\n");
-    fmt::print("{},{},{},{},{:.3f},{:.3f},{:016x},{:.17g}\n", cfg.name, a.precision, prompt.size(), a.decode,
+    fmt::print("{},{},{},{},{:.3f},{:.3f},{:016x},{:.17g}\n", cfg.name, prec_name, prompt.size(), a.decode,
                prefill_ms, decode_ms, hash, sum);
     return kExitOk;
   }
-  fmt::print("# {}\n# {}\n", command_line(), cpu_description());
+  fmt::print("# {}\n# {}\n", command_line(), device_line);
   fmt::print("config {} ({} layers, H {}, V {}), precision {}, seed {}\n", cfg.name, cfg.num_hidden_layers,
-             cfg.hidden_size, cfg.vocab_size, a.precision, a.seed);
+             cfg.hidden_size, cfg.vocab_size, prec_name, a.seed);
   fmt::print("weights   {:10.1f} ms\n", load_ms);
   fmt::print("prefill   {:10.1f} ms  {:6d} tokens  {:10.1f} tok/s\n", prefill_ms, prompt.size(),
              prompt.size() / (prefill_ms / 1e3));
   if (a.decode > 0)
     fmt::print("decode    {:10.1f} ms  {:6d} steps   {:10.2f} ms/token\n", decode_ms, a.decode, decode_ms / a.decode);
-  fmt::print("attention MACs: dense layers {}, MSA main {}, MSA index {}\n", st.dense.qk_macs + st.dense.pv_macs,
-             st.msa.qk_macs + st.msa.pv_macs, st.msa.index_macs);
+  if (a.device == "cpu")
+    fmt::print("attention MACs: dense layers {}, MSA main {}, MSA index {}\n", dense_st.qk_macs + dense_st.pv_macs,
+               msa_st.qk_macs + msa_st.pv_macs, msa_st.index_macs);
   if (!gen.empty()) fmt::print("greedy tokens: {}\n", fmt::join(gen, " "));
   fmt::print("logits [{} x {}] fnv1a64 {:016x} sum {:.17g}\n", all.rows(), all.cols(), hash, sum);
   return kExitOk;
@@ -141,7 +192,7 @@ int run(const RunArgs& a) {
 CLI::App* register_run(CLI::App& app, int* exit_code) {
   auto args = std::make_shared<RunArgs>();
   CLI::App* cmd = app.add_subcommand(
-      "run", "Run the CPU reference: prefill a prompt, then greedy decode steps; print timing, the greedy "
+      "run", "Run the model on the CPU reference or the GPU: prefill a prompt, then greedy decode steps; print timing, the greedy "
              "tokens and a logits checksum (same seed and precision -> same checksum on every machine).");
   cmd->add_option("--preset,--config", args->preset,
                   "Preset name (m3-layer, small, tiny) or path to a config.json")
@@ -151,9 +202,14 @@ CLI::App* register_run(CLI::App& app, int* exit_code) {
                   "FILE.h5:/dataset (an int32/int64 vector)")
       ->capture_default_str();
   cmd->add_option("--decode", args->decode, "Greedy decode steps after the prefill")->capture_default_str();
-  cmd->add_option("--precision", args->precision, "fp32 (default), fp64 (ground truth) or bf16 (GPU emulation)")
-      ->check(CLI::IsMember({"fp32", "fp64", "bf16"}))
+  cmd->add_option("--precision", args->precision,
+                  "CPU: fp32 (default), fp64 (ground truth) or bf16 (GPU emulation); the GPU is always bf16")
+      ->check(CLI::IsMember({"fp32", "fp64", "bf16"}));
+  cmd->add_option("--device", args->device, "cpu (the Eigen reference) or gpu (the CUDA implementation, bf16)")
+      ->check(CLI::IsMember({"cpu", "gpu"}))
       ->capture_default_str();
+  cmd->add_option("--max-context", args->max_context,
+                  "GPU: tokens of cache to plan per sequence (default: prompt + decode steps)");
   cmd->add_option("--seed", args->seed, "Seed of the weights and of a drawn prompt")->capture_default_str();
   cmd->add_option("--checkpoint", args->checkpoint,
                   "Checkpoint directory (config.json + safetensors, single or sharded, either layout of spec "

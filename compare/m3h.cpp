@@ -1,6 +1,8 @@
 // m3h: the m3-harness command line.
 //   m3h cost  --preset m3 --context 1048576 [--format table|json|csv] [--sweep]
 //   m3h run   --preset tiny --tokens 320 [--decode 32] [--precision fp32|fp64|bf16] [--out run.h5]
+//   m3h run   --device gpu --preset small --tokens 4096 --decode 64  (the CUDA implementation)
+//   m3h compare --preset tiny --tokens 300 --decode 16          (GPU vs reference, DESIGN §4 table)
 //   m3h run   --checkpoint DIR --tokens FILE.h5:/input_ids        (a safetensors checkpoint)
 //   m3h golden --preset tiny --tokens 100 --decode 16 --out g.h5   (or --check g.h5)
 //   m3h case --op msa_select --out c.h5 ; m3h verify c.h5          (op case files)
@@ -28,6 +30,7 @@ int main(int argc, char** argv) {
   register_golden(app, &exit_code);
   register_inspect(app, &exit_code);
   register_export(app, &exit_code);
+  register_compare(app, &exit_code);
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {

@@ -33,6 +33,11 @@ expect 2 "max_position_embeddings" run --preset tiny --tokens 5000
 expect 2 "max_position_embeddings" run --preset tiny --tokens 4090 --decode 10
 expect 2 "precision" run --preset tiny --tokens 4 --precision fp8
 expect 2 "neither a count nor a readable file" run --preset tiny --tokens /nonexistent
-expect 0 "Run the CPU reference" run --help
+expect 0 "Run the model on the CPU reference or the GPU" run --help
+# GPU requests: refused with a reason on a build without CUDA or a machine without a GPU, and for
+# a precision the GPU does not compute in; the same lines hold on a GPU machine (bf16 / length).
+expect 2 "CUDA\|bf16" run --preset tiny --tokens 4 --device gpu --precision fp64
+expect 2 "CUDA\|max_position_embeddings" compare --preset tiny --tokens 5000
+expect 0 "GPU and the CPU reference" compare --help
 expect 0 "Exit codes" --help
 exit $fail

@@ -1,0 +1,195 @@
+// `m3h compare`: the GPU against the reference on the same weights and prompt (model_compare.h):
+// the DESIGN §4 table per op and per layer, the end-to-end block, a verdict and its exit code.
+//   m3h compare --preset tiny --tokens 300 --decode 16 [--format table|json] [--fp8-index]
+#include "compare/cli_common.h"
+#include "compare/model_compare.h"
+#include "compare/tolerance.h"
+#include "reference/weights.h"
+
+#if M3_HAVE_GPU
+#include "gpu/runtime/device.h"
+#endif
+
+#include <fmt/format.h>
+#include <nlohmann/json.hpp>
+
+#include <cstdio>
+
+namespace m3::cli {
+
+namespace {
+
+struct CompareArgs {
+  std::string preset = "tiny";
+  std::string tokens = "300";
+  int decode = 16;
+  std::uint64_t seed = 0;
+  bool fp8_index = false;
+  bool all_rows = false;
+  Format format = Format::TABLE;
+};
+
+#if M3_HAVE_GPU
+nlohmann::json to_json(const cmp::TensorCheck& t) {
+  nlohmann::json j;
+  j["name"] = t.name;
+  j["layer"] = t.layer;
+  j["pass"] = t.pass();
+  j["rule"] = t.rule;
+  if (t.is_index) {
+    j["exact_rate"] = t.ix.exact_rate;
+    j["jaccard_mean"] = t.ix.jaccard_mean;
+    j["jaccard_min"] = t.ix.jaccard_min;
+    j["rows"] = t.ix.rows;
+    j["rows_differ"] = t.ix.rows_differ;
+    j["rows_near_tie"] = t.ix.rows_near_tie;
+    j["tie_rtol"] = t.tie_rtol;
+  } else {
+    j["rel_l2_vs_bf16_ref"] = t.vs_ref.rel_l2;
+    j["max_abs"] = t.vs_ref.max_abs;
+    j["max_abs_at"] = t.vs_ref.max_at.at;
+    j["max_abs_gpu"] = t.vs_ref.max_at.got;
+    j["max_abs_ref"] = t.vs_ref.max_at.want;
+    j["elementwise_pass_pct"] = t.vs_ref.pass_pct;
+    j["rel_l2_gpu_vs_fp64"] = t.err_test;
+    j["rel_l2_bf16_ref_vs_fp64"] = t.err_ref;
+    j["bound_vs_fp64"] = t.bound;
+  }
+  j["failures"] = t.failures;
+  return j;
+}
+#endif
+
+int compare(const CompareArgs& a) {
+#if !M3_HAVE_GPU
+  (void)a;
+  throw std::invalid_argument("compare: this build has no CUDA support (configure with -DM3_WITH_CUDA=ON)");
+#else
+  if (gpu::device_count() == 0) throw std::invalid_argument("compare: no CUDA device is visible on this machine");
+  const ModelConfig cfg = resolve_config(a.preset);
+  const auto prompt = load_tokens(a.tokens, cfg, a.seed);
+  if (a.decode < 0) throw std::invalid_argument("--decode must be >= 0");
+  const auto T = static_cast<std::int64_t>(prompt.size());
+  if (T + a.decode > cfg.max_position_embeddings)
+    throw std::out_of_range(fmt::format("prompt {} + decode {} tokens exceed max_position_embeddings = {}", T, a.decode,
+                                        cfg.max_position_embeddings));
+  const bool human = a.format == Format::TABLE;
+  auto progress = [&](const char* what) { std::fprintf(stderr, "compare: %s ...\n", what); };
+  const ModelWeights<float> w = generate_weights(cfg, a.seed);
+  progress("reference, bf16 emulation");
+  const cmp::EngineRun ref = cmp::run_reference(cfg, w, Precision::BF16, prompt, a.decode, nullptr);
+  progress("reference, fp64");
+  const cmp::EngineRun truth = cmp::run_reference(cfg, w, Precision::FP64, prompt, a.decode, &ref.greedy);
+  progress("gpu");
+  cmp::GpuRunOptions go;
+  go.fp8_index_cache = a.fp8_index;
+  const cmp::EngineRun test = cmp::run_gpu(cfg, w, prompt, a.decode, &ref.greedy, go);
+  const cmp::ModelComparison mc = cmp::compare_runs(cfg, w, T, test, ref, truth);
+  const cmp::EndToEnd& e = mc.e2e;
+  const std::string dev = gpu::describe(gpu::device_info(0));
+
+  if (!human) {
+    nlohmann::json j;
+    j["command"] = command_line();
+    j["device"] = dev;
+    j["cpu"] = cpu_description();
+    j["config"] = cfg.name;
+    j["seed"] = a.seed;
+    j["prompt_tokens"] = T;
+    j["decode_steps"] = a.decode;
+    j["fp8_index_cache"] = a.fp8_index;
+    j["timing_ms"] = {{"gpu_prefill", test.prefill_ms}, {"gpu_decode", test.decode_ms},
+                      {"ref_bf16_prefill", ref.prefill_ms}, {"ref_bf16_decode", ref.decode_ms},
+                      {"ref_fp64_prefill", truth.prefill_ms}, {"ref_fp64_decode", truth.decode_ms}};
+    for (const auto& t : mc.tensors) j["tensors"].push_back(to_json(t));
+    j["end_to_end"] = {{"rows", e.rows},
+                       {"logits_rel_l2_vs_bf16_ref", e.logits_rel_l2},
+                       {"logits_rel_l2_gpu_vs_fp64", e.logits_err_test},
+                       {"logits_rel_l2_bf16_ref_vs_fp64", e.logits_err_ref},
+                       {"top1_agree", e.top1_agree},
+                       {"top1_differ", e.top1_differ},
+                       {"top1_near_tie", e.top1_near_tie},
+                       {"kl_mean", e.kl_mean},
+                       {"kl_max", e.kl_max},
+                       {"kl_max_row", e.kl_max_row},
+                       {"decode_steps", e.decode_steps},
+                       {"greedy_agree", e.greedy_agree},
+                       {"greedy_near_tie", e.greedy_near_tie},
+                       {"first_divergence", e.first_divergence},
+                       {"fp64_greedy_agree_with_bf16_ref", e.truth_greedy_agree},
+                       {"greedy_tokens_ref", ref.greedy},
+                       {"greedy_tokens_gpu", test.greedy}};
+    j["failures"] = mc.failures;
+    j["pass"] = mc.pass();
+    fmt::print("{}\n", j.dump(2));
+    return mc.pass() ? kExitOk : kExitDisagree;
+  }
+
+  fmt::print("# {}\n# {}\n# {}\n", command_line(), dev, cpu_description());
+  fmt::print("config {} ({} layers), seed {}, prompt {} tokens, {} decode steps, index-K cache {}\n", cfg.name,
+             cfg.num_hidden_layers, a.seed, T, a.decode, a.fp8_index ? "fp8" : "bf16");
+  fmt::print("time: gpu prefill {:.1f} ms, decode {:.1f} ms | reference bf16 {:.1f} + {:.1f} ms, fp64 {:.1f} + {:.1f} ms\n\n",
+             test.prefill_ms, test.decode_ms, ref.prefill_ms, ref.decode_ms, truth.prefill_ms, truth.decode_ms);
+  fmt::print("gate: rel-L2 vs the bf16 reference <= {:.0e} (emulation), or rel-L2 vs fp64 <= {} x the bf16 reference's + {:.1e} "
+             "(2x-truth); ids exact or near-tie\n",
+             cmp::kBf16.rel_l2, cmp::kAttnErrFactor, cmp::kAttnFloor);
+  fmt::print("{:<24} {:>10} {:>10} {:>22} {:>10} {:>10}  {:<10} {}\n", "tensor", "vs bf16", "max abs", "at (gpu / ref)",
+             "gpu-fp64", "ref-fp64", "rule", "verdict");
+  int shown_layer = -2;
+  for (const auto& t : mc.tensors) {
+    if (t.layer != shown_layer && t.layer >= 0) {
+      shown_layer = t.layer;
+    }
+    if (t.is_index) {
+      fmt::print("{:<24} exact {:6.2f}%  Jaccard mean {:.4f} min {:.4f}  rows differing {} (near-tie {}), tie rtol {:.1e}  {:<10} {}\n",
+                 t.name, 100 * t.ix.exact_rate, t.ix.jaccard_mean, t.ix.jaccard_min, t.ix.rows_differ, t.ix.rows_near_tie,
+                 t.tie_rtol, t.rule, t.pass() ? "ok" : "FAIL");
+    } else {
+      const std::string at = fmt::format("{} {:.4g}/{:.4g}", cmp::coord_str(t.vs_ref.max_at.at), t.vs_ref.max_at.got,
+                                         t.vs_ref.max_at.want);
+      fmt::print("{:<24} {:>10.3e} {:>10.3e} {:>22} {:>10.3e} {:>10.3e}  {:<10} {}\n", t.name, t.vs_ref.rel_l2,
+                 t.vs_ref.max_abs, at, t.err_test, t.err_ref, t.rule, t.pass() ? "ok" : "FAIL");
+    }
+    if (!a.all_rows)
+      for (const auto& f : t.failures) fmt::print("    {}\n", f);
+  }
+  fmt::print("\nend to end over {} logits rows (prompt + decode):\n", e.rows);
+  fmt::print("  logits rel-L2 vs bf16 reference {:.3e}; vs fp64: gpu {:.3e}, bf16 reference {:.3e}\n", e.logits_rel_l2,
+             e.logits_err_test, e.logits_err_ref);
+  fmt::print("  top-1 agreement {:.4f} ({} rows differ, {} near-ties); KL(ref || gpu) mean {:.3e}, max {:.3e} at row {}\n",
+             e.top1_agree, e.top1_differ, e.top1_near_tie, e.kl_mean, e.kl_max, e.kl_max_row);
+  fmt::print("  greedy decode: {} of {} steps agree ({} near-ties, first divergence {}); fp64 reference agrees on {}\n",
+             e.greedy_agree, e.decode_steps, e.greedy_near_tie, e.first_divergence, e.truth_greedy_agree);
+  for (const auto& f : mc.failures) fmt::print("  {}\n", f);
+  int failed = 0;
+  for (const auto& t : mc.tensors) failed += !t.pass();
+  fmt::print("\nverdict: {} ({} of {} tensors fail, {} end-to-end failures)\n", mc.pass() ? "AGREE" : "DISAGREE", failed,
+             mc.tensors.size(), mc.failures.size());
+  return mc.pass() ? kExitOk : kExitDisagree;
+#endif
+}
+
+}  // namespace
+
+CLI::App* register_compare(CLI::App& app, int* exit_code) {
+  auto args = std::make_shared<CompareArgs>();
+  CLI::App* cmd = app.add_subcommand(
+      "compare",
+      "Run the GPU and the CPU reference (bf16 emulation: the gate; fp64: the truth) on the same seeded weights and "
+      "prompt; print per-op and per-layer errors, selection and expert agreement, end-to-end logits error, top-1, KL "
+      "and greedy-decode agreement, and a verdict (exit 0 agree, 1 disagree, 2 bad input or no GPU).");
+  cmd->add_option("--preset,--config", args->preset, "Preset name (tiny, small) or path to a config.json")
+      ->capture_default_str();
+  cmd->add_option("--tokens", args->tokens, "Prompt: a count N (drawn from the seed), a file of ids, or FILE.h5:/dataset")
+      ->capture_default_str();
+  cmd->add_option("--decode", args->decode, "Greedy decode steps (teacher-forced with the reference's tokens)")
+      ->capture_default_str();
+  cmd->add_option("--seed", args->seed, "Seed of the weights and of a drawn prompt")->capture_default_str();
+  cmd->add_flag("--fp8-index", args->fp8_index, "GPU index-K cache in fp8 E4M3 (the reference stays bf16)");
+  cmd->add_flag("--quiet-failures", args->all_rows, "Do not print the failure lines under each table row");
+  add_format_option(cmd, &args->format);
+  cmd->callback([args, exit_code] { *exit_code = compare(*args); });
+  return cmd;
+}
+
+}  // namespace m3::cli

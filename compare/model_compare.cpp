@@ -1,0 +1,355 @@
+// Model-level agreement (model_compare.h): three runs, one table.
+#include "compare/model_compare.h"
+
+#include "compare/tolerance.h"
+#include "reference/model.h"
+#include "reference/ops/msa_select.h"
+
+#if M3_HAVE_GPU
+#include "gpu/model.h"
+#endif
+
+#include <fmt/format.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <limits>
+#include <stdexcept>
+
+namespace m3::cmp {
+
+namespace {
+
+// Near-tie margin over the noise measured between the engines: a choice may flip where the two
+// candidates' scores are closer than a few times the typical difference of the scores themselves
+// (4 sigma of a roughly normal difference: flips beyond it are not rounding).
+constexpr double kNoiseMargin = 4.0;
+
+// A trace callback that keeps sequence 0's tensors as fp32 matrices (ids as exact small floats).
+TraceFn recorder(EngineRun& run) {
+  return [&run](int seq, const std::string& name, const TraceView& v) {
+    if (seq != 0) return;
+    MatF m(v.rows, v.cols);
+    for (std::int64_t r = 0; r < v.rows; ++r)
+      for (std::int64_t c = 0; c < v.cols; ++c) m(r, c) = static_cast<float>(v.at(r, c));
+    auto it = run.trace.find(name);
+    if (it == run.trace.end()) {
+      run.order.push_back(name);
+      run.trace.emplace(name, std::move(m));
+    } else {  // a chunked prefill: rows arrive in order
+      MatF& a = it->second;
+      const Eigen::Index r0 = a.rows();
+      a.conservativeResize(r0 + m.rows(), Eigen::NoChange);
+      a.bottomRows(m.rows()) = m;
+    }
+  };
+}
+
+// Prefill + decode on any engine with the m3::Model interface.
+template <class M>
+EngineRun drive(M& model, const std::vector<std::int32_t>& prompt, int steps, const std::vector<std::int32_t>* forced,
+                std::string engine) {
+  using clock = std::chrono::steady_clock;
+  EngineRun run;
+  run.engine = std::move(engine);
+  auto seq = model.new_sequence();
+  const auto t0 = clock::now();
+  MatD first = model.prefill(seq, prompt, recorder(run));  // [T, V]
+  const auto t1 = clock::now();
+  std::vector<MatD> rows{std::move(first)};
+  for (int i = 0; i < steps; ++i) {
+    const MatD& last = rows.back();
+    run.greedy.push_back(greedy_token(last, last.rows() - 1));
+    run.fed.push_back(forced ? (*forced)[static_cast<std::size_t>(i)] : run.greedy.back());
+    rows.push_back(model.decode(seq, run.fed.back()));
+  }
+  const auto t2 = clock::now();
+  run.prefill_ms = std::chrono::duration<double, std::milli>(t1 - t0).count();
+  run.decode_ms = std::chrono::duration<double, std::milli>(t2 - t1).count();
+  Eigen::Index n = 0;
+  for (const MatD& r : rows) n += r.rows();
+  run.logits.resize(n, rows[0].cols());
+  n = 0;
+  for (const MatD& r : rows) {
+    run.logits.middleRows(n, r.rows()) = r;
+    n += r.rows();
+  }
+  return run;
+}
+
+std::vector<double> flat(const MatF& m) {
+  return std::vector<double>(m.data(), m.data() + m.size());
+}
+std::vector<std::int64_t> flat_ids(const MatF& m) {
+  std::vector<std::int64_t> v(static_cast<std::size_t>(m.size()));
+  for (Eigen::Index i = 0; i < m.size(); ++i) v[static_cast<std::size_t>(i)] = std::llround(m.data()[i]);
+  return v;
+}
+
+int layer_of(const std::string& name) {
+  if (name.rfind("blk.", 0) != 0) return -1;
+  return std::atoi(name.c_str() + 4);
+}
+std::string op_of(const std::string& name) {
+  const auto dot = name.rfind('.');
+  return dot == std::string::npos ? name : name.substr(dot + 1);
+}
+
+// rel-L2 of two matrices over their common leading columns (block scores of different widths).
+MatF left(const MatF& m, Eigen::Index cols) { return m.leftCols(std::min(cols, m.cols())); }
+
+TensorCheck check_float(const std::string& name, const MatF& test, const MatF& ref, const MatF& truth) {
+  TensorCheck t;
+  t.name = name;
+  t.layer = layer_of(name);
+  const Eigen::Index cols = std::min({test.cols(), ref.cols(), truth.cols()});
+  const MatF a = left(test, cols), b = left(ref, cols), c = left(truth, cols);
+  const auto fa = flat(a), fb = flat(b), fc = flat(c);
+  t.vs_ref = compare_float(fa, fb, {a.rows(), a.cols()}, kBf16.atol, kBf16.rtol);
+  t.err_test = rel_l2(fa, fc);
+  t.err_ref = rel_l2(fb, fc);
+  t.bound = kAttnErrFactor * t.err_ref + kAttnFloor;
+  if (t.vs_ref.unexpected_nan)
+    t.failures.push_back(fmt::format("NaN at {} where the reference has {:.6g}", coord_str(t.vs_ref.first_nonfinite.at),
+                                     t.vs_ref.first_nonfinite.want));
+  else if (t.vs_ref.nonfinite_mismatches > 0)
+    t.failures.push_back(fmt::format("{} non-finite values at other places than the reference's, first at {}",
+                                     t.vs_ref.nonfinite_mismatches, coord_str(t.vs_ref.first_nonfinite.at)));
+  if (t.vs_ref.ref_norm == 0 && t.vs_ref.compared > 0) t.failures.push_back("the reference is all zero: a vacuous check");
+  if (t.vs_ref.rel_l2 <= kBf16.rel_l2) t.rule = "emulation";
+  else if (t.err_test <= t.bound) t.rule = "2x-truth";
+  else
+    t.failures.push_back(fmt::format("rel-L2 {:.3e} vs the bf16 reference > {:.0e}, and {:.3e} vs fp64 > {} x {:.3e} + {:.1e}",
+                                     t.vs_ref.rel_l2, kBf16.rel_l2, t.err_test, kAttnErrFactor, t.err_ref, kAttnFloor));
+  return t;
+}
+
+// Biased router scores sigmoid(logit) + bias: what decides the experts.
+MatD expert_scores(const MatF& logits, const Vec<float>& bias, bool use_bias) {
+  MatD s(logits.rows(), logits.cols());
+  for (Eigen::Index r = 0; r < logits.rows(); ++r)
+    for (Eigen::Index e = 0; e < logits.cols(); ++e)
+      s(r, e) = 1.0 / (1.0 + std::exp(-static_cast<double>(logits(r, e)))) + (use_bias ? bias(e) : 0.0);
+  return s;
+}
+
+// Top-K of sigmoid(logit) + bias per row with the router's tie rule (higher score, then lower
+// id), in the router's arithmetic: the sigmoid in fp64 rounded to fp32, the bias added in fp32.
+MatF router_choice(const MatF& logits, const Vec<float>& bias, bool use_bias, int K) {
+  MatF out(logits.rows(), K);
+  std::vector<std::pair<float, int>> s(static_cast<std::size_t>(logits.cols()));
+  for (Eigen::Index r = 0; r < logits.rows(); ++r) {
+    for (Eigen::Index e = 0; e < logits.cols(); ++e) {
+      const float sig = static_cast<float>(1.0 / (1.0 + std::exp(-static_cast<double>(logits(r, e)))));
+      float key = sig + (use_bias ? bias(e) : 0.f);
+      if (std::isnan(key)) key = -std::numeric_limits<float>::infinity();
+      s[static_cast<std::size_t>(e)] = {key, static_cast<int>(e)};
+    }
+    std::partial_sort(s.begin(), s.begin() + K, s.end(), [](const auto& x, const auto& y) {
+      return x.first > y.first || (x.first == y.first && x.second < y.second);
+    });
+    for (int k = 0; k < K; ++k) out(r, k) = static_cast<float>(s[static_cast<std::size_t>(k)].second);
+  }
+  return out;
+}
+
+// `own`: what the op's rule picks from the engine's own scores (same shape as test).
+TensorCheck check_index(const std::string& name, const MatF& test, const MatF& ref, const MatD& scores,
+                        double noise_rel, const MatF& own) {
+  TensorCheck t;
+  t.name = name;
+  t.layer = layer_of(name);
+  t.is_index = true;
+  if (test.rows() != ref.rows() || test.cols() != ref.cols() || own.rows() != test.rows() || own.cols() != test.cols()) {
+    t.failures.push_back(fmt::format("shape [{}, {}], the reference's [{}, {}]", test.rows(), test.cols(), ref.rows(),
+                                     ref.cols()));
+    return t;
+  }
+  TieScores ties{scores, std::max(kBf16.tie_rtol, kNoiseMargin * noise_rel)};
+  t.tie_rtol = ties.rtol;
+  const auto a = flat_ids(test), b = flat_ids(ref);
+  t.ix = compare_index(a, b, {test.rows(), test.cols()}, &ties);
+  const std::size_t C = static_cast<std::size_t>(test.cols());
+  for (Eigen::Index r = 0; r < test.rows(); ++r) {
+    if (!t.ix.row_differs[static_cast<std::size_t>(r)]) continue;
+    const std::span<const std::int64_t> ra(a.data() + r * C, C), rb(b.data() + r * C, C);
+    if (near_tie_row(ra, rb, ties, r)) continue;
+    if (test.row(r) == own.row(r)) ++t.rows_own_scores;
+    else ++t.rows_unexplained;
+  }
+  if (t.rows_unexplained > 0)
+    t.failures.push_back(fmt::format(
+        "{} of {} rows differ from the reference beyond near-ties (tie rtol {:.2e}) and are not the rule's choice on "
+        "the engine's own scores either; exact rows {:.4f}",
+        t.rows_unexplained, t.ix.rows, ties.rtol,
+        1.0 - static_cast<double>(t.ix.rows_differ) / std::max<std::int64_t>(1, t.ix.rows)));
+  t.rule = t.ix.exact() ? "exact" : t.rows_unexplained == 0 ? (t.rows_own_scores ? "own-scores" : "near-tie") : "";
+  return t;
+}
+
+// Softmax of a logits row in fp64 (max-subtracted).
+std::vector<double> softmax_row(const MatD& m, Eigen::Index r) {
+  std::vector<double> p(static_cast<std::size_t>(m.cols()));
+  double mx = -std::numeric_limits<double>::infinity();
+  for (Eigen::Index j = 0; j < m.cols(); ++j) mx = std::max(mx, m(r, j));
+  double sum = 0;
+  for (Eigen::Index j = 0; j < m.cols(); ++j) sum += p[static_cast<std::size_t>(j)] = std::exp(m(r, j) - mx);
+  for (double& x : p) x /= sum;
+  return p;
+}
+
+// A differing argmax is a near-tie when, in the reference's row, the two choices' logits are
+// closer than kNoiseMargin times the RMS difference between the engines' rows.
+bool argmax_near_tie(const MatD& test, const MatD& ref, Eigen::Index r, std::int32_t a_test, std::int32_t a_ref) {
+  const double rms = std::sqrt((test.row(r) - ref.row(r)).squaredNorm() / static_cast<double>(ref.cols()));
+  return ref(r, a_ref) - ref(r, a_test) <= kNoiseMargin * rms;
+}
+
+}  // namespace
+
+bool ModelComparison::pass() const {
+  if (!failures.empty()) return false;
+  return std::all_of(tensors.begin(), tensors.end(), [](const TensorCheck& t) { return t.pass(); });
+}
+
+EngineRun run_reference(const ModelConfig& cfg, const ModelWeights<float>& w, Precision p,
+                        const std::vector<std::int32_t>& prompt, int steps, const std::vector<std::int32_t>* forced) {
+  Model model(cfg, w, p);
+  return drive(model, prompt, steps, forced, fmt::format("ref-{}", precision_name(p)));
+}
+
+#if M3_HAVE_GPU
+EngineRun run_gpu(const ModelConfig& cfg, const ModelWeights<float>& w, const std::vector<std::int32_t>& prompt,
+                  int steps, const std::vector<std::int32_t>* forced, const GpuRunOptions& o) {
+  gpu::ModelOptions mo;
+  mo.max_batch = 1;
+  mo.max_context = static_cast<std::int64_t>(prompt.size()) + std::max(steps, 1);
+  mo.max_tokens = std::min<std::int64_t>(static_cast<std::int64_t>(prompt.size()), o.max_tokens);
+  mo.fp8_index_cache = o.fp8_index_cache;
+  gpu::Model model(cfg, w, mo);
+  return drive(model, prompt, steps, forced, o.fp8_index_cache ? "gpu-fp8idx" : "gpu");
+}
+#endif
+
+ModelComparison compare_runs(const ModelConfig& cfg, const ModelWeights<float>& weights, std::int64_t T,
+                             const EngineRun& test, const EngineRun& ref, const EngineRun& truth) {
+  if (test.logits.rows() != ref.logits.rows() || truth.logits.rows() != ref.logits.rows() ||
+      test.logits.cols() != ref.logits.cols())
+    throw std::invalid_argument(fmt::format("compare_runs: logits of {}x{}, {}x{}, {}x{} do not line up",
+                                            test.logits.rows(), test.logits.cols(), ref.logits.rows(),
+                                            ref.logits.cols(), truth.logits.rows(), truth.logits.cols()));
+  ModelComparison mc;
+  // Per op and layer, in the reference's order.
+  std::map<int, double> score_noise;  // layer -> rel-L2 of its block scores / router logits
+  for (const std::string& name : ref.order) {
+    const auto it_t = test.trace.find(name), it_f = truth.trace.find(name);
+    if (it_t == test.trace.end() || it_f == truth.trace.end()) {
+      TensorCheck t;
+      t.name = name;
+      t.layer = layer_of(name);
+      t.failures.push_back(fmt::format("missing from the {} trace", it_t == test.trace.end() ? test.engine : truth.engine));
+      mc.tensors.push_back(std::move(t));
+      continue;
+    }
+    const MatF& r = ref.trace.at(name);
+    const std::string op = op_of(name);
+    const int l = layer_of(name);
+    const auto& L = weights.layers[static_cast<std::size_t>(l < 0 ? 0 : l)];
+    if (op == "selection") {
+      const std::string sn = fmt::format("blk.{}.block_scores", l);
+      const MatF& sc = ref.trace.at(sn);
+      MatF own = MatF::Constant(it_t->second.rows(), it_t->second.cols(), -2.f);  // [Hi*T, K_blk]
+      if (const auto ts = test.trace.find(sn); ts != test.trace.end() && ts->second.rows() == sc.rows()) {
+        std::vector<std::int64_t> pos(static_cast<std::size_t>(T));
+        for (std::int64_t i = 0; i < T; ++i) pos[static_cast<std::size_t>(i)] = i;
+        MatI sel;
+        ref::msa_select(ts->second, pos, cfg.msa_dims(), sel);
+        if (sel.rows() == own.rows() && sel.cols() == own.cols()) own = sel.cast<float>();
+      }
+      mc.tensors.push_back(check_index(name, it_t->second, r, sc.cast<double>(), score_noise[l], own));
+    } else if (op == "experts") {
+      const std::string ln = fmt::format("blk.{}.router_logits", l);
+      const MatF& lg = ref.trace.at(ln);
+      MatF own = MatF::Constant(it_t->second.rows(), it_t->second.cols(), -2.f);  // [T, K_e]
+      if (const auto tl = test.trace.find(ln); tl != test.trace.end() && tl->second.rows() == lg.rows())
+        own = router_choice(tl->second, L.router_bias, cfg.use_routing_bias, cfg.num_experts_per_tok);
+      mc.tensors.push_back(check_index(name, it_t->second, r, expert_scores(lg, L.router_bias, cfg.use_routing_bias),
+                                       score_noise[l], own));
+    } else {
+      if (it_t->second.rows() != r.rows()) {
+        TensorCheck t;
+        t.name = name;
+        t.layer = l;
+        t.failures.push_back(fmt::format("{} rows, the reference has {}", it_t->second.rows(), r.rows()));
+        mc.tensors.push_back(std::move(t));
+        continue;
+      }
+      mc.tensors.push_back(check_float(name, it_t->second, r, it_f->second));
+      if (op == "block_scores" || op == "router_logits") score_noise[l] = mc.tensors.back().vs_ref.rel_l2;
+    }
+  }
+  for (const std::string& name : test.order)
+    if (!ref.trace.count(name)) {
+      TensorCheck t;
+      t.name = name;
+      t.layer = layer_of(name);
+      t.failures.push_back("traced by the engine under test but not by the reference");
+      mc.tensors.push_back(std::move(t));
+    }
+
+  // End to end.
+  EndToEnd& e = mc.e2e;
+  const MatD &A = test.logits, &B = ref.logits, &C = truth.logits;
+  e.rows = B.rows();
+  auto rl2 = [](const MatD& x, const MatD& y) { return (x - y).norm() / y.norm(); };
+  e.logits_rel_l2 = rl2(A, B);
+  e.logits_err_test = rl2(A, C);
+  e.logits_err_ref = rl2(B, C);
+  std::int64_t same = 0;
+  double kl_sum = 0;
+  for (Eigen::Index r = 0; r < B.rows(); ++r) {
+    const std::int32_t at = greedy_token(A, r), ar = greedy_token(B, r);
+    if (at == ar) ++same;
+    else {
+      ++e.top1_differ;
+      if (argmax_near_tie(A, B, r, at, ar)) ++e.top1_near_tie;
+    }
+    const auto p = softmax_row(B, r), q = softmax_row(A, r);
+    double kl = 0;
+    for (std::size_t j = 0; j < p.size(); ++j)
+      if (p[j] > 0) kl += p[j] * (std::log(p[j]) - std::log(std::max(q[j], 1e-300)));
+    kl_sum += kl;
+    if (kl > e.kl_max) e.kl_max = kl, e.kl_max_row = r;
+  }
+  e.top1_agree = static_cast<double>(same) / static_cast<double>(std::max<std::int64_t>(1, B.rows()));
+  e.kl_mean = kl_sum / static_cast<double>(std::max<std::int64_t>(1, B.rows()));
+  e.decode_steps = static_cast<int>(ref.greedy.size());
+  if (test.greedy.size() != ref.greedy.size() || test.fed != ref.fed)
+    mc.failures.push_back("the engine under test was not fed the reference's decode tokens");
+  for (int i = 0; i < e.decode_steps && static_cast<std::size_t>(i) < test.greedy.size(); ++i) {
+    const std::int32_t gt = test.greedy[static_cast<std::size_t>(i)], gr = ref.greedy[static_cast<std::size_t>(i)];
+    if (gt == gr) {
+      ++e.greedy_agree;
+      continue;
+    }
+    if (e.first_divergence < 0) e.first_divergence = i;
+    if (argmax_near_tie(A, B, T - 1 + i, gt, gr)) ++e.greedy_near_tie;
+  }
+  for (std::size_t i = 0; i < truth.greedy.size() && i < ref.greedy.size(); ++i)
+    e.truth_greedy_agree += truth.greedy[i] == ref.greedy[i];
+
+  if (!(e.logits_rel_l2 <= kBf16.rel_l2 || e.logits_err_test <= kAttnErrFactor * e.logits_err_ref + kAttnFloor))
+    mc.failures.push_back(fmt::format("logits: rel-L2 {:.3e} vs the bf16 reference and {:.3e} vs fp64 (> {} x {:.3e} + {:.1e})",
+                                      e.logits_rel_l2, e.logits_err_test, kAttnErrFactor, e.logits_err_ref, kAttnFloor));
+  if (e.top1_differ > e.top1_near_tie)
+    mc.failures.push_back(fmt::format("top-1: {} of {} rows choose another token beyond a near-tie",
+                                      e.top1_differ - e.top1_near_tie, e.rows));
+  if (e.decode_steps - e.greedy_agree > e.greedy_near_tie)
+    mc.failures.push_back(fmt::format("greedy decode: {} of {} steps differ beyond a near-tie (first at step {})",
+                                      e.decode_steps - e.greedy_agree - e.greedy_near_tie, e.decode_steps,
+                                      e.first_divergence));
+  return mc;
+}
+
+}  // namespace m3::cmp

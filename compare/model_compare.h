@@ -1,0 +1,112 @@
+// Model-level agreement (DESIGN §4), behind `m3h compare` and the GPU end-to-end tests: the same
+// weights and prompt through three engines — the engine under test (the GPU), the bf16-emulating
+// reference (the gate) and the fp64 reference (the truth) — then
+//   per op and per layer (the prefill trace, DESIGN §1 names): rel-L2 and max abs error with its
+//     coordinates against the bf16 reference, and both engines' rel-L2 against fp64;
+//   index outputs (MSA selection, MoE experts): exact-match rate, Jaccard, near-tie rows;
+//   end to end: logits rel-L2, top-1 agreement, KL(ref || test) of the next-token distribution, and
+//     greedy decode: every engine is fed the bf16 reference's greedy tokens (teacher forcing, so the
+//     logits rows stay comparable), and the test engine's own greedy choice at each step must equal
+//     the reference's.
+//
+// The gate for a float tensor, deep inside a model where both engines' inputs already differ:
+//   rel-L2(test, bf16 ref) <= kBf16.rel_l2                        (it matches the emulation), or
+//   err(test vs fp64) <= kAttnErrFactor * err(bf16 ref vs fp64) + kAttnFloor
+//                                              (it is no further from the truth than twice the emulation);
+// non-finite values (the -inf of invisible blocks) must sit at the same places. An index row or a
+// greedy / top-1 choice that differs passes only as a near-tie: the reference's deciding scores of
+// the two choices are within the noise measured between the engines on that row. An index row
+// (selection, experts) may also differ because its scores did: deep in a model the engines' inputs
+// drift apart (tiny's 16-wide index heads: block scores differ by several percent at layer 3), so
+// such a row passes when it is exactly what the op's rule (msa_select; the router's top-k) picks
+// from the engine's own traced scores, which are themselves gated as floats.
+#pragma once
+
+#include "compare/metrics.h"
+#include "reference/config.h"
+#include "reference/tensor.h"
+#include "reference/weights.h"
+
+#include <cstdint>
+#include <map>
+#include <string>
+#include <vector>
+
+namespace m3::cmp {
+
+// One engine's run: the prefill trace of sequence 0 (ids stored as floats), logits of the prompt
+// then one row per decode step, and the greedy choices it made (argmax of its own rows).
+struct EngineRun {
+  std::string engine;                  // "gpu", "ref-bf16", "ref-fp64", ...
+  std::map<std::string, MatF> trace;   // name -> [rows, cols]
+  std::vector<std::string> order;      // trace names in the order the forward emitted them
+  MatD logits;                         // [T + K, V]
+  std::vector<std::int32_t> fed;       // the K decode inputs it was given
+  std::vector<std::int32_t> greedy;    // [K] its own argmax at rows T-1 .. T+K-2
+  double prefill_ms = 0, decode_ms = 0;
+};
+
+struct TensorCheck {
+  std::string name;
+  int layer = -1;                 // -1: not a layer's (logits)
+  bool is_index = false;
+  FloatMetrics vs_ref;            // test vs bf16 reference
+  double err_test = 0;            // rel-L2 test vs fp64
+  double err_ref = 0;             // rel-L2 bf16 reference vs fp64
+  double bound = 0;               // kAttnErrFactor * err_ref + kAttnFloor
+  std::string rule;               // which rule passed: "emulation", "2x-truth", or "" (failed)
+  IndexMetrics ix;                // index outputs
+  double tie_rtol = 0;            // the near-tie threshold used
+  std::int64_t rows_own_scores = 0;  // differing rows that are exactly the choice of the op's rule
+                                     // on the engine's own (gated) scores: its inputs drifted, the
+                                     // selection itself is right
+  std::int64_t rows_unexplained = 0; // differing rows neither a near-tie nor its own scores' choice
+  std::vector<std::string> failures;
+  bool pass() const { return failures.empty(); }
+};
+
+struct EndToEnd {
+  std::int64_t rows = 0;                  // logits rows compared (T + K)
+  double logits_rel_l2 = 0;               // test vs bf16 reference
+  double logits_err_test = 0, logits_err_ref = 0;  // each vs fp64
+  double top1_agree = 0;                  // fraction of rows with the same argmax
+  std::int64_t top1_differ = 0, top1_near_tie = 0;
+  double kl_mean = 0, kl_max = 0;         // KL(bf16 ref || test) per row, nats
+  std::int64_t kl_max_row = 0;
+  int decode_steps = 0;
+  int greedy_agree = 0;                   // steps where the test engine's choice = the reference's
+  int greedy_near_tie = 0;                // differing steps explained as near-ties
+  int first_divergence = -1;              // first differing step, -1 = none
+  int truth_greedy_agree = 0;             // the fp64 reference's own choices vs the bf16 reference's
+};
+
+struct ModelComparison {
+  std::vector<TensorCheck> tensors;  // forward order, layer by layer
+  EndToEnd e2e;
+  std::vector<std::string> failures;  // end-to-end failures (tensor failures are in tensors)
+  bool pass() const;
+};
+
+// Compares `test` with the bf16 reference `ref` and the fp64 truth `truth` (all three made with the
+// same weights, prompt of T tokens and decode inputs). `weights` supplies the router bias (the
+// experts' deciding scores). Throws std::invalid_argument when the runs do not line up.
+ModelComparison compare_runs(const ModelConfig& cfg, const ModelWeights<float>& weights, std::int64_t T,
+                             const EngineRun& test, const EngineRun& ref, const EngineRun& truth);
+
+// Runs the reference in precision p: prefill with the trace, then the decode steps, each fed
+// `forced[i]` when given (else its own greedy choice).
+EngineRun run_reference(const ModelConfig& cfg, const ModelWeights<float>& w, Precision p,
+                        const std::vector<std::int32_t>& prompt, int steps,
+                        const std::vector<std::int32_t>* forced);
+
+#if M3_HAVE_GPU
+struct GpuRunOptions {
+  bool fp8_index_cache = false;
+  std::int64_t max_tokens = 16384;
+};
+// The same on the GPU model (m3::gpu::Model).
+EngineRun run_gpu(const ModelConfig& cfg, const ModelWeights<float>& w, const std::vector<std::int32_t>& prompt,
+                  int steps, const std::vector<std::int32_t>* forced, const GpuRunOptions& o = {});
+#endif
+
+}  // namespace m3::cmp
