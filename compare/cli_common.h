@@ -42,5 +42,6 @@ CLI::App* register_golden(CLI::App& app, int* exit_code);
 CLI::App* register_inspect(CLI::App& app, int* exit_code);
 CLI::App* register_export(CLI::App& app, int* exit_code);
 CLI::App* register_compare(CLI::App& app, int* exit_code);
+CLI::App* register_study(CLI::App& app, int* exit_code);
 
 }  // namespace m3::cli

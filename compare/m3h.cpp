@@ -3,6 +3,7 @@
 //   m3h run   --preset tiny --tokens 320 [--decode 32] [--precision fp32|fp64|bf16] [--out run.h5]
 //   m3h run   --device gpu --preset small --tokens 4096 --decode 64  (the CUDA implementation)
 //   m3h compare --preset tiny --tokens 300 --decode 16          (GPU vs reference, DESIGN §4 table)
+//   m3h study --preset m3-layer --part cpu,quality                (MSA vs GQA: time, counted FLOPs, recall)
 //   m3h run   --checkpoint DIR --tokens FILE.h5:/input_ids        (a safetensors checkpoint)
 //   m3h golden --preset tiny --tokens 100 --decode 16 --out g.h5   (or --check g.h5)
 //   m3h case --op msa_select --out c.h5 ; m3h verify c.h5          (op case files)
@@ -31,6 +32,7 @@ int main(int argc, char** argv) {
   register_inspect(app, &exit_code);
   register_export(app, &exit_code);
   register_compare(app, &exit_code);
+  register_study(app, &exit_code);
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
