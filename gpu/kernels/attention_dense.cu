@@ -8,6 +8,11 @@
 //    carries ~16 significant bits instead of bf16's 8: the P.V sum is fp32-accurate.
 //  - At the end the 4 warps merge through shared memory and write one partial (o, m, l) per head.
 //  - A merge kernel combines the splits of each (query, head) and rounds once to bf16.
+//  - Paged caches (kv_cache.h) are a separate instantiation (the contiguous one is unchanged): a
+//    dense tile (64 keys aligned to 64) lies in one page, whose id is loaded one pipeline step
+//    ahead, so the cp.async addresses never wait on it; a sparse CTA translates its selected blocks
+//    to physical rows once, when it compacts the ids (blocks that divide a page), or looks each
+//    row's page up (other BLK). Only the addresses change: the outputs are bit-identical.
 #include "gpu/kernels/attention_dense.h"
 
 #include <algorithm>
@@ -43,6 +48,10 @@ struct Cfg {
 
 __device__ __forceinline__ float bf16_round(float x) { return __bfloat162float(__float2bfloat16_rn(x)); }
 
+// Tile-key states in s_row besides a logical key j >= 0.
+constexpr int kMasked = -1;      // past the range, past p, or an empty slot: weight 0
+constexpr int kUnreadable = -2;  // its page id is negative (paged only): score +inf, NaN output
+
 // The keys of one CTA as a logical sequence 0..n_logical-1 mapped to cache rows.
 struct KeyMap {
   int c0 = 0, kv_end = 0;  // dense: rows [c0, kv_end)
@@ -50,28 +59,20 @@ struct KeyMap {
   const int* ids = nullptr;  // sparse: valid block ids of this split (shared memory)
   int blk = 0;
   std::int64_t p = 0;
-  // Cache row of logical key i, or -1 when the key is masked (past the range or past p).
-  __device__ __forceinline__ int row(int i, bool sparse) const {
-    if (!sparse) {
-      const int j = c0 + i;
-      return j < kv_end ? j : -1;
-    }
-    if (i >= n_logical) return -1;
-    const int slot = i / blk;
-    const std::int64_t j = static_cast<std::int64_t>(ids[slot]) * blk + (i - slot * blk);
-    return j <= p ? static_cast<int>(j) : -1;
-  }
 };
 
-template <int D, bool kSparse>
+template <int D, bool kSparse, bool kPaged>
 __global__ void __launch_bounds__(kThreads, 2) attn_partial_kernel(const AttnLaunch a) {
   using C = Cfg<D>;
   extern __shared__ __align__(16) unsigned char smem[];
   bf16* sk = reinterpret_cast<bf16*>(smem);  // [kStages][kTileKeys][kStride]
   bf16* sv = sk + kStages * C::kTileElems;   // [kStages][kTileKeys][kStride]
   float* red = reinterpret_cast<float*>(smem);  // [kWarps][kRowsM][kRedStride], after the loop
-  __shared__ int s_row[kStages][kTileKeys];  // cache row of every tile key, -1 = masked
+  __shared__ int s_row[kStages][kTileKeys];  // logical key j of every tile key, or kMasked / kUnreadable
   __shared__ int s_ids[kMaxSlots];
+  // Sparse paged, BLK dividing the page: the page id of each compacted block (int32, not a row
+  // offset: at D = 64 four CTAs an SM leave only 64 bytes of shared memory to spare).
+  __shared__ std::int32_t s_page[kSparse && kPaged ? kMaxSlots : 1];
   __shared__ int s_nids;
   __shared__ float s_m[kWarps][kRowsM], s_l[kWarps][kRowsM];
 
@@ -89,6 +90,8 @@ __global__ void __launch_bounds__(kThreads, 2) attn_partial_kernel(const AttnLau
 
   KeyMap km;
   km.p = p;
+  // Sparse paged: a selected block lies in one page (s_page holds its id) when BLK divides the page.
+  const bool page_blocks = kSparse && kPaged && kPageRows % a.blk == 0;
   if constexpr (!kSparse) {
     km.c0 = split * a.chunk;
     km.kv_end = pos_ok ? static_cast<int>(std::min<std::int64_t>(km.c0 + a.chunk, p + 1)) : km.c0;
@@ -107,7 +110,14 @@ __global__ void __launch_bounds__(kThreads, 2) attn_partial_kernel(const AttnLau
           const std::int32_t id = s < s1 ? srow[s] : -1;
           const bool ok = id >= 0 && static_cast<std::int64_t>(id) * a.blk <= p;
           const unsigned m = __ballot_sync(0xffffffffu, ok);
-          if (ok) s_ids[n + __popc(m & ((1u << lane) - 1u))] = id;
+          if (ok) {
+            const int at = n + __popc(m & ((1u << lane) - 1u));
+            s_ids[at] = id;
+            if constexpr (kPaged) {
+              if (page_blocks)  // first key id*blk <= p < N: its logical page is in the table
+                s_page[at] = cache_page(a.pages, b, static_cast<std::int64_t>(id) * a.blk / kPageRows);
+            }
+          }
           n += __popc(m);
         }
       }
@@ -120,17 +130,43 @@ __global__ void __launch_bounds__(kThreads, 2) attn_partial_kernel(const AttnLau
   }
   const int ntiles = (km.n_logical + kTileKeys - 1) / kTileKeys;
 
-  // Loads tile `tile` into stage `st`: 64 rows x D/8 16-byte chunks of K and of V.
-  auto load_tile = [&](int tile, int st) {
+  // Dense paged: the page id of tile `tile` (its 64 keys, aligned to 64, lie in one page; called
+  // for tiles < ntiles only, whose first key is < kv_end <= N: inside the table).
+  auto tile_page = [&](int tile) -> std::int32_t {
+    if constexpr (kPaged && !kSparse) return cache_page(a.pages, b, (km.c0 + tile * kTileKeys) / kPageRows);
+    else return 0;
+  };
+  // Loads tile `tile` into stage `st`: 64 rows x D/8 16-byte chunks of K and of V. page: the
+  // tile's page id (dense paged only).
+  auto load_tile = [&](int tile, int st, std::int32_t page) {
     constexpr int kChunks = D / 8;
     constexpr int kRowsPerPass = kThreads / kChunks;
     const int c = tid % kChunks;
+    const std::int64_t off = static_cast<std::int64_t>(g) * D + c * 8;
     for (int r = tid / kChunks; r < kTileKeys; r += kRowsPerPass) {
-      const int j = km.row(tile * kTileKeys + r, kSparse);
+      const int i = tile * kTileKeys + r;  // logical key of the CTA
+      int j = kMasked;
+      const bf16* rk = nullptr;  // the key's K row; V's is at the same offset
+      if constexpr (!kSparse) {
+        if (km.c0 + i < km.kv_end) {
+          j = km.c0 + i;
+          if constexpr (kPaged) rk = page < 0 ? nullptr : cache_row_in_page(a.k, page, j, W);
+          else rk = cache_row(a.k, b, j, a.N, W, CachePages{});
+        }
+      } else if (i < km.n_logical) {
+        const int slot = i / km.blk, in = i - slot * km.blk;
+        const std::int64_t jl = static_cast<std::int64_t>(km.ids[slot]) * km.blk + in;
+        if (jl <= km.p) {
+          j = static_cast<int>(jl);
+          if constexpr (!kPaged) rk = cache_row(a.k, b, j, a.N, W, CachePages{});
+          else if (page_blocks) rk = s_page[slot] < 0 ? nullptr : cache_row_in_page(a.k, s_page[slot], j, W);
+          else rk = cache_row(a.k, b, j, a.N, W, a.pages);  // j <= p < N: inside the table
+        }
+      }
+      if (j >= 0 && rk == nullptr) j = kUnreadable;
       const bool ok = j >= 0;
-      const std::int64_t off = static_cast<std::int64_t>(g) * D + c * 8;
-      const bf16* srck = ok ? cache_row(a.k, b, j, a.N, W) + off : a.k;
-      const bf16* srcv = ok ? cache_row(a.v, b, j, a.N, W) + off : a.v;
+      const bf16* srck = ok ? rk + off : a.k;
+      const bf16* srcv = ok ? a.v + (rk - a.k) + off : a.v;
       cp_async16(smem_u32(sk + st * C::kTileElems + r * C::kStride + c * 8), srck, ok);
       cp_async16(smem_u32(sv + st * C::kTileElems + r * C::kStride + c * 8), srcv, ok);
       if (c == 0) s_row[st][r] = j;
@@ -165,13 +201,17 @@ __global__ void __launch_bounds__(kThreads, 2) attn_partial_kernel(const AttnLau
 
 #pragma unroll
   for (int s = 0; s < kStages - 1; ++s) {
-    if (s < ntiles) load_tile(s, s);
+    if (s < ntiles) load_tile(s, s, tile_page(s));
     cp_async_commit();
   }
+  // Dense paged: the page id of the next tile to load, fetched one step before its use.
+  std::int32_t next_page = kStages - 1 < ntiles ? tile_page(kStages - 1) : 0;
   for (int it = 0; it < ntiles; ++it) {
     cp_async_wait<kStages - 2>();
     __syncthreads();  // tile `it` visible to all; every warp is done with tile it-1's stage
-    if (it + kStages - 1 < ntiles) load_tile(it + kStages - 1, (it + kStages - 1) % kStages);
+    if (it + kStages - 1 < ntiles) load_tile(it + kStages - 1, (it + kStages - 1) % kStages, next_page);
+    if constexpr (kPaged && !kSparse)
+      if (it + kStages < ntiles) next_page = tile_page(it + kStages);
     cp_async_commit();
 
     const int st = it % kStages;
@@ -193,7 +233,12 @@ __global__ void __launch_bounds__(kThreads, 2) attn_partial_kernel(const AttnLau
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const int key = warp * 16 + nt * 8 + (lane % 4) * 2 + (e & 1);
-        sc[nt][e] = s_row[st][key] >= 0 ? sc[nt][e] * scale_log2 : -INFINITY;
+        const int sr = s_row[st][key];
+        if constexpr (kPaged)  // +inf for an unreadable key: its weight is 2^(inf - inf) = NaN, and
+                               // so are the query's o, l and (through both merges) its output
+          sc[nt][e] = sr >= 0 ? sc[nt][e] * scale_log2 : (sr == kMasked ? -INFINITY : INFINITY);
+        else
+          sc[nt][e] = sr >= 0 ? sc[nt][e] * scale_log2 : -INFINITY;
       }
     float t0 = fmaxf(fmaxf(sc[0][0], sc[0][1]), fmaxf(sc[1][0], sc[1][1]));
     float t1 = fmaxf(fmaxf(sc[0][2], sc[0][3]), fmaxf(sc[1][2], sc[1][3]));
@@ -373,23 +418,25 @@ __global__ void __launch_bounds__(kMergeThreads) attn_merge_kernel(const AttnLau
 
 long ceil_div(long a, long b) { return (a + b - 1) / b; }
 
-template <int D, bool kSparse>
+template <int D, bool kSparse, bool kPaged = false>
 int prepare() {
-  return resident_ctas(reinterpret_cast<const void*>(attn_partial_kernel<D, kSparse>), kThreads, Cfg<D>::kSmemBytes);
+  return resident_ctas(reinterpret_cast<const void*>(attn_partial_kernel<D, kSparse, kPaged>), kThreads,
+                       Cfg<D>::kSmemBytes);
+}
+
+template <int D, bool kSparse, bool kPaged>
+void launch_partial(const AttnLaunch& a, long ctas, cudaStream_t s) {
+  prepare<D, kSparse, kPaged>();
+  attn_partial_kernel<D, kSparse, kPaged><<<static_cast<unsigned>(ctas), kThreads, Cfg<D>::kSmemBytes, s>>>(a);
 }
 
 template <int D>
 void launch(const AttnLaunch& a, cudaStream_t s) {
   const int G = a.Hq / a.Hkv, MT = (G + kRowsM - 1) / kRowsM;
   const long ctas = static_cast<long>(a.B) * a.T * a.Hkv * MT * a.splits;
-  constexpr int smem = Cfg<D>::kSmemBytes;
-  if (a.sel) {
-    prepare<D, true>();
-    attn_partial_kernel<D, true><<<static_cast<unsigned>(ctas), kThreads, smem, s>>>(a);
-  } else {
-    prepare<D, false>();
-    attn_partial_kernel<D, false><<<static_cast<unsigned>(ctas), kThreads, smem, s>>>(a);
-  }
+  const bool paged = a.pages.table != nullptr;
+  if (a.sel) paged ? launch_partial<D, true, true>(a, ctas, s) : launch_partial<D, true, false>(a, ctas, s);
+  else paged ? launch_partial<D, false, true>(a, ctas, s) : launch_partial<D, false, false>(a, ctas, s);
   M3_CUDA_CHECK_LAUNCH();
   attn_merge_kernel<D><<<static_cast<unsigned>(static_cast<long>(a.B) * a.T * a.Hq), kMergeThreads,
                          a.splits * sizeof(float), s>>>(a);
@@ -475,7 +522,7 @@ void attention_run(AttnLaunch a, void* workspace, std::size_t workspace_bytes, c
 
 // Shared argument checks of attention_dense and msa_attention (op names the caller).
 void check_attn_args(const char* op, const bf16* q, const bf16* k, const bf16* v, int T, int N,
-                     const AttnDims& d, int B) {
+                     const AttnDims& d, int B, CachePages pages) {
   const std::string o = op;
   if (d.Hq <= 0 || d.Hkv <= 0 || d.D <= 0 || d.Hq % d.Hkv != 0)
     throw GpuError(o + ": dims " + dims_str(d) + ", expected all > 0 and Hq % Hkv == 0");
@@ -493,6 +540,7 @@ void check_attn_args(const char* op, const bf16* q, const bf16* k, const bf16* v
   for (auto [name, ptr] : {std::pair{"q", q}, {"k", k}, {"v", v}})
     if (ptr == nullptr || reinterpret_cast<std::uintptr_t>(ptr) % 16 != 0)
       throw GpuError(o + ": " + name + " is null or not 16-byte aligned, expected a 16-byte aligned device pointer");
+  check_cache_pages(op, pages, N);
 }
 
 }  // namespace detail
@@ -505,14 +553,15 @@ std::size_t attention_dense_workspace_bytes(int T, int N, const AttnDims& dims, 
 
 void attention_dense(const bf16* q, const bf16* k, const bf16* v, const std::int64_t* q_pos, int T,
                      int N, const AttnDims& dims, bf16* out, cudaStream_t s, void* workspace,
-                     std::size_t workspace_bytes, int B) {
-  detail::check_attn_args("attention_dense", q, k, v, T, N, dims, B);
+                     std::size_t workspace_bytes, int B, CachePages pages) {
+  detail::check_attn_args("attention_dense", q, k, v, T, N, dims, B, pages);
   if (T == 0) return;
   if (q_pos == nullptr || out == nullptr)
     throw GpuError("attention_dense: q_pos or out is null, expected device pointers");
   const auto plan = detail::plan_dense_splits(B, T, N, dims);
   detail::AttnLaunch a;
   a.q = q; a.k = k; a.v = v; a.q_pos = q_pos; a.out = out;
+  a.pages = pages;
   a.B = B; a.T = T; a.N = N; a.Hq = dims.Hq; a.Hkv = dims.Hkv; a.D = dims.D;
   a.splits = plan.splits;
   a.chunk = plan.chunk;

@@ -10,44 +10,34 @@
 //
 // Batching: B sequences of T queries each, sequence b owning cache rows [b*N, b*N + N) of k and v
 // and query rows [b*T, b*T + T) of q / q_pos / out. B = 1 is exactly the reference's layout.
+// Paged caches (kv_cache.h): with pages.table set, k and v are page pools and sequence b's key j is
+// physical row table[b*pages_per_seq + j/128]*128 + j%128 (N = the logical capacity a sequence);
+// the pages holding keys 0..p_t must have ids >= 0, and a query that would read a negative id gets
+// a NaN output row. The arithmetic does not depend on the layout: the outputs are bit-identical.
 // Requirements (checked, GpuError otherwise): D in {64, 128}; Hq % Hkv == 0; 16-byte aligned
 // q, k, v and workspace. Positions are on the device and cannot be checked by the launcher: a
 // query whose position is outside [0, N) gets a NaN output row (never an out-of-bounds read).
 #pragma once
 
+#include "gpu/kernels/kv_cache.h"
 #include "gpu/runtime/buffer.h"
 #include "reference/dims.h"
 
 #include <cstddef>
 #include <cstdint>
 
-#if defined(__CUDACC__)
-#define M3_HOST_DEVICE __host__ __device__
-#else
-#define M3_HOST_DEVICE
-#endif
-
 namespace m3::gpu {
-
-// Row j of sequence b in a cache of N rows a sequence and row_elems elements a row ([B*N, W]).
-// Every kernel that reads the K, V or index-K cache goes through this one helper, so paging
-// (128-token pages = BLK) changes only here.
-template <class E>
-M3_HOST_DEVICE inline const E* cache_row(const E* base, int b, std::int64_t j, int N,
-                                         std::int64_t row_elems) {
-  return base + (static_cast<std::int64_t>(b) * N + j) * row_elems;
-}
 
 // Bytes of workspace attention_dense needs for these arguments (0 when T == 0). The split plan
 // behind it is sized to the current device (one wave of CTAs), so call it with that device set.
 std::size_t attention_dense_workspace_bytes(int T, int N, const AttnDims& dims, int B = 1);
 
-// q [B*T, Hq*D], k, v [B*N, Hkv*D], q_pos [B*T] (device, int64) -> out [B*T, Hq*D].
-// workspace: device memory of at least attention_dense_workspace_bytes(T, N, dims, B) bytes,
-// 16-byte aligned; its contents need no initialization.
+// q [B*T, Hq*D], k, v [B*N, Hkv*D] (paged: [n_pages*128, Hkv*D]), q_pos [B*T] (device, int64)
+// -> out [B*T, Hq*D]. workspace: device memory of at least attention_dense_workspace_bytes(T, N,
+// dims, B) bytes (the same for both layouts), 16-byte aligned; its contents need no initialization.
 void attention_dense(const bf16* q, const bf16* k, const bf16* v, const std::int64_t* q_pos, int T,
                      int N, const AttnDims& dims, bf16* out, cudaStream_t s, void* workspace,
-                     std::size_t workspace_bytes, int B = 1);
+                     std::size_t workspace_bytes, int B = 1, CachePages pages = {});
 
 namespace detail {
 
@@ -61,6 +51,7 @@ struct AttnLaunch {
   const std::int64_t* q_pos = nullptr;
   const std::int32_t* sel = nullptr;
   int B = 1, T = 0, N = 0, Hq = 0, Hkv = 0, D = 0;
+  CachePages pages;        // k / v layout (table == nullptr: contiguous)
   int blk = 0, k_blk = 0;  // sparse only
   int splits = 1;          // CTAs per (query, group, m-tile)
   int chunk = 0;           // keys (dense) or selection slots (sparse) per split
@@ -85,9 +76,10 @@ int resident_ctas(const void* kernel, int threads, int smem);
 SplitPlan plan_dense_splits(int B, int T, int N, const AttnDims& dims);
 SplitPlan plan_sparse_splits(int B, int T, int k_blk, const AttnDims& dims);
 std::size_t attention_workspace_bytes(int B, int T, const AttnDims& dims, int splits);
-// Throws GpuError unless the dims, sizes and q / k / v pointers suit the kernels (op names the caller).
+// Throws GpuError unless the dims, sizes, q / k / v pointers and page table suit the kernels (op
+// names the caller).
 void check_attn_args(const char* op, const bf16* q, const bf16* k, const bf16* v, int T, int N,
-                     const AttnDims& dims, int B);
+                     const AttnDims& dims, int B, CachePages pages = {});
 // Carves part_o / part_ml out of the workspace, launches the partial and merge kernels.
 void attention_run(AttnLaunch a, void* workspace, std::size_t workspace_bytes, cudaStream_t s);
 

@@ -18,10 +18,18 @@
 // tile and one group are resident together and read the same K/V tiles at nearly the same time.
 // Query tiles run longest-first (the last tile sees the most keys) to even out the causal tail.
 //
+// Paged caches (kv_cache.h) are a second instantiation: a 64-key tile (aligned to 64) lies in one
+// 128-row page, whose id is loaded one tile ahead, so the cp.async addresses never wait on it.
+// Keys past the chunk's last position (p0 + T - 1) are never loaded in either layout (zero-filled
+// instead: they are masked, so the result is the same, but rows past a sequence's length may hold
+// anything, NaN included, and 0 * NaN would leak into P V).
+//
 // Shared-memory tiles are [rows, 128] bf16 = 16 chunks of 16 bytes a row, chunk c of row r stored
 // at chunk c ^ (r & 7): the 8 rows one ldmatrix phase reads (and the 8 rows a cp.async phase writes)
 // then hit 8 different 16-byte bank groups, conflict-free.
 #include "gpu/kernels/attention_prefill.h"
+
+#include "gpu/kernels/kv_cache.h"
 
 #include <climits>
 #include <cmath>
@@ -35,6 +43,8 @@ constexpr int kD = 128;           // head dim of the fast path (M3: 128)
 constexpr int kChunks = kD / 8;   // 16-byte chunks per bf16 row
 constexpr int kDTiles = kD / 8;   // n-tiles of the output accumulator (8 dims each)
 constexpr int kDSteps = kD / 16;  // k-steps of Q K^T (16 dims each)
+constexpr int kBcMain = 64;       // keys a K/V tile of the launched configuration
+static_assert(kPageRows % kBcMain == 0, "a K/V tile must lie in one cache page");
 
 __device__ __forceinline__ std::uint32_t smem_addr(const void* p) {
   return static_cast<std::uint32_t>(__cvta_generic_to_shared(p));
@@ -94,6 +104,7 @@ struct Args {
   const bf16* k;  // [N, Hkv*D]
   const bf16* v;  // [N, Hkv*D]
   bf16* out;      // [T, Hq*D]
+  CachePages pages;  // k / v layout (table == nullptr: contiguous rows 0..N-1)
   int p0, T, N, Hq, G, Hkv;
   int n_qtiles;      // ceil(T / kBr)
   float scale_log2;  // log2(e) / sqrt(D): softmax in base 2 on raw q.k
@@ -115,9 +126,10 @@ struct Tile {
 
 // kWarps warps of kMT m-tiles each; kBc keys a tile; kQRegs keeps the warp's Q fragments in
 // registers for the whole loop (else they are re-read from shared memory at every tile).
-template <int kWarps, int kMT, int kBc, bool kQRegs, int kMinBlocks>
+template <int kWarps, int kMT, int kBc, bool kQRegs, int kMinBlocks, bool kPaged>
 __global__ void __launch_bounds__(kWarps * 32, kMinBlocks) prefill_kernel(const Args a) {
   using L = Tile<kWarps, kMT, kBc>;
+  static_assert(!kPaged || kPageRows % kBc == 0, "a K/V tile must lie in one cache page");
   // 1024-aligned: the ldmatrix addresses below apply the swizzle by XOR on the whole shared
   // address, which needs every tile row (256 bytes) to start on a 256-byte boundary.
   extern __shared__ __align__(1024) unsigned char smem_raw[];
@@ -125,6 +137,11 @@ __global__ void __launch_bounds__(kWarps * 32, kMinBlocks) prefill_kernel(const 
   bf16* sK = sQ + L::kQElems;                    // [2][kBc, 128]
   bf16* sV = sK + 2 * L::kKVElems;               // [2][kBc, 128]
   if (smem_addr(smem_raw) % 256 != 0) __trap();  // the XOR addressing would read wrong rows
+  // Paged: set when a tile this CTA loads has a negative page id (written by thread 0 only, read
+  // after the loop's last barrier); the CTA's output rows are then NaN.
+  __shared__ int s_bad_page;
+  if constexpr (kPaged)
+    if (threadIdx.x == 0) s_bad_page = 0;
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int gid = lane >> 2, tq = lane & 3;  // mma fragment coordinates: row group, thread in quad
@@ -158,23 +175,37 @@ __global__ void __launch_bounds__(kWarps * 32, kMinBlocks) prefill_kernel(const 
     const bool ok = r < rows_here;
     cp_async16(smem_addr(sQ) + cp_off + i * kRowStep * kD * sizeof(bf16), qg + (ok ? r : 0) * q_stride + cp_ch * 8, ok);
   }
-  // K and V tile starting at key j0 into stage st; keys >= N (past the cache) read as zeros so
-  // that a masked p = 0 never meets a NaN/Inf of uninitialized shared memory in P V (their source
-  // address is row 0, mapped, and not read).
+  // K and V tile starting at key j0 into stage st; keys past the last query's position read as
+  // zeros so that a masked p = 0 never meets a NaN/Inf (of a cache row past the sequence, or of
+  // uninitialized shared memory) in P V (their source address is row 0, mapped, and not read).
+  // page: the tile's page id (paged only; a negative one loads zeros and flags the CTA).
   const std::uint32_t k_dst = smem_addr(sK) + cp_off, v_dst = smem_addr(sV) + cp_off;
-  auto load_kv = [&](int st, int j0) {
-    const std::size_t first = static_cast<std::size_t>(j0 + cp_row) * kv_stride + cp_ch * 8;
+  const int kv_end = a.p0 + a.T;  // <= N
+  auto tile_page = [&](int j0) -> std::int32_t {
+    if constexpr (kPaged) return cache_page(a.pages, 0, j0 / kPageRows);  // j0 <= p0 + T - 1 < N
+    else return 0;
+  };
+  auto load_kv = [&](int st, int j0, std::int32_t page) {
+    std::size_t first = static_cast<std::size_t>(j0 + cp_row) * kv_stride + cp_ch * 8;
+    bool page_ok = true;
+    if constexpr (kPaged) {
+      page_ok = page >= 0;
+      if (!page_ok && tid == 0) s_bad_page = 1;
+      first = (static_cast<std::size_t>(page_ok ? page : 0) * kPageRows + j0 % kPageRows + cp_row) * kv_stride +
+              cp_ch * 8;
+    }
 #pragma unroll
     for (int i = 0; i < kBc / kRowStep; ++i) {
-      const bool ok = j0 + cp_row + i * kRowStep < a.N;
+      const bool ok = page_ok && j0 + cp_row + i * kRowStep < kv_end;
       const std::size_t at = ok ? first + static_cast<std::size_t>(i * kRowStep) * kv_stride : 0;
       const std::uint32_t dst = st * (L::kKVElems * sizeof(bf16)) + i * kRowStep * kD * sizeof(bf16);
       cp_async16(k_dst + dst, kg + at, ok);
       cp_async16(v_dst + dst, vg + at, ok);
     }
   };
-  load_kv(0, 0);
+  load_kv(0, 0, tile_page(0));
   cp_async_commit();
+  std::int32_t next_page = n_ktiles > 1 ? tile_page(kBc) : 0;  // paged: tile 1's, fetched a tile ahead
 
   float o[kMT][kDTiles][4];  // output accumulator, C-fragment layout: rows gid, gid+8
   float m[kMT][2], l[kMT][2];  // running max (base-2 scaled) and this thread's part of the row sum
@@ -210,7 +241,9 @@ __global__ void __launch_bounds__(kWarps * 32, kMinBlocks) prefill_kernel(const 
 
   for (int it = 0; it < n_ktiles; ++it) {
     const int j0 = it * kBc;
-    if (it + 1 < n_ktiles) load_kv((it + 1) & 1, j0 + kBc);
+    if (it + 1 < n_ktiles) load_kv((it + 1) & 1, j0 + kBc, next_page);
+    if constexpr (kPaged)
+      if (it + 2 < n_ktiles) next_page = tile_page(j0 + 2 * kBc);
     cp_async_commit();    // possibly empty: keeps "all but the newest group" = tile it (and Q)
     cp_async_wait<1>();
     __syncthreads();
@@ -344,7 +377,9 @@ __global__ void __launch_bounds__(kWarps * 32, kMinBlocks) prefill_kernel(const 
       float lsum = l[mi][hr];
       lsum += __shfl_xor_sync(0xffffffffu, lsum, 1);
       lsum += __shfl_xor_sync(0xffffffffu, lsum, 2);
-      const float inv = lsum > 0.f ? 1.f / lsum : 0.f;  // lsum >= 1 on real rows (the max key: p = 1)
+      float inv = lsum > 0.f ? 1.f / lsum : 0.f;  // lsum >= 1 on real rows (the max key: p = 1)
+      if constexpr (kPaged)
+        if (s_bad_page) inv = __int_as_float(0x7fc00000);  // an unreadable page: a visible NaN row
       const int r = warp_r0 + mi * 16 + gid + 8 * hr;
 #pragma unroll
       for (int dt = 0; dt < kDTiles; ++dt)
@@ -362,10 +397,10 @@ __global__ void __launch_bounds__(kWarps * 32, kMinBlocks) prefill_kernel(const 
 }
 
 // Launches one configuration of the kernel: grid = query tiles x heads, flattened head-fastest.
-template <int kWarps, int kMT, int kBc, bool kQRegs, int kMinBlocks>
+template <int kWarps, int kMT, int kBc, bool kQRegs, int kMinBlocks, bool kPaged>
 void launch(Args a, cudaStream_t s) {
   using L = Tile<kWarps, kMT, kBc>;
-  auto* kernel = prefill_kernel<kWarps, kMT, kBc, kQRegs, kMinBlocks>;
+  auto* kernel = prefill_kernel<kWarps, kMT, kBc, kQRegs, kMinBlocks, kPaged>;
   a.n_qtiles = (a.T + L::kBr - 1) / L::kBr;
   const long long blocks = static_cast<long long>(a.n_qtiles) * a.Hq;
   if (blocks > INT_MAX)
@@ -386,7 +421,7 @@ bool aligned16(const void* p) { return reinterpret_cast<std::uintptr_t>(p) % 16 
 }  // namespace
 
 void attention_dense_prefill(const bf16* q, const bf16* k, const bf16* v, std::int64_t p0, int T, int N,
-                             const AttnDims& dims, bf16* out, cudaStream_t s) {
+                             const AttnDims& dims, bf16* out, cudaStream_t s, CachePages pages) {
   const std::string op = "attention_dense_prefill: ";
   if (dims.Hq <= 0 || dims.Hkv <= 0 || dims.Hq % dims.Hkv != 0)
     throw GpuError(op + dims_note(dims) + ", expected Hq, Hkv > 0 and Hq % Hkv == 0");
@@ -396,12 +431,13 @@ void attention_dense_prefill(const bf16* q, const bf16* k, const bf16* v, std::i
   if (T < 0 || N < 0 || p0 < 0 || p0 + T > N)
     throw GpuError(op + "p0 = " + std::to_string(p0) + ", T = " + std::to_string(T) + ", N = " + std::to_string(N) +
                    ", expected p0 >= 0, T >= 0 and p0 + T <= N (queries at positions p0..p0+T-1 of the cache)");
+  detail::check_cache_pages("attention_dense_prefill", pages, N);
   if (T == 0) return;
   if (!q || !k || !v || !out)
     throw GpuError(op + "null pointer among q, k, v, out, expected device pointers");
   if (!aligned16(q) || !aligned16(k) || !aligned16(v) || !aligned16(out))
     throw GpuError(op + "q, k, v and out must be 16-byte aligned (the kernel moves 16-byte chunks)");
-  Args a{q, k, v, out, static_cast<int>(p0), T, N, dims.Hq, dims.Hq / dims.Hkv, dims.Hkv, 0,
+  Args a{q, k, v, out, pages, static_cast<int>(p0), T, N, dims.Hq, dims.Hq / dims.Hkv, dims.Hkv, 0,
          static_cast<float>(1.4426950408889634 / std::sqrt(static_cast<double>(kD)))};
   // 4 warps x 32 rows = 128 queries, 64 keys a tile, Q re-read from shared memory; 96 KB of shared
   // memory and 255 registers (ptxas -v: 40 bytes of spill, the four running row sums, one L1 load
@@ -410,7 +446,8 @@ void attention_dense_prefill(const bf16* q, const bf16* k, const bf16* v, std::i
   // for 4 x 16, 349-369 for 8 x 32 (Br 256, 1 CTA an SM), 250-320 for 32-key tiles. Two m-tiles a
   // warp halve the ldmatrix traffic per mma (every K/V fragment feeds two row blocks): with 16-row
   // warps, shared-memory bandwidth rather than the tensor cores sets the pace.
-  launch<4, 2, 64, false, 2>(a, s);
+  if (pages.table) launch<4, 2, kBcMain, false, 2, true>(a, s);
+  else launch<4, 2, kBcMain, false, 2, false>(a, s);
 }
 
 }  // namespace m3::gpu

@@ -1,6 +1,7 @@
 // MSA block-sparse attention launcher; see msa_attention.h. The kernels are the split-K attention
 // kernels of attention_dense.cu in their sparse form: a CTA's keys are the rows of its selected
-// blocks (at most 64 selection slots a CTA), masked past the query's position.
+// blocks (at most 64 selection slots a CTA), masked past the query's position; paged caches are
+// translated per selected block (BLK dividing the 128-row page) or per row (other BLK).
 #include "gpu/kernels/msa_attention.h"
 
 #include "gpu/kernels/attention_dense.h"
@@ -17,8 +18,9 @@ std::size_t msa_attention_workspace_bytes(int T, int k_blk, const AttnDims& dims
 
 void msa_attention(const bf16* q, const bf16* k, const bf16* v, const std::int64_t* q_pos,
                    const std::int32_t* sel, int T, int N, int blk, int k_blk, const AttnDims& dims,
-                   bf16* out, cudaStream_t s, void* workspace, std::size_t workspace_bytes, int B) {
-  detail::check_attn_args("msa_attention", q, k, v, T, N, dims, B);
+                   bf16* out, cudaStream_t s, void* workspace, std::size_t workspace_bytes, int B,
+                   CachePages pages) {
+  detail::check_attn_args("msa_attention", q, k, v, T, N, dims, B, pages);
   if (blk <= 0 || k_blk <= 0)
     throw GpuError("msa_attention: blk = " + std::to_string(blk) + ", k_blk = " + std::to_string(k_blk) +
                    ", expected both > 0");
@@ -28,6 +30,7 @@ void msa_attention(const bf16* q, const bf16* k, const bf16* v, const std::int64
   const auto plan = detail::plan_sparse_splits(B, T, k_blk, dims);
   detail::AttnLaunch a;
   a.q = q; a.k = k; a.v = v; a.q_pos = q_pos; a.sel = sel; a.out = out;
+  a.pages = pages;
   a.B = B; a.T = T; a.N = N; a.Hq = dims.Hq; a.Hkv = dims.Hkv; a.D = dims.D;
   a.blk = blk;
   a.k_blk = k_blk;

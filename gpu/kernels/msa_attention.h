@@ -8,12 +8,17 @@
 //
 // Batching as in attention_dense.h: B sequences, q / q_pos / out rows b*T + t, cache rows b*N + j,
 // sel rows (b*Hkv + g)*T + t (msa_select's layout per sequence). B = 1 is the reference's layout.
+// Paged caches as in attention_dense.h (kv_cache.h): with pages.table set, sequence b's key j is
+// physical row table[b*pages_per_seq + j/128]*128 + j%128; the pages of the selected blocks must
+// have ids >= 0 (a query that would read a negative id gets a NaN output row). Bit-identical to
+// the contiguous layout.
 // Selection entries: -1 = unused, anywhere in a row. The device cannot throw, so where the
 // reference throws the GPU degrades visibly instead: an id < 0 or > floor(p_t/blk) carries no
 // keys, a row with no valid id gives a NaN output row, a position outside [0, N) a NaN row.
 // Repeated ids are not detected (the block would count twice): msa_select never emits them.
 #pragma once
 
+#include "gpu/kernels/kv_cache.h"
 #include "gpu/runtime/buffer.h"
 #include "reference/dims.h"
 
@@ -26,10 +31,12 @@ namespace m3::gpu {
 // attention_dense_workspace_bytes.
 std::size_t msa_attention_workspace_bytes(int T, int k_blk, const AttnDims& dims, int B = 1);
 
-// q [B*T, Hq*D], k, v [B*N, Hkv*D], q_pos [B*T], sel [B*Hkv*T, k_blk] int32 -> out [B*T, Hq*D].
-// D in {64, 128}; blk > 0; workspace of msa_attention_workspace_bytes(T, k_blk, dims, B) bytes.
+// q [B*T, Hq*D], k, v [B*N, Hkv*D] (paged: [n_pages*128, Hkv*D]), q_pos [B*T],
+// sel [B*Hkv*T, k_blk] int32 -> out [B*T, Hq*D]. D in {64, 128}; blk > 0; workspace of
+// msa_attention_workspace_bytes(T, k_blk, dims, B) bytes (the same for both layouts).
 void msa_attention(const bf16* q, const bf16* k, const bf16* v, const std::int64_t* q_pos,
                    const std::int32_t* sel, int T, int N, int blk, int k_blk, const AttnDims& dims,
-                   bf16* out, cudaStream_t s, void* workspace, std::size_t workspace_bytes, int B = 1);
+                   bf16* out, cudaStream_t s, void* workspace, std::size_t workspace_bytes, int B = 1,
+                   CachePages pages = {});
 
 }  // namespace m3::gpu

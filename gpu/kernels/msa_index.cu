@@ -6,6 +6,9 @@
 // uint32 image of the float). The fp8 variant stages the raw E4M3 bytes, widens each B fragment
 // to f16 with one cvt (exact) and multiplies in f16 (Q widened bf16 -> f16 once, exact for
 // |q| >= 2^-17), so that the conversion does not bound the kernel.
+// Paged caches (kv_cache.h) are a separate instantiation: a tile (64 or 128 keys from a multiple of
+// 16) spans at most two 128-row pages, whose ids are loaded one pipeline step ahead; a 16-key slice
+// lies in one page, and a slice whose page id is negative scores NaN (read nothing).
 #include "gpu/kernels/msa_index.h"
 
 #include "gpu/kernels/attention_dense.h"
@@ -28,6 +31,7 @@ struct IndexLaunch {
   const void* k = nullptr;  // bf16 or E4M3 bytes
   const std::int64_t* q_pos = nullptr;
   float* scores = nullptr;
+  CachePages pages;  // idx_k layout (table == nullptr: contiguous)
   int B = 1, T = 0, N = 0, NB = 0, Hi = 0, BLK = 0;
   int bpc = 1, chunks = 1, tiles_per_seq = 1;
 };
@@ -80,13 +84,15 @@ __device__ __forceinline__ void mma_f16(float (&c)[4], const std::uint32_t (&a)[
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
-template <int Di, bool kFp8>
+template <int Di, bool kFp8, bool kPaged>
 __global__ void __launch_bounds__(kThreads, 3) msa_index_kernel(const IndexLaunch a) {
   using C = Cfg<Di, kFp8>;
   extern __shared__ __align__(16) unsigned char smem[];
   unsigned char* tiles = smem;  // [kStages][kTileKeys][kRowBytes]
   unsigned* bmax = reinterpret_cast<unsigned*>(smem + C::kPipeBytes);  // [16][bpc]
   __shared__ long long s_p[kRows];  // position of each row; -1 = padding or invalid
+  // Paged: slice s of the tile in stage st lies in a page with a negative id (its scores are NaN).
+  __shared__ bool s_bad[kPaged ? C::kStages : 1][kPaged ? C::kTileKeys / 16 : 1];
 
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const int chunk = static_cast<int>(blockIdx.x % a.chunks);
@@ -105,33 +111,66 @@ __global__ void __launch_bounds__(kThreads, 3) msa_index_kernel(const IndexLaunc
     s_p[tid] = p;
   }
   for (int i = tid; i < kRows * bpc; i += kThreads) bmax[i] = ord_key(-INFINITY);
+  const int cb0 = chunk * bpc, cb1 = min(a.NB, cb0 + bpc);
+  const std::int64_t c0 = static_cast<std::int64_t>(cb0) * a.BLK;
+  constexpr int kTileKeys = C::kTileKeys;
+
+  // Paged: the ids of the (at most two) pages of tile `tile`: its first key's page and the next
+  // one. They depend on the chunk alone, so the first kStages tiles' ids are loaded here, in the
+  // shadow of the positions' load, and every later tile's one pipeline step ahead. Ids past the
+  // table are never read; ids of pages past the sequence (-1 or stale) are loaded but only used
+  // for keys < kv_end, which lie in visible pages.
+  auto tile_pages = [&](int tile) -> int2 {
+    if constexpr (kPaged) {
+      const std::int64_t lp0 = (c0 + static_cast<std::int64_t>(tile) * kTileKeys) / kPageRows;
+      const std::int32_t pa = lp0 < a.pages.pages_per_seq ? cache_page(a.pages, b, lp0) : -1;
+      const std::int32_t pb = lp0 + 1 < a.pages.pages_per_seq ? cache_page(a.pages, b, lp0 + 1) : -1;
+      return make_int2(pa, pb);
+    } else {
+      return make_int2(0, 0);
+    }
+  };
+  int2 first_pages[C::kStages];
+#pragma unroll
+  for (int s = 0; s < C::kStages; ++s) first_pages[s] = tile_pages(s);
   __syncthreads();
 
   long long pmax = -1;
 #pragma unroll
   for (int r = 0; r < kRows; ++r) pmax = s_p[r] > pmax ? s_p[r] : pmax;
-  const int cb0 = chunk * bpc, cb1 = min(a.NB, cb0 + bpc);
-  const std::int64_t c0 = static_cast<std::int64_t>(cb0) * a.BLK;
   const std::int64_t kv_end = min(static_cast<std::int64_t>(cb1) * a.BLK, static_cast<std::int64_t>(pmax) + 1);
   const int n_keys = kv_end > c0 ? static_cast<int>(kv_end - c0) : 0;
-  constexpr int kTileKeys = C::kTileKeys;
   const int ntiles = (n_keys + kTileKeys - 1) / kTileKeys;
   const long long p_lo = s_p[lane / 4], p_hi = s_p[lane / 4 + 8];  // this thread's MMA rows
 
-  auto load_tile = [&](int tile, int st) {
+  // pg: the tile's page ids from tile_pages (paged only).
+  auto load_tile = [&](int tile, int st, int2 pg) {
     constexpr int kChunks = Di * C::kElemBytes / 16;
     constexpr int kRowsPerPass = kThreads / kChunks;
     const int c = tid % kChunks;
+    const std::int64_t t0 = c0 + static_cast<std::int64_t>(tile) * kTileKeys;
     for (int r = tid / kChunks; r < kTileKeys; r += kRowsPerPass) {
-      const std::int64_t j = c0 + tile * kTileKeys + r;
-      const bool ok = j < kv_end;
+      const std::int64_t j = t0 + r;
+      bool ok = j < kv_end, bad = false;
       const unsigned char* src = static_cast<const unsigned char*>(a.k);
       if (ok) {
-        if constexpr (kFp8) src = reinterpret_cast<const unsigned char*>(cache_row(static_cast<const __nv_fp8_e4m3*>(a.k), b, j, a.N, Di));
-        else src = reinterpret_cast<const unsigned char*>(cache_row(static_cast<const bf16*>(a.k), b, j, a.N, Di));
-        src += c * 16;
+        if constexpr (kPaged) {
+          const std::int32_t page = j / kPageRows == t0 / kPageRows ? pg.x : pg.y;
+          bad = page < 0;
+          ok = !bad;
+          if (ok) {
+            if constexpr (kFp8) src = reinterpret_cast<const unsigned char*>(cache_row_in_page(static_cast<const __nv_fp8_e4m3*>(a.k), page, j, Di));
+            else src = reinterpret_cast<const unsigned char*>(cache_row_in_page(static_cast<const bf16*>(a.k), page, j, Di));
+          }
+        } else {
+          if constexpr (kFp8) src = reinterpret_cast<const unsigned char*>(cache_row(static_cast<const __nv_fp8_e4m3*>(a.k), b, j, a.N, Di, CachePages{}));
+          else src = reinterpret_cast<const unsigned char*>(cache_row(static_cast<const bf16*>(a.k), b, j, a.N, Di, CachePages{}));
+        }
+        src = ok ? src + c * 16 : static_cast<const unsigned char*>(a.k);
       }
       cp_async16(smem_u32(tiles + (st * kTileKeys + r) * C::kRowBytes + c * 16), src, ok);
+      if constexpr (kPaged)
+        if (c == 0 && r % 16 == 0) s_bad[st][r / 16] = bad;  // a slice's 16 keys share one page
     }
   };
 
@@ -158,13 +197,17 @@ __global__ void __launch_bounds__(kThreads, 3) msa_index_kernel(const IndexLaunc
 
 #pragma unroll
   for (int s = 0; s < C::kStages - 1; ++s) {
-    if (s < ntiles) load_tile(s, s);
+    if (s < ntiles) load_tile(s, s, first_pages[s]);
     cp_async_commit();
   }
+  // Paged: the page ids of the next tile to load, fetched one step before their use.
+  int2 next_pages = first_pages[C::kStages - 1];
   for (int it = 0; it < ntiles; ++it) {
     cp_async_wait<C::kStages - 2>();
     __syncthreads();
-    if (it + C::kStages - 1 < ntiles) load_tile(it + C::kStages - 1, (it + C::kStages - 1) % C::kStages);
+    if (it + C::kStages - 1 < ntiles) load_tile(it + C::kStages - 1, (it + C::kStages - 1) % C::kStages, next_pages);
+    if constexpr (kPaged)
+      if (it + C::kStages < ntiles) next_pages = tile_pages(it + C::kStages);
     cp_async_commit();
 
 #pragma unroll
@@ -194,6 +237,12 @@ __global__ void __launch_bounds__(kThreads, 3) msa_index_kernel(const IndexLaunc
           mma_bf16(sc[1], qa[kk], b2, b3);
         }
       }
+      if constexpr (kPaged)
+        if (s_bad[it % C::kStages][slice])  // unreadable keys: NaN, which wins every block max
+#pragma unroll
+          for (int nt = 0; nt < 2; ++nt)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) sc[nt][e] = __uint_as_float(0x7fc00000u);
       float m_lo = -INFINITY, m_hi = -INFINITY;
   #pragma unroll
       for (int nt = 0; nt < 2; ++nt)
@@ -234,23 +283,30 @@ __global__ void __launch_bounds__(kThreads, 3) msa_index_kernel(const IndexLaunc
 long ceil_div(long x, long y) { return (x + y - 1) / y; }
 
 // Resident CTAs at the largest shared-memory footprint (raises the kernel's limit to it).
-template <int Di, bool kFp8>
+template <int Di, bool kFp8, bool kPaged = false>
 int slots() {
-  return resident_ctas(reinterpret_cast<const void*>(msa_index_kernel<Di, kFp8>), kThreads, Cfg<Di, kFp8>::kMaxSmem);
+  return resident_ctas(reinterpret_cast<const void*>(msa_index_kernel<Di, kFp8, kPaged>), kThreads,
+                       Cfg<Di, kFp8>::kMaxSmem);
+}
+
+template <int Di, bool kFp8, bool kPaged>
+void launch_kernel(const IndexLaunch& a, cudaStream_t s) {
+  using C = Cfg<Di, kFp8>;
+  const int smem = C::kPipeBytes + kRows * a.bpc * 4;
+  slots<Di, kFp8, kPaged>();
+  const long ctas = static_cast<long>(a.chunks) * a.B * a.tiles_per_seq;
+  msa_index_kernel<Di, kFp8, kPaged><<<static_cast<unsigned>(ctas), kThreads, smem, s>>>(a);
+  M3_CUDA_CHECK_LAUNCH();
 }
 
 template <int Di, bool kFp8>
 void launch(const IndexLaunch& a, cudaStream_t s) {
-  using C = Cfg<Di, kFp8>;
-  const int smem = C::kPipeBytes + kRows * a.bpc * 4;
-  slots<Di, kFp8>();
-  const long ctas = static_cast<long>(a.chunks) * a.B * a.tiles_per_seq;
-  msa_index_kernel<Di, kFp8><<<static_cast<unsigned>(ctas), kThreads, smem, s>>>(a);
-  M3_CUDA_CHECK_LAUNCH();
+  if (a.pages.table) launch_kernel<Di, kFp8, true>(a, s);
+  else launch_kernel<Di, kFp8, false>(a, s);
 }
 
 void run(const char* op, const bf16* idx_q, const void* idx_k, const std::int64_t* q_pos, int T, int N,
-         int NB, const MsaDims& d, float* scores, cudaStream_t s, int B, bool fp8) {
+         int NB, const MsaDims& d, float* scores, cudaStream_t s, int B, bool fp8, CachePages pages) {
   const std::string o = op;
   if (d.Hi <= 0 || (d.Di != 64 && d.Di != 128))
     throw GpuError(o + ": Hi = " + std::to_string(d.Hi) + ", Di = " + std::to_string(d.Di) +
@@ -264,6 +320,7 @@ void run(const char* op, const bf16* idx_q, const void* idx_k, const std::int64_
   if (NB < nb_min)
     throw GpuError(o + ": NB = " + std::to_string(NB) + ", expected >= ceil(N/BLK) = ceil(" + std::to_string(N) +
                    "/" + std::to_string(d.BLK) + ") = " + std::to_string(nb_min));
+  check_cache_pages(op, pages, N);
   if (T == 0) return;
   if (idx_q == nullptr || idx_k == nullptr || q_pos == nullptr || scores == nullptr)
     throw GpuError(o + ": a null pointer among idx_q, idx_k, q_pos, scores; expected device pointers");
@@ -271,6 +328,7 @@ void run(const char* op, const bf16* idx_q, const void* idx_k, const std::int64_
     throw GpuError(o + ": idx_q or idx_k is not 16-byte aligned");
   IndexLaunch a;
   a.q = idx_q; a.k = idx_k; a.q_pos = q_pos; a.scores = scores;
+  a.pages = pages;
   a.B = B; a.T = T; a.N = N; a.NB = NB; a.Hi = d.Hi; a.BLK = d.BLK;
   a.tiles_per_seq = static_cast<int>(ceil_div(static_cast<long>(T) * d.Hi, kRows));
   const long row_tiles = static_cast<long>(B) * a.tiles_per_seq;
@@ -291,13 +349,13 @@ void run(const char* op, const bf16* idx_q, const void* idx_k, const std::int64_
 }  // namespace
 
 void msa_index(const bf16* idx_q, const bf16* idx_k, const std::int64_t* q_pos, int T, int N, int NB,
-               const MsaDims& dims, float* scores, cudaStream_t s, int B) {
-  run("msa_index", idx_q, idx_k, q_pos, T, N, NB, dims, scores, s, B, false);
+               const MsaDims& dims, float* scores, cudaStream_t s, int B, CachePages pages) {
+  run("msa_index", idx_q, idx_k, q_pos, T, N, NB, dims, scores, s, B, false, pages);
 }
 
 void msa_index_fp8(const bf16* idx_q, const __nv_fp8_e4m3* idx_k, const std::int64_t* q_pos, int T,
-                   int N, int NB, const MsaDims& dims, float* scores, cudaStream_t s, int B) {
-  run("msa_index_fp8", idx_q, idx_k, q_pos, T, N, NB, dims, scores, s, B, true);
+                   int N, int NB, const MsaDims& dims, float* scores, cudaStream_t s, int B, CachePages pages) {
+  run("msa_index_fp8", idx_q, idx_k, q_pos, T, N, NB, dims, scores, s, B, true, pages);
 }
 
 }  // namespace m3::gpu

@@ -10,11 +10,17 @@
 // (b*Hi + i)*T + t (the reference's [Hi*T, NB] per sequence). B = 1 is the reference's layout.
 // NB (the scores' column count) must be >= ceil(N/BLK), so every visible block has a column; the
 // columns past a query's own block are written -inf (all NB columns of every row are written).
-// A query whose position is outside [0, N) gets a NaN row. Requirements (GpuError otherwise):
+// A query whose position is outside [0, N) gets a NaN row.
+// Paged index-K cache (kv_cache.h): with pages.table set, idx_k is a page pool and sequence b's key
+// j is physical row table[b*pages_per_seq + j/128]*128 + j%128 (N = the logical capacity). The
+// pages holding keys 0..p_t must have ids >= 0; a block containing a visible key of a page with a
+// negative id scores NaN (msa_select ranks it as -inf). Scores are bit-identical to the contiguous
+// layout's. Requirements (GpuError otherwise):
 // Di in {64, 128}; BLK a positive multiple of 16 (so that a warp's 16 keys lie in one block);
 // 16-byte aligned idx_q and idx_k.
 #pragma once
 
+#include "gpu/kernels/kv_cache.h"
 #include "gpu/runtime/buffer.h"
 #include "reference/dims.h"
 
@@ -24,15 +30,17 @@
 
 namespace m3::gpu {
 
-// idx_q [B*T, Hi*Di] bf16, idx_k [B*N, Di] bf16, q_pos [B*T] -> scores [B*Hi*T, NB] fp32.
+// idx_q [B*T, Hi*Di] bf16, idx_k [B*N, Di] bf16 (paged: [n_pages*128, Di]), q_pos [B*T]
+// -> scores [B*Hi*T, NB] fp32.
 void msa_index(const bf16* idx_q, const bf16* idx_k, const std::int64_t* q_pos, int T, int N, int NB,
-               const MsaDims& dims, float* scores, cudaStream_t s, int B = 1);
+               const MsaDims& dims, float* scores, cudaStream_t s, int B = 1, CachePages pages = {});
 
 // The same with an fp8 E4M3 index-K cache (no scale, as the MSA decode kernels store it, spec §6):
 // every E4M3 value is exact in f16, in which this path multiplies (fp32 accumulation); idx_q is
 // widened bf16 -> f16, exact for |q| >= 2^-17 (smaller elements round at 2^-24 absolute, far
 // below the fp32 summation noise), so the scores are those of msa_index on the decoded cache.
 void msa_index_fp8(const bf16* idx_q, const __nv_fp8_e4m3* idx_k, const std::int64_t* q_pos, int T,
-                   int N, int NB, const MsaDims& dims, float* scores, cudaStream_t s, int B = 1);
+                   int N, int NB, const MsaDims& dims, float* scores, cudaStream_t s, int B = 1,
+                   CachePages pages = {});
 
 }  // namespace m3::gpu

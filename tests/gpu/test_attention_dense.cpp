@@ -4,11 +4,16 @@
 // Awkward sizes: N = 1, BLK-1, BLK+1, K_blk*BLK, K_blk*BLK+1, 5000 (BLK 128, K_blk 16), GQA 4/2,
 // 16/1, 64/4 at D 128 and 48/2 at D 64 (two 16-head m-tiles, the second partial), T = 1 decode and
 // T = 37 at scattered positions, B = 1..3 sequences, long contexts that split into many chunks.
+// Paged caches (kv_cache.h): the same inputs scattered into a pool of permuted 128-row pages (spare
+// and tail rows NaN, pages past a sequence's length unallocated), sequences of different lengths
+// (a page multiple, a page + 1, ...); the output must be bit-identical to the contiguous run's, and
+// a negative page id must give NaN exactly for the queries that see its keys.
 #include "gpu/kernels/attention_dense.h"
 #include "reference/ops/attention_dense.h"
 #include "tests/gpu/gpu_test_util.h"
 
 #include <algorithm>
+#include <cstring>
 #include <numeric>
 #include <random>
 #include <vector>
@@ -32,14 +37,64 @@ constexpr double kFp64Factor = 2.0, kFp64Floor = 1e-5;
 
 struct Case {
   int B, T, N, Hq, Hkv, D;
-  bool decode;  // T = 1 per sequence at p = N - 1; else T scattered distinct positions
+  bool decode;  // T = 1 per sequence at p = len - 1; else T scattered distinct positions
+  std::vector<int> lens = {};  // per-sequence lengths (positions < len); empty: all N
+  bool paged = false;          // also run on a paged copy of the cache: bit-identical output
+  int bad_page = -1;           // paged: this logical page of sequence 0 gets id -1
 };
 
 std::string name(const Case& c) {
   return "B=" + std::to_string(c.B) + " T=" + std::to_string(c.T) + " N=" + std::to_string(c.N) +
          " Hq=" + std::to_string(c.Hq) + " Hkv=" + std::to_string(c.Hkv) + " D=" + std::to_string(c.D) +
-         (c.decode ? " decode" : " scattered");
+         (c.decode ? " decode" : " scattered") + (c.paged ? " paged" : "") +
+         (c.bad_page >= 0 ? " bad page " + std::to_string(c.bad_page) : "");
 }
+
+// Paged copy of a contiguous cache (the same helper in each reader's test): sequence b's logical
+// page lp is physical page ids[b*pps + lp], drawn from a random permutation of a pool with `spare`
+// pages more than the sequences use; pps is one more than N needs (the table's stride is pps, not
+// ceil(N/128)). Pages past a sequence's length get id -1 (unallocated: a kernel that looked one up
+// would give NaN), and every pool row that no logical row < len[b] maps to (the spare pages, the
+// tail of a sequence's last page) keeps the all-ones poison (bf16 and E4M3 NaN).
+struct PageTable {
+  std::vector<std::int32_t> ids;  // [B, pps]
+  int pps = 0, n_pages = 0;
+};
+
+PageTable make_pages(int N, const std::vector<int>& len, int spare, std::mt19937_64& g) {
+  const int B = static_cast<int>(len.size());
+  PageTable t;
+  t.pps = (N + gpu::kPageRows - 1) / gpu::kPageRows + 1;
+  int used = 0;
+  for (int L : len) used += (L + gpu::kPageRows - 1) / gpu::kPageRows;
+  t.n_pages = used + spare;
+  std::vector<std::int32_t> perm(t.n_pages);
+  std::iota(perm.begin(), perm.end(), 0);
+  std::shuffle(perm.begin(), perm.end(), g);
+  t.ids.assign(static_cast<std::size_t>(B) * t.pps, -1);
+  int next = 0;
+  for (int b = 0; b < B; ++b)
+    for (int lp = 0; lp * gpu::kPageRows < len[b]; ++lp) t.ids[b * t.pps + lp] = perm[next++];
+  return t;
+}
+
+// Rows [0, len[b]) of every sequence of contig [B*N, W] scattered into a pool [n_pages*128, W].
+template <class E>
+std::vector<E> scatter_pages(const std::vector<E>& contig, int N, std::int64_t W, const std::vector<int>& len,
+                             const PageTable& t) {
+  std::vector<E> pool(static_cast<std::size_t>(t.n_pages) * gpu::kPageRows * W);
+  std::memset(static_cast<void*>(pool.data()), 0xFF, pool.size() * sizeof(E));
+  for (std::size_t b = 0; b < len.size(); ++b)
+    for (int j = 0; j < len[b]; ++j) {
+      const std::int32_t id = t.ids[b * t.pps + j / gpu::kPageRows];
+      if (id < 0) continue;  // a page made unallocated on purpose: its rows have nowhere to go
+      const std::int64_t row = std::int64_t{id} * gpu::kPageRows + j % gpu::kPageRows;
+      std::memcpy(static_cast<void*>(&pool[row * W]), &contig[(static_cast<std::int64_t>(b) * N + j) * W],
+                  W * sizeof(E));
+    }
+  return pool;
+}
+
 
 // T positions in [0, N): distinct where T <= N, unsorted, always including N - 1.
 std::vector<std::int64_t> scattered_positions(int T, int N, std::mt19937_64& g) {
@@ -68,7 +123,8 @@ MatF run_case(const Case& c, const std::vector<std::int64_t>* given_pos = nullpt
   if (given_pos) pos = *given_pos;
   else
     for (int b = 0; b < c.B; ++b) {
-      auto p = c.decode ? std::vector<std::int64_t>(c.T, c.N - 1) : scattered_positions(c.T, c.N, g);
+      const int L = c.lens.empty() ? c.N : c.lens[b];
+      auto p = c.decode ? std::vector<std::int64_t>(c.T, L - 1) : scattered_positions(c.T, L, g);
       pos.insert(pos.end(), p.begin(), p.end());
     }
 
@@ -101,6 +157,37 @@ MatF run_case(const Case& c, const std::vector<std::int64_t>* given_pos = nullpt
   gpu::attention_dense(dq.data(), dk.data(), dv.data(), dpos.data(), c.T, c.N, dims, dout.data(), nullptr,
                        ws.data(), wsb, c.B);
   MatF out = test::download_bf16(dout, q.rows(), q.cols());
+  if (c.paged) {
+    const std::vector<int> lens = c.lens.empty() ? std::vector<int>(c.B, c.N) : c.lens;
+    PageTable t = make_pages(c.N, lens, 3, g);
+    if (c.bad_page >= 0) t.ids[c.bad_page] = -1;  // sequence 0's page
+    const std::int64_t W = static_cast<std::int64_t>(c.Hkv) * c.D;
+    const auto hk = gpu::to_bf16(k.data(), static_cast<std::size_t>(k.size()));
+    const auto hv = gpu::to_bf16(v.data(), static_cast<std::size_t>(v.size()));
+    gpu::DeviceBuffer<gpu::bf16> pk(static_cast<std::size_t>(t.n_pages) * gpu::kPageRows * W), pv(pk.size());
+    pk.upload(scatter_pages(hk, c.N, W, lens, t));
+    pv.upload(scatter_pages(hv, c.N, W, lens, t));
+    gpu::DeviceBuffer<std::int32_t> dtab(t.ids.size());
+    dtab.upload(t.ids);
+    gpu::DeviceBuffer<gpu::bf16> pout(static_cast<std::size_t>(q.size()));
+    pout.fill_bytes(0xFF);
+    ws.fill_bytes(0xFF);
+    gpu::attention_dense(dq.data(), pk.data(), pv.data(), dpos.data(), c.T, c.N, dims, pout.data(), nullptr, ws.data(),
+                         wsb, c.B, gpu::CachePages{dtab.data(), t.pps});
+    const auto want = dout.download(), got = pout.download();
+    const std::size_t row = static_cast<std::size_t>(c.Hq) * c.D;
+    long differ = 0, not_nan = 0;
+    for (std::size_t r = 0; r < pos.size(); ++r) {
+      // Sequence 0's queries that see a key of the bad page read nothing of it: a NaN row.
+      const bool bad = c.bad_page >= 0 && r < static_cast<std::size_t>(c.T) && pos[r] >= c.bad_page * gpu::kPageRows;
+      for (std::size_t i = r * row; i < (r + 1) * row; ++i) {
+        if (bad) not_nan += !std::isnan(gpu::from_bf16(&got[i], 1)[0]);
+        else differ += std::memcmp(&got[i], &want[i], sizeof(gpu::bf16)) != 0;
+      }
+    }
+    EXPECT_EQ(differ, 0) << "paged output elements that differ from the contiguous run's bits";
+    EXPECT_EQ(not_nan, 0) << "outputs of queries that see an unallocated page are not NaN";
+  }
   if (given_pos) return out;
 
   EXPECT_TRUE(out.allFinite()) << "unwritten or NaN output elements";
@@ -152,6 +239,32 @@ TEST(AttentionDense_bf16, LongContext_ManySplits) {
   run_case({1, 3, 100000, 64, 4, 128, false});
 }
 
+// Sequences of 256 (two pages), 129 (a page + 1), 1000 and 1 keys in one batch (N = 1000 the
+// capacity), decode and 37 scattered queries each, M3 heads at D 128 and two m-tiles at D 64.
+TEST(AttentionDense_bf16, Paged_UnevenLengths_BitIdentical) {
+  M3_REQUIRE_GPU();
+  const std::vector<int> lens{256, 129, 1000, 1};
+  run_case({4, 1, 1000, 64, 4, 128, true, lens, true});
+  run_case({4, 37, 1000, 64, 4, 128, false, lens, true});
+  run_case({4, 5, 1000, 48, 2, 64, false, lens, true});
+  run_case({2, 1, 1000, 16, 1, 128, true, {1000, 128}, true});
+}
+
+TEST(AttentionDense_bf16, Paged_LongContext_ManySplits) {
+  M3_REQUIRE_GPU();
+  // Chunks of several tiles: the page id is fetched one pipeline step ahead across many pages.
+  run_case({2, 2, 100000, 16, 1, 128, true, {100000, 70017}, true});
+  run_case({3, 37, 5000, 8, 2, 128, false, {5000, 4096, 2049}, true});
+}
+
+TEST(AttentionDense_bf16, Paged_NegativePageId_GivesNaNRows) {
+  M3_REQUIRE_GPU();
+  // Page 1 of sequence 0 unallocated: its queries at p >= 128 are NaN, those at p < 128 and every
+  // query of sequence 1 keep their contiguous bits.
+  run_case({2, 37, 1000, 16, 2, 128, false, {1000, 700}, true, 1});
+  run_case({2, 1, 3000, 64, 4, 128, true, {3000, 129}, true, 20});
+}
+
 TEST(AttentionDense_bf16, OutOfRangePositionGivesNaNRow) {
   M3_REQUIRE_GPU();
   const Case c{1, 3, 300, 8, 2, 64, false};
@@ -180,6 +293,14 @@ TEST(AttentionDense_bf16, RejectsBadArguments) {
   // Workspace one byte short, misaligned k.
   EXPECT_THROW(gpu::attention_dense(p, p, p, pos.data(), 1, 64, {4, 2, 64}, p, nullptr, ws.data(), wsb - 1), gpu::GpuError);
   EXPECT_THROW(gpu::attention_dense(p, p + 1, p, pos.data(), 1, 64, {4, 2, 64}, p, nullptr, ws.data(), wsb), gpu::GpuError);
+  // A page table too short for N (2 pages of 128 < 300 rows), a table without pages.
+  gpu::DeviceBuffer<std::int32_t> tab(8);
+  EXPECT_THROW(gpu::attention_dense(p, p, p, pos.data(), 1, 300, {4, 2, 64}, p, nullptr, ws.data(), 1 << 20, 1,
+                                    gpu::CachePages{tab.data(), 2}),
+               gpu::GpuError);
+  EXPECT_THROW(gpu::attention_dense(p, p, p, pos.data(), 1, 64, {4, 2, 64}, p, nullptr, ws.data(), 1 << 20, 1,
+                                    gpu::CachePages{tab.data(), 0}),
+               gpu::GpuError);
   // T = 0 is a no-op, not an error.
   EXPECT_NO_THROW(gpu::attention_dense(p, p, p, pos.data(), 0, 64, {4, 2, 64}, p, nullptr, nullptr, 0));
 }

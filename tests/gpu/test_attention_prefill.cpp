@@ -11,14 +11,22 @@
 // where q.k sums 128 exact bf16 products in fp32: dS ~ sqrt(128) * 2^-24 * |partials| in practice
 // (~1e-6 relative to the weight), 128 * 2^-24 * sum|q_i k_i| ~ 4e-4 in the worst case at q_scale 8;
 // 2^-11 ~ 4.9e-4 covers that. sum_j w_j |v_j| is itself computed with the reference on |v|.
+//
+// Paged caches (kv_cache.h): the same k, v scattered into a pool of permuted 128-row pages (spare
+// rows and every row past the chunk, p0 + T .. N-1, NaN; pages past it unallocated): the output
+// must be bit-identical to the contiguous run's, and a negative page id must give NaN exactly for
+// the 128-query tiles that load it (all rows of the tile, as documented).
 #include "gpu/kernels/attention_prefill.h"
 #include "reference/ops/attention_dense.h"
 #include "tests/gpu/gpu_test_util.h"
 
+#include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <iostream>
 #include <numeric>
+#include <random>
 #include <vector>
 
 using namespace m3;
@@ -42,11 +50,93 @@ struct Case {
   int N;
   int Hq, Hkv;
   double q_scale = 1.0;  // > 1 makes the softmax peaked (scores of std q_scale after 1/sqrt(D))
+  bool paged = false;    // also run on a paged copy of k, v: bit-identical output
+  int bad_page = -1;     // paged: this logical page gets id -1
 };
 
 std::string describe(const Case& c) {
   return "T=" + std::to_string(c.T) + " p0=" + std::to_string(c.p0) + " N=" + std::to_string(c.N) +
-         " Hq/Hkv=" + std::to_string(c.Hq) + "/" + std::to_string(c.Hkv) + " q_scale=" + std::to_string(c.q_scale);
+         " Hq/Hkv=" + std::to_string(c.Hq) + "/" + std::to_string(c.Hkv) + " q_scale=" + std::to_string(c.q_scale) +
+         (c.paged ? " paged" : "") + (c.bad_page >= 0 ? " bad page " + std::to_string(c.bad_page) : "");
+}
+
+// Paged copy of a contiguous cache (the same helper in each reader's test): sequence b's logical
+// page lp is physical page ids[b*pps + lp], drawn from a random permutation of a pool with `spare`
+// pages more than the sequences use; pps is one more than N needs (the table's stride is pps, not
+// ceil(N/128)). Pages past a sequence's length get id -1 (unallocated: a kernel that looked one up
+// would give NaN), and every pool row that no logical row < len[b] maps to (the spare pages, the
+// tail of a sequence's last page) keeps the all-ones poison (bf16 and E4M3 NaN).
+struct PageTable {
+  std::vector<std::int32_t> ids;  // [B, pps]
+  int pps = 0, n_pages = 0;
+};
+
+PageTable make_pages(int N, const std::vector<int>& len, int spare, std::mt19937_64& g) {
+  const int B = static_cast<int>(len.size());
+  PageTable t;
+  t.pps = (N + gpu::kPageRows - 1) / gpu::kPageRows + 1;
+  int used = 0;
+  for (int L : len) used += (L + gpu::kPageRows - 1) / gpu::kPageRows;
+  t.n_pages = used + spare;
+  std::vector<std::int32_t> perm(t.n_pages);
+  std::iota(perm.begin(), perm.end(), 0);
+  std::shuffle(perm.begin(), perm.end(), g);
+  t.ids.assign(static_cast<std::size_t>(B) * t.pps, -1);
+  int next = 0;
+  for (int b = 0; b < B; ++b)
+    for (int lp = 0; lp * gpu::kPageRows < len[b]; ++lp) t.ids[b * t.pps + lp] = perm[next++];
+  return t;
+}
+
+// Rows [0, len[b]) of every sequence of contig [B*N, W] scattered into a pool [n_pages*128, W].
+template <class E>
+std::vector<E> scatter_pages(const std::vector<E>& contig, int N, std::int64_t W, const std::vector<int>& len,
+                             const PageTable& t) {
+  std::vector<E> pool(static_cast<std::size_t>(t.n_pages) * gpu::kPageRows * W);
+  std::memset(static_cast<void*>(pool.data()), 0xFF, pool.size() * sizeof(E));
+  for (std::size_t b = 0; b < len.size(); ++b)
+    for (int j = 0; j < len[b]; ++j) {
+      const std::int32_t id = t.ids[b * t.pps + j / gpu::kPageRows];
+      if (id < 0) continue;  // a page made unallocated on purpose: its rows have nowhere to go
+      const std::int64_t row = std::int64_t{id} * gpu::kPageRows + j % gpu::kPageRows;
+      std::memcpy(static_cast<void*>(&pool[row * W]), &contig[(static_cast<std::int64_t>(b) * N + j) * W],
+                  W * sizeof(E));
+    }
+  return pool;
+}
+
+// The paged run against the contiguous output bits `want` (one sequence of p0 + T keys).
+void check_paged(const Case& c, const MatF& q, const MatF& k, const MatF& v, const std::vector<gpu::bf16>& want,
+                 std::mt19937_64& g) {
+  const AttnDims dims{c.Hq, c.Hkv, kD};
+  const std::vector<int> lens{static_cast<int>(c.p0) + c.T};  // rows past the chunk stay NaN
+  PageTable t = make_pages(c.N, lens, 3, g);
+  if (c.bad_page >= 0) t.ids[c.bad_page] = -1;
+  const std::int64_t W = static_cast<std::int64_t>(c.Hkv) * kD;
+  gpu::DeviceBuffer<gpu::bf16> pk(static_cast<std::size_t>(t.n_pages) * gpu::kPageRows * W), pv(pk.size());
+  pk.upload(scatter_pages(gpu::to_bf16(k.data(), static_cast<std::size_t>(k.size())), c.N, W, lens, t));
+  pv.upload(scatter_pages(gpu::to_bf16(v.data(), static_cast<std::size_t>(v.size())), c.N, W, lens, t));
+  gpu::DeviceBuffer<std::int32_t> dtab(t.ids.size());
+  dtab.upload(t.ids);
+  auto dq = test::upload_bf16(q);
+  gpu::DeviceBuffer<gpu::bf16> dout(static_cast<std::size_t>(c.T) * c.Hq * kD);
+  dout.fill_bytes(0xFF);
+  gpu::attention_dense_prefill(dq.data(), pk.data(), pv.data(), c.p0, c.T, c.N, dims, dout.data(), nullptr,
+                               gpu::CachePages{dtab.data(), t.pps});
+  const auto got = dout.download();
+  const std::size_t row = static_cast<std::size_t>(c.Hq) * kD;
+  long differ = 0, not_nan = 0;
+  for (int r = 0; r < c.T; ++r) {
+    // The 128-query tile of row r loads the keys up to its last row's position.
+    const std::int64_t last = c.p0 + std::min(c.T, (r / 128 + 1) * 128) - 1;
+    const bool bad = c.bad_page >= 0 && std::int64_t{c.bad_page} * gpu::kPageRows <= last;
+    for (std::size_t i = r * row; i < (r + 1) * row; ++i) {
+      if (bad) not_nan += !std::isnan(gpu::from_bf16(&got[i], 1)[0]);
+      else differ += std::memcmp(&got[i], &want[i], sizeof(gpu::bf16)) != 0;
+    }
+  }
+  EXPECT_EQ(differ, 0) << "paged output elements that differ from the contiguous run's bits";
+  EXPECT_EQ(not_nan, 0) << "outputs of query tiles that load an unallocated page are not NaN";
 }
 
 void run_case(const Case& c) {
@@ -88,6 +178,7 @@ void run_case(const Case& c) {
   const auto bits2 = dout.download();
   EXPECT_EQ(std::memcmp(bits1.data(), bits2.data(), bits1.size() * sizeof(gpu::bf16)), 0)
       << "two runs on the same inputs differ";
+  if (c.paged) check_paged(c, q, k, v, bits1, g);
 
   long bad = 0;
   Eigen::Index worst = -1;
@@ -154,6 +245,23 @@ TEST(AttentionPrefill_bf16, Gqa2_LongContext) {
   run_case({256, 4000, 4256, 4, 2});
 }
 
+// A chunk of a page multiple (256 from 0), one of a page + 1 (129), chunked ones from p0 inside a
+// page, and capacity N past the chunk (rows never read: NaN in the pool).
+TEST(AttentionPrefill_bf16, Paged_BitIdentical) {
+  M3_REQUIRE_GPU();
+  run_case({256, 0, 256, 16, 1, 1.0, true});
+  run_case({129, 0, 300, 4, 2, 1.0, true});
+  run_case({300, 77, 500, 4, 2, 1.0, true});
+  run_case({200, 1000, 1300, 8, 1, 1.0, true});
+  run_case({33, 100, 133, 64, 4, 1.0, true});
+}
+
+TEST(AttentionPrefill_bf16, Paged_NegativePageId_GivesNaNTiles) {
+  M3_REQUIRE_GPU();
+  // Page 2 = keys 256..383: query tile 0 (positions 77..204) is clean, tiles 1 and 2 are NaN.
+  run_case({300, 77, 500, 4, 2, 1.0, true, 2});
+}
+
 TEST(AttentionPrefill_bf16, RejectsBadArguments) {
   M3_REQUIRE_GPU();
   gpu::DeviceBuffer<gpu::bf16> b(64 * 1024);
@@ -167,5 +275,8 @@ TEST(AttentionPrefill_bf16, RejectsBadArguments) {
   EXPECT_THROW(gpu::attention_dense_prefill(p, p, p, 0, -1, 8, {1, 1, 128}, o, nullptr), gpu::GpuError);  // T < 0
   EXPECT_THROW(gpu::attention_dense_prefill(p + 1, p, p, 0, 1, 8, {1, 1, 128}, o, nullptr), gpu::GpuError);  // align
   EXPECT_THROW(gpu::attention_dense_prefill(nullptr, p, p, 0, 1, 8, {1, 1, 128}, o, nullptr), gpu::GpuError);
+  gpu::DeviceBuffer<std::int32_t> tab(4);
+  EXPECT_THROW(gpu::attention_dense_prefill(p, p, p, 0, 1, 300, {1, 1, 128}, o, nullptr, gpu::CachePages{tab.data(), 2}),
+               gpu::GpuError);  // 2 pages < 300 rows
   EXPECT_NO_THROW(gpu::attention_dense_prefill(nullptr, nullptr, nullptr, 3, 0, 3, {1, 1, 128}, nullptr, nullptr));
 }

@@ -4,6 +4,11 @@
 // each row with -1 holes moved around, which the op must accept), so a selection flip can never
 // hide or fake a kernel error. Also: with every visible block selected the op equals dense
 // attention; a row with no valid block gives NaN (the reference throws there).
+// Paged caches (kv_cache.h): the same inputs scattered into a pool of permuted 128-row pages (spare
+// and tail rows NaN, pages past a sequence's length unallocated), sequences of different lengths,
+// BLK 128 (a block is a page), 16 (blocks inside a page), 48 and 256 (per-row page lookups): the
+// output must be bit-identical to the contiguous run's, and a negative page id must give NaN
+// exactly for the (query, group) rows whose selection has a visible key in it.
 #include "gpu/kernels/attention_dense.h"
 #include "gpu/kernels/msa_attention.h"
 #include "reference/ops/msa_attention.h"
@@ -11,6 +16,8 @@
 #include "tests/gpu/gpu_test_util.h"
 
 #include <algorithm>
+#include <cmath>
+#include <cstring>
 #include <numeric>
 #include <random>
 #include <vector>
@@ -29,14 +36,66 @@ constexpr double kFp64Factor = 2.0, kFp64Floor = 1e-5;
 
 struct Case {
   int B, T, N, Hq, Hkv, D, BLK, K_blk;
-  bool decode;
+  bool decode;                 // T = 1 at p = len - 1; else scattered positions < len
+  std::vector<int> lens = {};  // per-sequence lengths; empty: all N
+  bool paged = false;          // also run on a paged copy of the cache: bit-identical output
+  int bad_page = -1;           // paged: this logical page of sequence 0 gets id -1
 };
 
 std::string name(const Case& c) {
   return "B=" + std::to_string(c.B) + " T=" + std::to_string(c.T) + " N=" + std::to_string(c.N) + " Hq=" +
          std::to_string(c.Hq) + " Hkv=" + std::to_string(c.Hkv) + " D=" + std::to_string(c.D) + " BLK=" +
-         std::to_string(c.BLK) + " K_blk=" + std::to_string(c.K_blk) + (c.decode ? " decode" : " scattered");
+         std::to_string(c.BLK) + " K_blk=" + std::to_string(c.K_blk) + (c.decode ? " decode" : " scattered") +
+         (c.paged ? " paged" : "") + (c.bad_page >= 0 ? " bad page " + std::to_string(c.bad_page) : "");
 }
+
+std::vector<int> lens_of(const Case& c) { return c.lens.empty() ? std::vector<int>(c.B, c.N) : c.lens; }
+
+// Paged copy of a contiguous cache (the same helper in each reader's test): sequence b's logical
+// page lp is physical page ids[b*pps + lp], drawn from a random permutation of a pool with `spare`
+// pages more than the sequences use; pps is one more than N needs (the table's stride is pps, not
+// ceil(N/128)). Pages past a sequence's length get id -1 (unallocated: a kernel that looked one up
+// would give NaN), and every pool row that no logical row < len[b] maps to (the spare pages, the
+// tail of a sequence's last page) keeps the all-ones poison (bf16 and E4M3 NaN).
+struct PageTable {
+  std::vector<std::int32_t> ids;  // [B, pps]
+  int pps = 0, n_pages = 0;
+};
+
+PageTable make_pages(int N, const std::vector<int>& len, int spare, std::mt19937_64& g) {
+  const int B = static_cast<int>(len.size());
+  PageTable t;
+  t.pps = (N + gpu::kPageRows - 1) / gpu::kPageRows + 1;
+  int used = 0;
+  for (int L : len) used += (L + gpu::kPageRows - 1) / gpu::kPageRows;
+  t.n_pages = used + spare;
+  std::vector<std::int32_t> perm(t.n_pages);
+  std::iota(perm.begin(), perm.end(), 0);
+  std::shuffle(perm.begin(), perm.end(), g);
+  t.ids.assign(static_cast<std::size_t>(B) * t.pps, -1);
+  int next = 0;
+  for (int b = 0; b < B; ++b)
+    for (int lp = 0; lp * gpu::kPageRows < len[b]; ++lp) t.ids[b * t.pps + lp] = perm[next++];
+  return t;
+}
+
+// Rows [0, len[b]) of every sequence of contig [B*N, W] scattered into a pool [n_pages*128, W].
+template <class E>
+std::vector<E> scatter_pages(const std::vector<E>& contig, int N, std::int64_t W, const std::vector<int>& len,
+                             const PageTable& t) {
+  std::vector<E> pool(static_cast<std::size_t>(t.n_pages) * gpu::kPageRows * W);
+  std::memset(static_cast<void*>(pool.data()), 0xFF, pool.size() * sizeof(E));
+  for (std::size_t b = 0; b < len.size(); ++b)
+    for (int j = 0; j < len[b]; ++j) {
+      const std::int32_t id = t.ids[b * t.pps + j / gpu::kPageRows];
+      if (id < 0) continue;  // a page made unallocated on purpose: its rows have nowhere to go
+      const std::int64_t row = std::int64_t{id} * gpu::kPageRows + j % gpu::kPageRows;
+      std::memcpy(static_cast<void*>(&pool[row * W]), &contig[(static_cast<std::int64_t>(b) * N + j) * W],
+                  W * sizeof(E));
+    }
+  return pool;
+}
+
 
 std::vector<std::int64_t> scattered_positions(int T, int N, std::mt19937_64& g) {
   std::vector<std::int64_t> all(N);
@@ -65,7 +124,8 @@ Inputs make_inputs(const Case& c, std::mt19937_64& g, bool shuffle_rows) {
   const int NB = (c.N + c.BLK - 1) / c.BLK;
   in.sel.resize(static_cast<Eigen::Index>(c.B) * c.Hkv * c.T, c.K_blk);
   for (int b = 0; b < c.B; ++b) {
-    auto p = c.decode ? std::vector<std::int64_t>(c.T, c.N - 1) : scattered_positions(c.T, c.N, g);
+    const int L = lens_of(c)[b];
+    auto p = c.decode ? std::vector<std::int64_t>(c.T, L - 1) : scattered_positions(c.T, L, g);
     in.pos.insert(in.pos.end(), p.begin(), p.end());
     const MatF scores = test::randn<float>(static_cast<Eigen::Index>(c.Hkv) * c.T, NB, g);
     MatI sb;
@@ -81,9 +141,28 @@ Inputs make_inputs(const Case& c, std::mt19937_64& g, bool shuffle_rows) {
   return in;
 }
 
-MatF run_gpu(const Case& c, const Inputs& in) {
+// pages: run on a paged copy of k and v with this table (else the contiguous layout).
+MatF run_gpu(const Case& c, const Inputs& in, const PageTable* pages = nullptr) {
   const AttnDims dims{c.Hq, c.Hkv, c.D};
-  auto dq = test::upload_bf16(in.q), dk = test::upload_bf16(in.k), dv = test::upload_bf16(in.v);
+  auto dq = test::upload_bf16(in.q);
+  gpu::DeviceBuffer<gpu::bf16> dk, dv;
+  gpu::DeviceBuffer<std::int32_t> dtab;
+  gpu::CachePages cp;
+  if (pages) {
+    const std::int64_t W = static_cast<std::int64_t>(c.Hkv) * c.D;
+    const auto hk = gpu::to_bf16(in.k.data(), static_cast<std::size_t>(in.k.size()));
+    const auto hv = gpu::to_bf16(in.v.data(), static_cast<std::size_t>(in.v.size()));
+    dk = gpu::DeviceBuffer<gpu::bf16>(static_cast<std::size_t>(pages->n_pages) * gpu::kPageRows * W);
+    dv = gpu::DeviceBuffer<gpu::bf16>(dk.size());
+    dk.upload(scatter_pages(hk, c.N, W, lens_of(c), *pages));
+    dv.upload(scatter_pages(hv, c.N, W, lens_of(c), *pages));
+    dtab = gpu::DeviceBuffer<std::int32_t>(pages->ids.size());
+    dtab.upload(pages->ids);
+    cp = {dtab.data(), pages->pps};
+  } else {
+    dk = test::upload_bf16(in.k);
+    dv = test::upload_bf16(in.v);
+  }
   gpu::DeviceBuffer<std::int64_t> dpos(in.pos.size());
   dpos.upload(in.pos);
   gpu::DeviceBuffer<std::int32_t> dsel(static_cast<std::size_t>(in.sel.size()));
@@ -94,8 +173,36 @@ MatF run_gpu(const Case& c, const Inputs& in) {
   gpu::DeviceBuffer<unsigned char> ws(std::max<std::size_t>(wsb, 1));
   ws.fill_bytes(0xFF);
   gpu::msa_attention(dq.data(), dk.data(), dv.data(), dpos.data(), dsel.data(), c.T, c.N, c.BLK, c.K_blk, dims,
-                     dout.data(), nullptr, ws.data(), wsb, c.B);
+                     dout.data(), nullptr, ws.data(), wsb, c.B, cp);
   return test::download_bf16(dout, in.q.rows(), in.q.cols());
+}
+
+// The paged run against the contiguous output `want`: bit-identical, except that with a bad page
+// the (query, group) rows of sequence 0 whose selection holds a visible key of it are all NaN.
+void check_paged(const Case& c, const Inputs& in, const MatF& want, std::mt19937_64& g) {
+  PageTable t = make_pages(c.N, lens_of(c), 3, g);
+  if (c.bad_page >= 0) t.ids[c.bad_page] = -1;  // sequence 0's page
+  const MatF got = run_gpu(c, in, &t);
+  const std::int64_t lo = std::int64_t{c.bad_page} * gpu::kPageRows, hi = lo + gpu::kPageRows - 1;
+  long differ = 0, not_nan = 0;
+  for (int r = 0; r < c.B * c.T; ++r)
+    for (int grp = 0; grp < c.Hkv; ++grp) {
+      bool bad = false;
+      const std::int64_t p = in.pos[r];
+      if (c.bad_page >= 0 && r < c.T)
+        for (int s = 0; s < c.K_blk; ++s) {
+          const std::int64_t id = in.sel(static_cast<Eigen::Index>(grp) * c.T + r, s);  // b = 0
+          const std::int64_t j0 = id * c.BLK, j1 = std::min(j0 + c.BLK - 1, p);
+          bad = bad || (id >= 0 && j0 <= p && std::max(j0, lo) <= std::min(j1, hi));
+        }
+      const int G = c.Hq / c.Hkv;
+      for (Eigen::Index col = static_cast<Eigen::Index>(grp) * G * c.D; col < static_cast<Eigen::Index>(grp + 1) * G * c.D; ++col) {
+        if (bad) not_nan += !std::isnan(got(r, col));
+        else differ += std::memcmp(&got(r, col), &want(r, col), sizeof(float)) != 0;
+      }
+    }
+  EXPECT_EQ(differ, 0) << "paged output elements that differ from the contiguous run's bits";
+  EXPECT_EQ(not_nan, 0) << "outputs of rows that select a key of an unallocated page are not NaN";
 }
 
 void run_case(const Case& c, bool shuffle_rows = true) {
@@ -119,6 +226,7 @@ void run_case(const Case& c, bool shuffle_rows = true) {
     truth.middleRows(t0, c.T) = tb;
   }
   const MatF out = run_gpu(c, in);
+  if (c.paged) check_paged(c, in, out, g);
   EXPECT_TRUE(out.allFinite()) << "unwritten or NaN output elements";
   EXPECT_GT(in.q.norm(), 0.0);
   EXPECT_GT(ref.norm(), 0.0);
@@ -156,6 +264,32 @@ TEST(MsaAttention_bf16, TinyBlocks_TwoMtiles_D64) {
   for (int N : {1, 15, 17, 64, 65, 300}) run_case({2, 9, N, 48, 2, 64, 16, 4, false});
   // A wide budget: 520 queries leave 2 splits of 50 slots (800 keys, 13 tiles) a CTA.
   run_case({1, 520, 3000, 8, 1, 64, 16, 100, false});
+}
+
+// Sequences of 5000, 2048 (a page multiple) and 129 (a page + 1) keys, N = 5000 the capacity.
+TEST(MsaAttention_bf16, Paged_M3Blocks_UnevenLengths_BitIdentical) {
+  M3_REQUIRE_GPU();
+  run_case({3, 1, 5000, 64, 4, 128, 128, 16, true, {5000, 2048, 129}, true});
+  run_case({3, 37, 3000, 16, 2, 128, 128, 16, false, {3000, 256, 129}, true});
+  run_case({2, 1, 300, 16, 1, 128, 128, 16, true, {1, 300}, true});
+}
+
+TEST(MsaAttention_bf16, Paged_BlocksInsideAndAcrossPages) {
+  M3_REQUIRE_GPU();
+  // BLK 16 and 64: each block inside one page (the per-block page ids). BLK 48 straddles pages
+  // and BLK 256 spans two: per-row page lookups.
+  run_case({3, 9, 300, 48, 2, 64, 16, 4, false, {300, 256, 129}, true});
+  run_case({2, 37, 2000, 8, 2, 128, 64, 8, false, {2000, 129}, true});
+  run_case({2, 9, 1000, 8, 2, 64, 48, 6, false, {1000, 129}, true});
+  run_case({2, 5, 3000, 16, 2, 128, 256, 4, false, {3000, 257}, true});
+}
+
+TEST(MsaAttention_bf16, Paged_NegativePageId_GivesNaNRows) {
+  M3_REQUIRE_GPU();
+  // Page 5 (keys 640..767) of sequence 0 unallocated: rows whose selection reaches it are NaN.
+  run_case({2, 37, 3000, 16, 2, 128, 128, 16, false, {3000, 1000}, true, 5});
+  run_case({2, 9, 1000, 8, 2, 64, 16, 4, false, {1000, 700}, true, 5});
+  run_case({2, 9, 1000, 8, 2, 64, 48, 6, false, {1000, 700}, true, 5});
 }
 
 TEST(MsaAttention_bf16, AllBlocksSelected_EqualsDense) {

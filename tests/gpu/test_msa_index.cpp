@@ -3,12 +3,18 @@
 // is within 2 * gamma_Di * ||q_i|| * max_j ||k_j|| of the other (gamma_n = n * 2^-24, the fp32
 // dot-product bound, doubled for the two sides). -inf (blocks past the query's own block) and
 // NaN / +-inf must match exactly; the GPU's extra columns (NB > the reference's) must be -inf.
+// Paged index-K caches (kv_cache.h): the same keys scattered into a pool of permuted 128-row pages
+// (spare and tail rows NaN, pages past a sequence's length unallocated), sequences of different
+// lengths, BLK 128, 64 and 16 (chunks that start inside a page, tiles that straddle two): the scores
+// must be bit-identical to the contiguous run's, and a negative page id must give NaN exactly for
+// the blocks with a visible key in it.
 #include "gpu/kernels/msa_index.h"
 #include "reference/ops/msa_index.h"
 #include "tests/gpu/gpu_test_util.h"
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <numeric>
 #include <random>
 #include <vector>
@@ -22,15 +28,67 @@ constexpr double kRelL2 = 1e-5;  // fp32 path (DESIGN §4): the scores are fp32 
 
 struct Case {
   int B, T, N, Hi, Di, BLK;
-  bool decode;  // T = 1 at p = N - 1; else scattered positions
+  bool decode;  // T = 1 at p = len - 1; else scattered positions < len
   int extra_nb = 2;  // GPU columns beyond ceil(N/BLK)
+  std::vector<int> lens = {};  // per-sequence lengths; empty: all N
+  bool paged = false;          // also run on a paged copy of the cache: bit-identical scores
+  int bad_page = -1;           // paged: this logical page of sequence 0 gets id -1
 };
 
 std::string name(const Case& c) {
   return "B=" + std::to_string(c.B) + " T=" + std::to_string(c.T) + " N=" + std::to_string(c.N) + " Hi=" +
          std::to_string(c.Hi) + " Di=" + std::to_string(c.Di) + " BLK=" + std::to_string(c.BLK) +
-         (c.decode ? " decode" : " scattered");
+         (c.decode ? " decode" : " scattered") + (c.paged ? " paged" : "") +
+         (c.bad_page >= 0 ? " bad page " + std::to_string(c.bad_page) : "");
 }
+
+std::vector<int> lens_of(const Case& c) { return c.lens.empty() ? std::vector<int>(c.B, c.N) : c.lens; }
+
+// Paged copy of a contiguous cache (the same helper in each reader's test): sequence b's logical
+// page lp is physical page ids[b*pps + lp], drawn from a random permutation of a pool with `spare`
+// pages more than the sequences use; pps is one more than N needs (the table's stride is pps, not
+// ceil(N/128)). Pages past a sequence's length get id -1 (unallocated: a kernel that looked one up
+// would give NaN), and every pool row that no logical row < len[b] maps to (the spare pages, the
+// tail of a sequence's last page) keeps the all-ones poison (bf16 and E4M3 NaN).
+struct PageTable {
+  std::vector<std::int32_t> ids;  // [B, pps]
+  int pps = 0, n_pages = 0;
+};
+
+PageTable make_pages(int N, const std::vector<int>& len, int spare, std::mt19937_64& g) {
+  const int B = static_cast<int>(len.size());
+  PageTable t;
+  t.pps = (N + gpu::kPageRows - 1) / gpu::kPageRows + 1;
+  int used = 0;
+  for (int L : len) used += (L + gpu::kPageRows - 1) / gpu::kPageRows;
+  t.n_pages = used + spare;
+  std::vector<std::int32_t> perm(t.n_pages);
+  std::iota(perm.begin(), perm.end(), 0);
+  std::shuffle(perm.begin(), perm.end(), g);
+  t.ids.assign(static_cast<std::size_t>(B) * t.pps, -1);
+  int next = 0;
+  for (int b = 0; b < B; ++b)
+    for (int lp = 0; lp * gpu::kPageRows < len[b]; ++lp) t.ids[b * t.pps + lp] = perm[next++];
+  return t;
+}
+
+// Rows [0, len[b]) of every sequence of contig [B*N, W] scattered into a pool [n_pages*128, W].
+template <class E>
+std::vector<E> scatter_pages(const std::vector<E>& contig, int N, std::int64_t W, const std::vector<int>& len,
+                             const PageTable& t) {
+  std::vector<E> pool(static_cast<std::size_t>(t.n_pages) * gpu::kPageRows * W);
+  std::memset(static_cast<void*>(pool.data()), 0xFF, pool.size() * sizeof(E));
+  for (std::size_t b = 0; b < len.size(); ++b)
+    for (int j = 0; j < len[b]; ++j) {
+      const std::int32_t id = t.ids[b * t.pps + j / gpu::kPageRows];
+      if (id < 0) continue;  // a page made unallocated on purpose: its rows have nowhere to go
+      const std::int64_t row = std::int64_t{id} * gpu::kPageRows + j % gpu::kPageRows;
+      std::memcpy(static_cast<void*>(&pool[row * W]), &contig[(static_cast<std::int64_t>(b) * N + j) * W],
+                  W * sizeof(E));
+    }
+  return pool;
+}
+
 
 std::vector<std::int64_t> scattered_positions(int T, int N, std::mt19937_64& g) {
   std::vector<std::int64_t> all(N);
@@ -61,7 +119,8 @@ void run_case(const Case& c, bool fp8 = false, bool special = false) {
   }
   std::vector<std::int64_t> pos;
   for (int b = 0; b < c.B; ++b) {
-    auto p = c.decode ? std::vector<std::int64_t>(c.T, c.N - 1) : scattered_positions(c.T, c.N, g);
+    const int L = lens_of(c)[b];
+    auto p = c.decode ? std::vector<std::int64_t>(c.T, L - 1) : scattered_positions(c.T, L, g);
     pos.insert(pos.end(), p.begin(), p.end());
   }
   const int NB = (c.N + c.BLK - 1) / c.BLK + c.extra_nb;
@@ -85,6 +144,46 @@ void run_case(const Case& c, bool fp8 = false, bool special = false) {
   if (fp8) gpu::msa_index_fp8(dq.data(), dk8.data(), dpos.data(), c.T, c.N, NB, dims, dsc.data(), nullptr, c.B);
   else gpu::msa_index(dq.data(), dk16.data(), dpos.data(), c.T, c.N, NB, dims, dsc.data(), nullptr, c.B);
   const auto hs = dsc.download();
+
+  if (c.paged) {
+    PageTable t = make_pages(c.N, lens_of(c), 3, g);
+    if (c.bad_page >= 0) t.ids[c.bad_page] = -1;  // sequence 0's page
+    gpu::DeviceBuffer<std::int32_t> dtab(t.ids.size());
+    dtab.upload(t.ids);
+    const gpu::CachePages cp{dtab.data(), t.pps};
+    dsc.fill_bytes(0xFF);
+    gpu::DeviceBuffer<gpu::bf16> pk16;
+    gpu::DeviceBuffer<__nv_fp8_e4m3> pk8;
+    if (fp8) {
+      std::vector<__nv_fp8_e4m3> h(static_cast<std::size_t>(k.size()));
+      for (std::size_t i = 0; i < h.size(); ++i) h[i] = __nv_fp8_e4m3(k.data()[i]);
+      pk8 = gpu::DeviceBuffer<__nv_fp8_e4m3>(static_cast<std::size_t>(t.n_pages) * gpu::kPageRows * c.Di);
+      pk8.upload(scatter_pages(h, c.N, c.Di, lens_of(c), t));
+      gpu::msa_index_fp8(dq.data(), pk8.data(), dpos.data(), c.T, c.N, NB, dims, dsc.data(), nullptr, c.B, cp);
+    } else {
+      pk16 = gpu::DeviceBuffer<gpu::bf16>(static_cast<std::size_t>(t.n_pages) * gpu::kPageRows * c.Di);
+      pk16.upload(scatter_pages(gpu::to_bf16(k.data(), static_cast<std::size_t>(k.size())), c.N, c.Di, lens_of(c), t));
+      gpu::msa_index(dq.data(), pk16.data(), dpos.data(), c.T, c.N, NB, dims, dsc.data(), nullptr, c.B, cp);
+    }
+    const auto ps = dsc.download();
+    const std::int64_t lo = std::int64_t{c.bad_page} * gpu::kPageRows, hi = lo + gpu::kPageRows - 1;
+    long differ = 0, not_nan = 0;
+    for (int b = 0; b < c.B; ++b)
+      for (int i = 0; i < c.Hi; ++i)
+        for (int tt = 0; tt < c.T; ++tt) {
+          const std::int64_t p = pos[static_cast<std::size_t>(b) * c.T + tt];
+          for (int col = 0; col < NB; ++col) {
+            // The block's visible keys [col*BLK, min(col*BLK + BLK - 1, p)] meet the bad page.
+            const std::int64_t j0 = std::int64_t{col} * c.BLK, j1 = std::min(j0 + c.BLK - 1, p);
+            const bool bad = c.bad_page >= 0 && b == 0 && std::max(j0, lo) <= std::min(j1, hi);
+            const std::size_t at = ((static_cast<std::size_t>(b) * c.Hi + i) * c.T + tt) * NB + col;
+            if (bad) not_nan += !std::isnan(ps[at]);
+            else differ += std::memcmp(&ps[at], &hs[at], sizeof(float)) != 0;
+          }
+        }
+    EXPECT_EQ(differ, 0) << "paged scores that differ from the contiguous run's bits";
+    EXPECT_EQ(not_nan, 0) << "scores of blocks with a visible key in an unallocated page are not NaN";
+  }
 
   double num = 0, den = 0;
   long finite = 0, bad = 0;
@@ -167,6 +266,35 @@ TEST(MsaIndex_fp8, Decode_And_Scattered) {
   run_case({1, 1, 300000, 4, 128, 128, true}, true);
 }
 
+// Sequences of 5000, 2048 (a page multiple) and 129 (a page + 1) keys, N = 5000 the capacity.
+TEST(MsaIndex_bf16, Paged_UnevenLengths_BitIdentical) {
+  M3_REQUIRE_GPU();
+  run_case({3, 1, 5000, 4, 128, 128, true, 2, {5000, 2048, 129}, true});
+  run_case({3, 37, 3000, 4, 128, 128, false, 2, {3000, 256, 129}, true});
+  run_case({2, 1, 70000, 4, 128, 128, true, 2, {70000, 33025}, true});
+}
+
+TEST(MsaIndex_bf16, Paged_SmallBlocks_TilesStraddlePages) {
+  M3_REQUIRE_GPU();
+  // Chunks of 3 blocks of 16 (48 keys) start inside pages, so 64-key tiles cross page boundaries.
+  run_case({2, 37, 1000, 3, 128, 16, false, 2, {1000, 129}, true});
+  run_case({3, 5, 1000, 1, 64, 64, false, 2, {1000, 256, 129}, true});
+}
+
+TEST(MsaIndex_fp8, Paged_UnevenLengths_BitIdentical) {
+  M3_REQUIRE_GPU();
+  run_case({3, 1, 5000, 4, 128, 128, true, 2, {5000, 2048, 129}, true}, true);
+  run_case({2, 37, 1000, 3, 64, 16, false, 2, {1000, 129}, true}, true);  // 128-key tiles straddle pages
+  run_case({2, 1, 70000, 4, 128, 128, true, 2, {70000, 33025}, true}, true);
+}
+
+TEST(MsaIndex_bf16, Paged_NegativePageId_GivesNaNBlocks) {
+  M3_REQUIRE_GPU();
+  run_case({2, 37, 3000, 4, 128, 128, false, 2, {3000, 1000}, true, 5});
+  run_case({2, 37, 1000, 3, 128, 16, false, 2, {1000, 700}, true, 2});
+  run_case({2, 37, 1000, 3, 64, 16, false, 2, {1000, 700}, true, 2}, true);
+}
+
 TEST(MsaIndex_bf16, OutOfRangePositionGivesNaNRow) {
   M3_REQUIRE_GPU();
   const MsaDims dims{2, 64, 16, 4, 1, 0};
@@ -199,5 +327,9 @@ TEST(MsaIndex_bf16, RejectsBadArguments) {
   EXPECT_THROW(gpu::msa_index(p, p, pos.data(), 1, 0, 2, {4, 128, 128, 16}, sc.data(), nullptr), gpu::GpuError);    // N = 0
   EXPECT_THROW(gpu::msa_index(p, p + 1, pos.data(), 1, 256, 2, {4, 128, 128, 16}, sc.data(), nullptr), gpu::GpuError);  // align
   EXPECT_THROW(gpu::msa_index(p, p, pos.data(), 1, 256, 2, {0, 128, 128, 16}, sc.data(), nullptr), gpu::GpuError);  // Hi
+  gpu::DeviceBuffer<std::int32_t> tab(8);  // a page table of 1 page for N = 256
+  EXPECT_THROW(gpu::msa_index(p, p, pos.data(), 1, 256, 2, {4, 128, 128, 16}, sc.data(), nullptr, 1,
+                              gpu::CachePages{tab.data(), 1}),
+               gpu::GpuError);
   EXPECT_NO_THROW(gpu::msa_index(p, p, pos.data(), 0, 256, 2, {4, 128, 128, 16}, sc.data(), nullptr));
 }

@@ -1,0 +1,155 @@
+// GPU benchmark of MSA block-sparse attention for a prefill chunk with M3's geometry (Hq 64, Hkv 4,
+// D 128, BLK 128, top-16): one chunk of T = 4096 queries at the end of a context of N keys
+// (positions N-T .. N-1), N in {16K, 64K, 256K, 1M}:
+//   BM_MsaPrefill            gpu::msa_attention_prefill (KV-block-outer, gathered queries, LSE merge)
+//   BM_MsaPrefillDecodeForm  gpu::msa_attention (query-outer split-K decode form) on the same inputs
+//   bench_gpu --benchmark_filter=MsaPrefill
+// Selections: random but valid, as msa_select would shape them: per (query, group) 15 distinct
+// random blocks before the query's own block, then the own block (last slot).
+// Time: CUDA events around the call (UseManualTime), medians over repetitions. No L2 flush: in a
+// real prefill the chunk's K/V rows were just written, and from 64K on the caches (2*N*Hkv*D*2
+// bytes) exceed the L2 anyway.
+// Counter TFLOP/s: attended FLOPs, 4 * Hq * D * (keys attended summed over the queries), the keys
+// counted with the causal mask (15 full blocks + p % BLK + 1 keys of the own block a query).
+#include "gpu/kernels/msa_attention.h"
+#include "gpu/kernels/msa_attention_prefill.h"
+#include "gpu/runtime/buffer.h"
+#include "gpu/runtime/device.h"
+
+#include <benchmark/benchmark.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <random>
+#include <vector>
+
+namespace {
+
+using m3::gpu::bf16;
+using m3::gpu::DeviceBuffer;
+
+const m3::AttnDims kDims{64, 4, 128};
+constexpr int kBlk = 128, kTopK = 16, kT = 4096;
+constexpr int kMaxCtx = 1 << 20;
+
+// N(0, 1) bf16: one random block drawn on the host (odd length, so rows do not repeat in step),
+// tiled over the buffer by device copies.
+void fill_random(DeviceBuffer<bf16>& d, std::uint64_t seed) {
+  constexpr std::size_t kBlock = (std::size_t{1} << 22) + 4099;
+  std::mt19937_64 g(seed);
+  std::normal_distribution<float> nd;
+  std::vector<float> host(std::min(kBlock, d.size()));
+  for (auto& x : host) x = nd(g);
+  const auto b = m3::gpu::to_bf16(host.data(), host.size());
+  M3_CUDA_CHECK(cudaMemcpy(d.data(), b.data(), b.size() * sizeof(bf16), cudaMemcpyHostToDevice));
+  for (std::size_t at = b.size(); at < d.size(); at += b.size()) {
+    const std::size_t n = std::min(b.size(), d.size() - at);
+    M3_CUDA_CHECK(cudaMemcpy(d.data() + at, d.data(), n * sizeof(bf16), cudaMemcpyDeviceToDevice));
+  }
+}
+
+struct World {
+  DeviceBuffer<bf16> q, k, v, out;             // [T, Hq*D], [N, Hkv*D] x2, [T, Hq*D]
+  DeviceBuffer<std::int64_t> pos;              // [T]
+  DeviceBuffer<std::int32_t> sel;              // [Hkv*T, K_blk]
+  DeviceBuffer<unsigned char> ws_prefill, ws_decode;
+  m3::gpu::Stream stream;
+  int sel_ctx = 0;  // the context the uploaded positions and selection belong to
+  double keys = 0;  // keys attended, summed over the queries (per group; equal for every group)
+
+  World() {
+    const std::size_t kv = static_cast<std::size_t>(kMaxCtx) * kDims.Hkv * kDims.D;
+    const std::size_t qe = static_cast<std::size_t>(kT) * kDims.Hq * kDims.D;
+    q = DeviceBuffer<bf16>(qe);
+    out = DeviceBuffer<bf16>(qe);
+    k = DeviceBuffer<bf16>(kv);
+    v = DeviceBuffer<bf16>(kv);
+    fill_random(q, 1);
+    fill_random(k, 2);
+    fill_random(v, 3);
+    pos = DeviceBuffer<std::int64_t>(kT);
+    sel = DeviceBuffer<std::int32_t>(static_cast<std::size_t>(kDims.Hkv) * kT * kTopK);
+    std::size_t wp = 0;
+    for (int n = 1 << 14; n <= kMaxCtx; n *= 4)
+      wp = std::max(wp, m3::gpu::msa_attention_prefill_workspace_bytes(kT, n, kBlk, kTopK, kDims));
+    ws_prefill = DeviceBuffer<unsigned char>(wp);
+    ws_decode = DeviceBuffer<unsigned char>(m3::gpu::msa_attention_workspace_bytes(kT, kTopK, kDims));
+  }
+
+  // Positions N-T .. N-1 and, per (group, query), 15 distinct random earlier blocks + the own block.
+  void set_context(int n) {
+    if (sel_ctx == n) return;
+    std::mt19937_64 g(static_cast<std::uint64_t>(n));
+    std::vector<std::int64_t> p(kT);
+    std::vector<std::int32_t> s(sel.size());
+    keys = 0;
+    for (int t = 0; t < kT; ++t) {
+      p[t] = n - kT + t;
+      keys += (kTopK - 1) * kBlk + p[t] % kBlk + 1;
+    }
+    for (int kv = 0; kv < kDims.Hkv; ++kv)
+      for (int t = 0; t < kT; ++t) {
+        const int L = static_cast<int>(p[t] / kBlk);  // >= 96 > 15 at n >= 16K
+        std::int32_t* row = s.data() + (static_cast<std::size_t>(kv) * kT + t) * kTopK;
+        std::uniform_int_distribution<int> pick(0, L - 1);
+        for (int j = 0; j < kTopK - 1;) {
+          const int b = pick(g);
+          if (std::find(row, row + j, b) == row + j) row[j++] = b;
+        }
+        row[kTopK - 1] = L;
+      }
+    pos.upload(p);
+    sel.upload(s);
+    sel_ctx = n;
+  }
+};
+
+World& world() {
+  static World w;
+  return w;
+}
+
+void bench(benchmark::State& state, bool prefill_form) {
+  if (m3::gpu::device_count() == 0) {
+    state.SkipWithError("no CUDA device");
+    return;
+  }
+  const int n = static_cast<int>(state.range(0));
+  World& w = world();
+  w.set_context(n);
+  cudaStream_t s = w.stream.get();
+  auto run = [&] {
+    if (prefill_form)
+      m3::gpu::msa_attention_prefill(w.q.data(), w.k.data(), w.v.data(), w.pos.data(), w.sel.data(), kT, n, kBlk,
+                                     kTopK, kDims, w.out.data(), s, w.ws_prefill.data(), w.ws_prefill.size());
+    else
+      m3::gpu::msa_attention(w.q.data(), w.k.data(), w.v.data(), w.pos.data(), w.sel.data(), kT, n, kBlk, kTopK, kDims,
+                             w.out.data(), s, w.ws_decode.data(), w.ws_decode.size());
+  };
+  run();  // warm-up: module load, shared-memory attributes, occupancy queries stay out of the timings
+  w.stream.sync();
+  m3::gpu::Event e0, e1;
+  for (auto _ : state) {
+    e0.record(s);
+    run();
+    e1.record(s);
+    state.SetIterationTime(e1.since(e0) * 1e-3);
+  }
+  const double flops = 4.0 * kDims.Hq * kDims.D * w.keys;
+  state.counters["TFLOP/s"] = benchmark::Counter(flops * 1e-12, benchmark::Counter::kIsIterationInvariantRate);
+  state.counters["keys/query"] = w.keys / kT;
+}
+
+void BM_MsaPrefill(benchmark::State& s) { bench(s, true); }
+void BM_MsaPrefillDecodeForm(benchmark::State& s) { bench(s, false); }
+
+void ctx_args(benchmark::internal::Benchmark* b) {
+  b->ArgNames({"ctx"});
+  for (int n = 1 << 14; n <= kMaxCtx; n *= 4) b->Arg(n);
+  b->UseManualTime()->Unit(benchmark::kMillisecond)->MinTime(0.05)->Repetitions(5)->ReportAggregatesOnly(true);
+}
+
+}  // namespace
+
+BENCHMARK(BM_MsaPrefill)->Apply(ctx_args);
+BENCHMARK(BM_MsaPrefillDecodeForm)->Apply(ctx_args);

@@ -1,0 +1,111 @@
+// The GPU forward pass of the text model (spec §2.1), twin of m3::Model (reference/model.h):
+// prefill and step-by-step decode over paged KV and index-K caches, batches of sequences of
+// different lengths, and a trace of every intermediate under the same DESIGN §1 names, delivered
+// through the reference's own TraceFn / TraceView types (host copies, bf16 widened to fp32), so
+// that one comparison code path reads both engines.
+//
+//   m3::gpu::Model model(cfg, m3::generate_weights(cfg, seed));
+//   m3::gpu::Sequence seq = model.new_sequence();
+//   m3::MatD logits = model.prefill(seq, tokens);          // [T, V]
+//   m3::MatD next = model.decode(seq, greedy(logits));     // [1, V]
+//
+// Numerics (DESIGN §3): bf16 weights, activations and caches; fp32 accumulation, softmax and
+// router (its weights stay fp32, as in the checkpoint); fp32 logits. Projections of a layer run as
+// one cuBLAS GEMM against the stacked [q; k; v; idx_q; idx_k] weights over all tokens of all
+// sequences; attention runs per sequence over its own pages (a decode step of several sequences is
+// one batched launch per kernel).
+//
+// Caches: every layer's K, V (and on MSA layers index-K, bf16 or fp8 E4M3) live in pages of
+// kPageRows = 128 tokens drawn from one pool planned up front (max_batch sequences at
+// max_context tokens); a sequence owns a list of page ids, the same ids in every layer; pages
+// return to the pool when the Sequence is destroyed. Memory is planned before any allocation
+// (plan()), and a plan that does not fit the device fails with needed vs free bytes.
+//
+// The GPU path includes reference/config.h, weights.h (the weights it uploads) and model.h (the
+// trace vocabulary): data types only; it never calls a reference op.
+#pragma once
+
+#include "gpu/runtime/memory_plan.h"
+#include "reference/config.h"
+#include "reference/model.h"
+#include "reference/weights.h"
+
+#include <cstdint>
+#include <memory>
+#include <span>
+#include <vector>
+
+namespace m3::gpu {
+
+struct ModelOptions {
+  int max_batch = 4;               // sequences alive at once (the page pool holds this many full ones)
+  std::int64_t max_context = 0;    // tokens a sequence may hold; 0 = min(max_position_embeddings, 16384)
+  std::int64_t max_tokens = 4096;  // tokens one forward call carries (activation buffers); prefill() chunks longer prompts
+  bool fp8_index_cache = false;    // index-K cache in fp8 E4M3 (half the decode index read)
+  int device = 0;
+};
+
+// Wall time of the last forward call on the GPU (CUDA events around the whole call).
+struct ForwardTiming {
+  double ms = 0;
+  std::int64_t tokens = 0;
+};
+
+class Model;
+
+// One sequence's pages and length. Made by Model::new_sequence; movable; returns its pages to the
+// model's pool when destroyed (the model must outlive its sequences).
+class Sequence {
+ public:
+  Sequence();
+  ~Sequence();
+  Sequence(Sequence&&) noexcept;
+  Sequence& operator=(Sequence&&) noexcept;
+  std::int64_t length() const;
+
+ private:
+  friend class Model;
+  struct State;
+  std::unique_ptr<State> s_;
+};
+
+class Model {
+ public:
+  // Validates cfg and the weights against it, plans memory (throws GpuError when it cannot fit),
+  // uploads the weights. Throws std::invalid_argument for configurations the GPU kernels do not
+  // cover (the message names the field and the supported values).
+  Model(ModelConfig cfg, const ModelWeights<float>& weights, ModelOptions opt = {});
+  ~Model();
+  Model(const Model&) = delete;
+  Model& operator=(const Model&) = delete;
+
+  const ModelConfig& config() const;
+  const ModelOptions& options() const;
+  const MemoryPlan& plan() const;
+
+  Sequence new_sequence();
+
+  // As m3::Model::forward: appends tokens[s] to seqs[s] and returns each sequence's logits
+  // [T_s, V] (fp32 values widened). Validates every sequence, token id, position and the page
+  // pool before touching a cache. At most options().max_tokens tokens in all.
+  std::vector<MatD> forward(std::span<Sequence* const> seqs,
+                            std::span<const std::span<const std::int32_t>> tokens, const TraceFn& trace = {});
+
+  // One sequence; prompts longer than max_tokens run in chunks of max_tokens (the trace then
+  // receives each name once per chunk, rows in order).
+  MatD prefill(Sequence& seq, std::span<const std::int32_t> tokens, const TraceFn& trace = {});
+  MatD decode(Sequence& seq, std::int32_t token, const TraceFn& trace = {});
+
+  const ForwardTiming& last_timing() const;
+
+ private:
+  struct Impl;
+  std::unique_ptr<Impl> p_;
+};
+
+// Prefill `prompt`, then `steps` greedy decode steps (m3::greedy_token's tie rule). As
+// m3::generate_greedy: returns the generated tokens, optionally all logits rows.
+std::vector<std::int32_t> generate_greedy(Model& model, std::span<const std::int32_t> prompt, int steps,
+                                          MatD* logits_out = nullptr, const TraceFn& trace = {});
+
+}  // namespace m3::gpu
