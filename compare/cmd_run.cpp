@@ -18,6 +18,7 @@
 #include <algorithm>
 #include <chrono>
 #include <optional>
+#include <cstdio>
 #include <cstring>
 #include <fstream>
 #include <sstream>
@@ -33,6 +34,7 @@ struct RunArgs {
   std::string precision;  // "" = fp32 on the CPU, bf16 on the GPU
   std::string device = "cpu";
   std::int64_t max_context = 0;
+  bool show_plan = false;
   std::uint64_t seed = 0;
   std::string out;
   std::string checkpoint;
@@ -113,6 +115,16 @@ int run(const RunArgs& a) {
     o.max_context = a.max_context > 0 ? a.max_context : T + a.decode;
     o.max_tokens = std::min<std::int64_t>(T, 16384);
     auto t0 = clock::now();
+    if (a.show_plan) {
+      // The plan the model will check before allocating, printed first so a refusal can be read.
+      gpu::PlanRequest req;
+      req.batch = o.max_batch;
+      req.context = o.max_context;
+      req.chunk_tokens = o.max_tokens;
+      std::fprintf(stderr, "memory plan (%s, context %lld, %lld tokens a call):\n%s", cfg.name.c_str(),
+                   static_cast<long long>(o.max_context), static_cast<long long>(o.max_tokens),
+                   gpu::plan_memory(cfg, req).describe().c_str());
+    }
     gpu::Model model(cfg, ck ? ck->weights : generate_weights(cfg, a.seed), o);
     if (ck) ck.reset();
     auto t1 = clock::now();
@@ -210,6 +222,7 @@ CLI::App* register_run(CLI::App& app, int* exit_code) {
       ->capture_default_str();
   cmd->add_option("--max-context", args->max_context,
                   "GPU: tokens of cache to plan per sequence (default: prompt + decode steps)");
+  cmd->add_flag("--show-plan", args->show_plan, "GPU: print the memory plan (stderr) before allocating");
   cmd->add_option("--seed", args->seed, "Seed of the weights and of a drawn prompt")->capture_default_str();
   cmd->add_option("--checkpoint", args->checkpoint,
                   "Checkpoint directory (config.json + safetensors, single or sharded, either layout of spec "

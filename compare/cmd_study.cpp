@@ -1,6 +1,9 @@
 // `m3h study`: the measured MSA vs GQA cost study (DESIGN §5, issue 5). Parts:
 //   cpu      one decode token of one layer on the reference, dense vs MSA, contexts min..max in
 //            powers of two: wall time, counted multiply-adds, the analytic model (must agree exactly)
+//   gpu      one layer's attention on the GPU (compare/study_gpu.h): decode b = 1 and 8 and chunked
+//            prefill, dense vs MSA (bf16 and fp8 index-K), time, FLOPs, bytes, fractions of the
+//            measured peaks, speedups, and the rest of the layer's time (attention share)
 //   quality  recall of dense attention mass by the selected blocks and MSA-vs-dense output error,
 //            random / retrieval / decay patterns (compare/study_quality.h)
 // Progress on stderr; results as a table or JSON (--format json, --out FILE writes the JSON too).
@@ -8,6 +11,9 @@
 #include "compare/cli_common.h"
 #include "compare/study_cpu.h"
 #include "compare/study_quality.h"
+#if M3_HAVE_GPU
+#include "compare/study_gpu.h"
+#endif
 
 #include <fmt/format.h>
 #include <nlohmann/json.hpp>
@@ -28,6 +34,8 @@ struct StudyArgs {
   std::int64_t quality_max_context = 1 << 18;
   std::string patterns = "random,retrieval,decay";
   int queries = 8;
+  int chunk = 16384;
+  bool no_prefill = false, no_decode = false;
   std::uint64_t seed = 1;
   std::string out;
   Format format = Format::TABLE;
@@ -127,9 +135,57 @@ int study(const StudyArgs& a) {
                        r.recall_min, r.local_mass_mean, r.out_rel_l2);
         }
       }
+    } else if (part == "gpu") {
+#if M3_HAVE_GPU
+      study::GpuStudyOptions go;
+      go.min_context = a.min_context;
+      go.max_context = hi;
+      go.chunk = a.chunk;
+      go.prefill = !a.no_prefill;
+      go.decode = !a.no_decode;
+      go.seed = a.seed;
+      const study::GpuStudy g =
+          study::run_gpu_study(cfg, go, [](const std::string& s) { std::fprintf(stderr, "study gpu: %s\n", s.c_str()); });
+      j["gpu"]["device"] = g.device;
+      j["gpu"]["peaks"] = {{"gemm_tflops", g.peaks.gemm_tflops}, {"copy_gbps", g.peaks.copy_gbps}};
+      j["gpu"]["rest_prefill_us_per_token"] = g.rest_prefill_us_per_token;
+      for (const auto& r : g.decode)
+        j["gpu"]["decode"].push_back({{"context", r.context}, {"batch", r.batch}, {"dense_us", r.dense_us},
+                                      {"index_us", r.index_us}, {"index_fp8_us", r.index_fp8_us},
+                                      {"select_us", r.select_us}, {"sparse_us", r.sparse_us}, {"msa_us", r.msa_us},
+                                      {"msa_fp8_us", r.msa_fp8_us}, {"dense_bytes", r.dense_bytes},
+                                      {"msa_bytes", r.msa_bytes}, {"msa_fp8_bytes", r.msa_fp8_bytes},
+                                      {"dense_flops", r.dense_flops}, {"msa_flops", r.msa_flops},
+                                      {"rest_us", r.rest_us}});
+      for (const auto& r : g.prefill)
+        j["gpu"]["prefill"].push_back({{"context", r.context}, {"chunk", r.chunk}, {"chunks", r.chunks},
+                                       {"chunks_timed", r.chunks_timed}, {"dense_kernel", r.dense_kernel},
+                                       {"dense_ms", r.dense_ms}, {"index_ms", r.index_ms}, {"select_ms", r.select_ms},
+                                       {"sparse_ms", r.sparse_ms}, {"msa_ms", r.msa_ms}, {"dense_flops", r.dense_flops},
+                                       {"index_flops", r.index_flops}, {"sparse_flops", r.sparse_flops},
+                                       {"rest_ms", r.rest_ms}});
+      if (human) {
+        const double copy = g.peaks.copy_gbps;
+        fmt::print("\n## GPU ({}); peaks: bf16 GEMM {:.1f} TFLOP/s, copy {:.0f} GB/s\n", g.device, g.peaks.gemm_tflops, copy);
+        fmt::print("decode: {:>3} {:>9} {:>10} {:>10} {:>8} {:>10} {:>8} {:>8} {:>9}\n", "b", "n", "dense us", "MSA us",
+                   "x", "fp8 us", "x fp8", "MSA/cp", "attn %");
+        for (const auto& r : g.decode)
+          fmt::print("        {:>3} {:>9} {:>10.1f} {:>10.1f} {:>7.2f}x {:>10.1f} {:>7.2f}x {:>7.1f}% {:>8.1f}%\n", r.batch,
+                     r.context, r.dense_us, r.msa_us, r.dense_us / r.msa_us, r.msa_fp8_us, r.dense_us / r.msa_fp8_us,
+                     100 * r.msa_bytes / (r.msa_us * 1e-6) / 1e9 / copy,
+                     r.rest_us > 0 ? 100 * r.msa_us / (r.msa_us + r.rest_us) : 0.0);
+        fmt::print("prefill: {:>9} {:>11} {:>11} {:>9} {:>9} {:>9} {:>8} {:>10}\n", "n", "dense ms", "MSA ms", "index",
+                   "select", "sparse", "x", "dense TF/s");
+        for (const auto& r : g.prefill)
+          fmt::print("         {:>9} {:>11.1f} {:>11.1f} {:>9.1f} {:>9.1f} {:>9.1f} {:>7.2f}x {:>10.1f}\n", r.context,
+                     r.dense_ms, r.msa_ms, r.index_ms, r.select_ms, r.sparse_ms, r.dense_ms / r.msa_ms,
+                     r.dense_flops / (r.dense_ms * 1e-3) / 1e12);
+      }
+#else
+      throw std::invalid_argument("study: --part gpu needs the CUDA build (configure with -DM3_WITH_CUDA=ON)");
+#endif
     } else {
-      throw std::invalid_argument(fmt::format("study: unknown part '{}': expected cpu or quality (the GPU part is "
-                                              "bench_gpu's attention benchmarks until issue 5 lands it here)", part));
+      throw std::invalid_argument(fmt::format("study: unknown part '{}': expected cpu, quality or gpu", part));
     }
   }
   if (!a.out.empty()) {
@@ -149,7 +205,10 @@ CLI::App* register_study(CLI::App& app, int* exit_code) {
       "study", "The MSA vs dense GQA cost study on one layer: CPU decode time and counted FLOPs against the analytic "
                "model, and the selection quality (recall of attention mass) on synthetic patterns.");
   cmd->add_option("--preset,--config", args->preset, "Preset (m3-layer, small, tiny) or config.json")->capture_default_str();
-  cmd->add_option("--part", args->parts, "Comma-separated parts: cpu, quality")->capture_default_str();
+  cmd->add_option("--part", args->parts, "Comma-separated parts: cpu, quality, gpu")->capture_default_str();
+  cmd->add_option("--chunk", args->chunk, "GPU prefill: queries per chunk")->capture_default_str();
+  cmd->add_flag("--no-prefill", args->no_prefill, "GPU: skip the prefill sweep");
+  cmd->add_flag("--no-decode", args->no_decode, "GPU: skip the decode sweep");
   cmd->add_option("--min-context", args->min_context, "Smallest context (powers of two from here)")->capture_default_str();
   cmd->add_option("--max-context", args->max_context, "Largest context of the cpu part (clipped to the preset's "
                   "max_position_embeddings; 1M needs ~4.5 GiB of RAM at M3's dimensions)")->capture_default_str();

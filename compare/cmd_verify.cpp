@@ -1,7 +1,10 @@
 // `m3h verify`: checks an op case file (compare/verify.h) and prints the device header, the
 // command line, one row of metrics per output, the first mismatches with their coordinates and a
-// verdict footer. Exit 0 when every output agrees, 1 on disagreement, 2 on a bad file.
+// verdict footer. Exit 0 when every output agrees, 1 on disagreement, 2 on a bad file or a
+// request the device cannot serve (--device gpu without CUDA or a GPU, an fp32 case on the GPU).
 //   m3h verify case.h5 [--device cpu|gpu] [--format table|json|csv]
+// --device cpu: a = the file's outputs, b = the CPU reference run now. --device gpu: a = the GPU
+// twin's outputs on the file's inputs, b = the file's outputs (verify.h).
 #include "compare/cli_common.h"
 #include "compare/verify.h"
 
@@ -30,7 +33,11 @@ nlohmann::json mismatch_json(const cmp::Mismatch& m) { return {{"at", m.at}, {"a
 nlohmann::json to_json(const cmp::VerifyResult& r) {
   nlohmann::json j;
   j["command"] = command_line();
-  j["device"] = cpu_description();
+  j["device"] = r.device == cmp::Device::GPU ? cmp::gpu_description() : cpu_description();
+  j["engine"] = r.device == cmp::Device::GPU ? "gpu" : "cpu";
+  j["sides"] = r.device == cmp::Device::GPU
+                   ? nlohmann::json{{"a", "the GPU twin's outputs"}, {"b", "the file's /outputs (expected)"}}
+                   : nlohmann::json{{"a", "the file's /outputs"}, {"b", "the CPU reference run now"}};
   const cases::OpCase& op = cases::find_op(r.c.op);
   j["case"] = {{"path", r.path}, {"op", r.c.op}, {"precision", precision_name(r.c.precision)},
                {"seed", r.c.seed}, {"generator", r.c.generator}};
@@ -65,7 +72,7 @@ nlohmann::json to_json(const cmp::VerifyResult& r) {
       x["unexpected_nan"] = o.f.unexpected_nan;
       if (!o.follows.empty()) x["masked"] = {{"follows", o.follows}, {"elements", o.f.masked}};
       if (o.attn_rule)
-        x["attention_rule"] = {{"err_file_vs_fp64", o.err_file}, {"err_ref_vs_fp64", o.err_ref}, {"bound", o.attn_bound}};
+        x["attention_rule"] = {{"err_a_vs_fp64", o.err_a}, {"err_ref_vs_fp64", o.err_ref}, {"bound", o.attn_bound}};
     }
     x["first_mismatches"] = first;
     j["outputs"].push_back(x);
@@ -75,37 +82,45 @@ nlohmann::json to_json(const cmp::VerifyResult& r) {
 }
 
 void print_csv(const cmp::VerifyResult& r) {
-  fmt::print("op,precision,output,kind,tier,elements,rel_l2,max_abs,max_at,pass_pct,exact_match,jaccard_mean,verdict\n");
+  // The device column last: the columns before it keep their places for existing readers.
+  fmt::print("op,precision,output,kind,tier,elements,rel_l2,max_abs,max_at,pass_pct,exact_match,jaccard_mean,verdict,"
+             "device\n");
   for (const cmp::OutputCheck& o : r.outputs)
-    fmt::print("{},{},{},{},{},{},{},{},\"{}\",{},{},{},{}\n", r.c.op, precision_name(r.c.precision), o.name,
+    fmt::print("{},{},{},{},{},{},{},{},\"{}\",{},{},{},{},{}\n", r.c.op, precision_name(r.c.precision), o.name,
                o.is_index ? "index" : "float", precision_name(o.tier), cases::element_count(o.dims),
                o.is_index ? "" : fmt::format("{:.6e}", o.f.rel_l2), o.is_index ? "" : fmt::format("{:.6e}", o.f.max_abs),
                o.is_index ? "" : cmp::coord_str(o.f.max_at.at), o.is_index ? "" : fmt::format("{:.4f}", o.f.pass_pct),
                o.is_index ? fmt::format("{:.6f}", o.ix.exact_rate) : "",
-               o.is_index ? fmt::format("{:.6f}", o.ix.jaccard_mean) : "", verdict_word(o));
+               o.is_index ? fmt::format("{:.6f}", o.ix.jaccard_mean) : "", verdict_word(o),
+               r.device == cmp::Device::GPU ? "gpu" : "cpu");
 }
 
 void print_table(const cmp::VerifyResult& r) {
   const cases::OpCase& op = cases::find_op(r.c.op);
-  fmt::print("# {}\n# {}\n", cpu_description(), command_line());
+  const bool on_gpu = r.device == cmp::Device::GPU;
+  fmt::print("# {}\n# {}\n", on_gpu ? cmp::gpu_description() : cpu_description(), command_line());
   fmt::print("case    {}: op {}, precision {}, seed {}\nparams  {}\n", r.path, r.c.op, precision_name(r.c.precision),
              r.c.seed, cases::params_str(op, r.c.params));
   if (!r.c.generator.empty()) fmt::print("written {}\n", r.c.generator);
-  fmt::print("a = the file's /outputs; b = the CPU reference run now{}\n\n",
-             r.c.precision == Precision::BF16 ? " (bf16-emulating: fp32 math on bf16 inputs, bf16 outputs)" : "");
-  constexpr auto kHead = "{:<9} {:<5} {:<4} {:>7}  {:>13} {:>8}  {:>10} {:<12} {:>13} {:>13} {:>8}  {}\n";
+  const char* emulating = r.c.precision == Precision::BF16 ? " (bf16-emulating: fp32 math on bf16 inputs, bf16 outputs)" : "";
+  if (on_gpu)
+    fmt::print("a = the GPU twin's outputs on the file's inputs; b = the file's /outputs (expected)\n"
+               "(near-tie scores and the attention rule's yardstick: the CPU reference run now{})\n\n", emulating);
+  else
+    fmt::print("a = the file's /outputs; b = the CPU reference run now{}\n\n", emulating);
+  constexpr auto kHead = "{:<14} {:<5} {:<4} {:>7}  {:>13} {:>8}  {:>10} {:<12} {:>13} {:>13} {:>8}  {}\n";
   fmt::print(kHead, "output", "kind", "tier", "elems", "rel-L2", "gate", "max|a-b|", "at", "a", "b", "pass", "verdict");
-  fmt::print("{:<9} {:<5} {:<4} {:>7}  {:>13} {:>8}  {:>10} {:<12} {:>13} {:>13} {:>8}\n", "", "", "", "", "||a-b||/||b||",
-             "(<=)", "(abs)", "[row, col]", "(file)", "(reference)", "(% elem)");
+  fmt::print("{:<14} {:<5} {:<4} {:>7}  {:>13} {:>8}  {:>10} {:<12} {:>13} {:>13} {:>8}\n", "", "", "", "", "||a-b||/||b||",
+             "(<=)", "(abs)", "[row, col]", on_gpu ? "(gpu)" : "(file)", on_gpu ? "(file)" : "(reference)", "(% elem)");
   for (const cmp::OutputCheck& o : r.outputs) {
     if (o.is_index) {
-      fmt::print("{:<9} {:<5} {:<4} {:>7}  exact-match {:6.2f} %, Jaccard mean {:.4f} min {:.4f} (row {}), "
+      fmt::print("{:<14} {:<5} {:<4} {:>7}  exact-match {:6.2f} %, Jaccard mean {:.4f} min {:.4f} (row {}), "
                  "rows differing {} (near-tie {})  {}\n",
                  o.name, "index", "-", cases::element_count(o.dims), 100 * o.ix.exact_rate, o.ix.jaccard_mean,
                  o.ix.jaccard_min, o.ix.jaccard_min_row, o.ix.rows_differ, o.ix.rows_near_tie, verdict_word(o));
       continue;
     }
-    fmt::print("{:<9} {:<5} {:<4} {:>7}  {:>13.3e} {:>8.1e}  {:>10.3e} {:<12} {:>13.6g} {:>13.6g} {:>8.2f}  {}\n", o.name,
+    fmt::print("{:<14} {:<5} {:<4} {:>7}  {:>13.3e} {:>8.1e}  {:>10.3e} {:<12} {:>13.6g} {:>13.6g} {:>8.2f}  {}\n", o.name,
                "float", precision_name(o.tier), cases::element_count(o.dims), o.f.rel_l2, o.tol.rel_l2, o.f.max_abs,
                cmp::coord_str(o.f.max_at.at), o.f.max_at.got, o.f.max_at.want, o.f.pass_pct, verdict_word(o));
   }
@@ -118,8 +133,8 @@ void print_table(const cmp::VerifyResult& r) {
                             : "");
     if (o.attn_rule)
       fmt::print("{}: attention rule: rel-L2 vs fp64 {:.3e} <= {} x {:.3e} (bf16 reference vs fp64) + {:.1e} = {:.3e}: "
-                 "{}\n", o.name, o.err_file, cmp::kAttnErrFactor, o.err_ref, cmp::kAttnFloor, o.attn_bound,
-                 o.err_file <= o.attn_bound ? "ok" : "FAIL");
+                 "{}\n", o.name, o.err_a, cmp::kAttnErrFactor, o.err_ref, cmp::kAttnFloor, o.attn_bound,
+                 o.err_a <= o.attn_bound ? "ok" : "FAIL");
     if (o.near_tie())
       fmt::print("{}: near-tie: ids differ in {} rows only between blocks/experts whose scores are within {:.3g} of the "
                  "row's scale; compared as sets (Jaccard mean {:.4f})\n", o.name, o.ix.rows_differ, o.tol.tie_rtol,
@@ -171,13 +186,18 @@ CLI::App* register_verify(CLI::App& app, int* exit_code) {
       "Check an op case file: run the op on its inputs and compare with its outputs under the "
       "tolerance policy (compare/tolerance.h). Exit 0 agree, 1 disagree, 2 bad file.");
   cmd->add_option("case", args->path, "The case file (HDF5, format m3h-case)")->required();
-  cmd->add_option("--device", args->device, "cpu (the reference) or gpu")->check(CLI::IsMember({"cpu", "gpu"}));
+  cmd->add_option("--device", args->device,
+                  "cpu: the file's outputs against the CPU reference run now; gpu: the GPU twin's outputs (bf16 "
+                  "cases) against the file's outputs")
+      ->check(CLI::IsMember({"cpu", "gpu"}));
   add_format_option(cmd, &args->format);
   cmd->footer(
       "Float outputs: rel-L2 ||a-b||/||b||, max |a-b| with its coordinates and both values, the share of\n"
       "elements within atol + rtol|b|; NaN/Inf must sit at the same positions. Index outputs: exact\n"
       "match, or near-tie where the deciding scores are within rounding (then compared as sets, Jaccard).\n"
       "bf16 attention also: rel-L2 vs fp64 <= 2 x the bf16 reference's own + 2^-8.\n"
+      "--device gpu: each GPU kernel of the op (e.g. out and out@prefill) against the file's outputs;\n"
+      "bf16 cases only (fp32 for msa_select); exit 2 without CUDA or a visible GPU.\n"
       "Write cases with `m3h case` or datasets/tools/dump_case.py.");
   cmd->callback([args, exit_code] { *exit_code = run_verify(*args); });
   return cmd;

@@ -36,7 +36,19 @@ done
 [ "$n" -ge 12 ] || { echo "FAIL: only $n committed cases in $cases (want one per op, 12)"; fail=1; }
 expect 0 '"verdict": "agree"' verify "$cases/moe_router.h5" --format json
 expect 0 "msa_select,bf16,sel,index" verify "$cases/msa_select.h5" --format csv
-expect 2 "not built yet (issue 4)" verify "$cases/linear.h5" --device gpu
+# --device gpu: without CUDA in the build or without a visible device, exit 2 saying which; on a
+# GPU host every committed case (all bf16) must agree on its GPU twin, and an fp32 case is refused.
+if "$m3h" verify "$cases/linear.h5" --device gpu >"$tmp/gpu_probe.txt" 2>&1 || [ $? -ne 2 ]; then
+  for f in "$cases"/*.h5; do
+    expect 0 "verdict: AGREE" verify "$f" --device gpu
+  done
+  expect 0 "a = the GPU twin's outputs" verify "$cases/attention_dense.h5" --device gpu
+  expect 0 '"engine": "gpu"' verify "$cases/msa_select.h5" --device gpu --format json
+  expect 0 "wrote $tmp/lin32.h5" case --op linear --out "$tmp/lin32.h5" --precision fp32
+  expect 2 "the GPU computes in bf16; write the case with --precision bf16" verify "$tmp/lin32.h5" --device gpu
+else
+  expect 2 "built without CUDA\|no CUDA device is visible" verify "$cases/linear.h5" --device gpu
+fi
 expect 2 "missing or not an HDF5 file" verify "$tmp/nonexistent.h5"
 printf 'not hdf5' >"$tmp/text.h5"
 expect 2 "missing or not an HDF5 file" verify "$tmp/text.h5"

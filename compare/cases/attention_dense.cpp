@@ -4,6 +4,11 @@
 #include "compare/cases/case.h"
 #include "reference/ops/attention_dense.h"
 
+#if M3_HAVE_GPU
+#include "gpu/kernels/attention_dense.h"
+#include "gpu/kernels/attention_prefill.h"
+#endif
+
 #include <fmt/format.h>
 
 #include <stdexcept>
@@ -48,6 +53,35 @@ class AttentionDenseCase final : public OpCase {
   Tensors run(const Params& p, const Tensors& in, bool fp64) const override {
     return fp64 ? run_t<double>(p, in) : run_t<float>(p, in);
   }
+#if M3_HAVE_GPU
+  // "out": gpu::attention_dense (any positions). "out@prefill": gpu::attention_dense_prefill as
+  // well, where it applies: the queries are one contiguous chunk p0..p0+T-1 and D = 128.
+  Tensors run_gpu(const Params& p, const Tensors& in) const override {
+    using namespace gpu_io;
+    const int T = dim(pint(p, "T"), "T"), N = dim(pint(p, "N"), "N");
+    const AttnDims d{dim(pint(p, "Hq"), "Hq"), dim(pint(p, "Hkv"), "Hkv"), dim(pint(p, "D"), "D")};
+    const cmp::Dims out_dims = {T, std::int64_t{d.Hq} * d.D};
+    const gpu::Stream s;
+    const auto q = bf16_in(in.at("q"), s.get());        // [T, Hq*D]
+    const auto k = bf16_in(in.at("k"), s.get());        // [N, Hkv*D]
+    const auto v = bf16_in(in.at("v"), s.get());        // [N, Hkv*D]
+    const auto q_pos = i64_in(in.at("q_pos"), s.get());  // [T]
+    const std::size_t ws_bytes = gpu::attention_dense_workspace_bytes(T, N, d);
+    gpu::DeviceBuffer<unsigned char> ws(ws_bytes);      // cudaMalloc: 256-byte aligned
+    auto y = out<gpu::bf16>(out_dims, s.get());          // [T, Hq*D]
+    gpu::attention_dense(q.data(), k.data(), v.data(), q_pos.data(), T, N, d, y.data(), s.get(), ws.data(), ws_bytes);
+    Tensors r = {{"out", get(y, out_dims, s.get())}};
+    const auto& pos = in.at("q_pos").i;
+    bool chunk = d.D == 128;
+    for (std::size_t t = 1; t < pos.size() && chunk; ++t) chunk = pos[t] == pos[0] + static_cast<std::int64_t>(t);
+    if (chunk) {
+      auto yp = out<gpu::bf16>(out_dims, s.get());  // [T, Hq*D]
+      gpu::attention_dense_prefill(q.data(), k.data(), v.data(), pos[0], T, N, d, yp.data(), s.get());
+      r["out@prefill"] = get(yp, out_dims, s.get());
+    }
+    return r;
+  }
+#endif
 
  private:
   template <class T>

@@ -14,6 +14,7 @@
 #include <limits>
 #include <set>
 #include <tuple>
+#include <type_traits>
 
 namespace m3::cases {
 
@@ -38,6 +39,10 @@ const std::vector<const OpCase*>& all_ops() {
       &attention_dense_case(), &msa_index_case(), &msa_select_case(),  &msa_attention_case(),
       &swiglu_oai_case(),    &moe_router_case(), &moe_experts_case(),  &lm_head_case()};
   return ops;
+}
+
+Tensors OpCase::run_gpu(const Params&, const Tensors&) const {
+  throw CaseError(fmt::format("op {} has no GPU twin; use --device cpu", op()));
 }
 
 const OpCase& find_op(std::string_view op) {
@@ -359,3 +364,84 @@ Case read_case(const std::string& path) {
 }
 
 }  // namespace m3::cases
+
+#if M3_HAVE_GPU
+// --- GPU uploads and downloads (case.h, gpu_io) ---
+
+namespace m3::cases::gpu_io {
+
+namespace {
+
+template <class T>
+gpu::DeviceBuffer<T> upload(const std::vector<T>& host, cudaStream_t s) {
+  gpu::DeviceBuffer<T> d(host.size());
+  if (!host.empty()) d.upload(host, s);
+  return d;
+}
+
+void check_size(std::size_t got, const cmp::Dims& dims) {
+  if (got < static_cast<std::size_t>(element_count(dims)))
+    throw std::logic_error(fmt::format("gpu_io: a device buffer of {} elements for a tensor {}", got,
+                                       cmp::coord_str(dims)));
+}
+
+}  // namespace
+
+gpu::DeviceBuffer<gpu::bf16> bf16_in(const Tensor& t, cudaStream_t s) {
+  const std::vector<float> f(t.f.begin(), t.f.end());
+  return upload(gpu::to_bf16(f.data(), f.size()), s);
+}
+
+gpu::DeviceBuffer<float> f32_in(const Tensor& t, cudaStream_t s) {
+  return upload(std::vector<float>(t.f.begin(), t.f.end()), s);
+}
+
+gpu::DeviceBuffer<std::int32_t> i32_in(const Tensor& t, cudaStream_t s) {
+  std::vector<std::int32_t> v(t.i.size());
+  for (std::size_t k = 0; k < v.size(); ++k) {
+    if (t.i[k] < std::numeric_limits<std::int32_t>::min() || t.i[k] > std::numeric_limits<std::int32_t>::max())
+      throw CaseError(fmt::format("id {} at {} does not fit int32", t.i[k], k));
+    v[k] = static_cast<std::int32_t>(t.i[k]);
+  }
+  return upload(v, s);
+}
+
+gpu::DeviceBuffer<std::int64_t> i64_in(const Tensor& t, cudaStream_t s) { return upload(t.i, s); }
+
+template <class T>
+gpu::DeviceBuffer<T> out(const cmp::Dims& dims, cudaStream_t s) {
+  gpu::DeviceBuffer<T> d(static_cast<std::size_t>(element_count(dims)));
+  d.fill_bytes(std::is_integral_v<T> ? 0x80 : 0xFF, s);
+  return d;
+}
+template gpu::DeviceBuffer<gpu::bf16> out<gpu::bf16>(const cmp::Dims&, cudaStream_t);
+template gpu::DeviceBuffer<float> out<float>(const cmp::Dims&, cudaStream_t);
+template gpu::DeviceBuffer<std::int32_t> out<std::int32_t>(const cmp::Dims&, cudaStream_t);
+
+Tensor get(const gpu::DeviceBuffer<gpu::bf16>& d, const cmp::Dims& dims, cudaStream_t s) {
+  check_size(d.size(), dims);
+  const auto h = d.download(s);
+  const auto f = gpu::from_bf16(h.data(), static_cast<std::size_t>(element_count(dims)));
+  return Tensor{dims, {f.begin(), f.end()}, {}};
+}
+
+Tensor get(const gpu::DeviceBuffer<float>& d, const cmp::Dims& dims, cudaStream_t s) {
+  check_size(d.size(), dims);
+  const auto h = d.download(s);
+  return Tensor{dims, {h.begin(), h.begin() + element_count(dims)}, {}};
+}
+
+Tensor get(const gpu::DeviceBuffer<std::int32_t>& d, const cmp::Dims& dims, cudaStream_t s) {
+  check_size(d.size(), dims);
+  const auto h = d.download(s);
+  return Tensor{dims, {}, {h.begin(), h.begin() + element_count(dims)}};
+}
+
+int dim(std::int64_t v, const char* what) {
+  if (v < 0 || v > std::numeric_limits<int>::max())
+    throw CaseError(fmt::format("{} = {} does not fit the GPU kernels' int dimensions", what, v));
+  return static_cast<int>(v);
+}
+
+}  // namespace m3::cases::gpu_io
+#endif

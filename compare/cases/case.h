@@ -19,6 +19,15 @@
 // Each op registers one OpCase (compare/cases/<op>.cpp; the registry is in case.cpp): its
 // parameters with awkward defaults, its tensors' shapes, a seeded input generator, the reference
 // run, and for index outputs the scores that decide them (near-ties).
+//
+// GPU twins (`m3h verify --device gpu`, compare/verify.h): OpCase::run_gpu runs the op's CUDA
+// kernel(s) of gpu/kernels on the case's inputs, uploaded in the GPU's storage (ACT as bf16, F32 as
+// fp32, IDS as int32, POS as int64), and returns the outputs widened to double. An output that more
+// than one GPU kernel computes comes back once per extra kernel as "<output>@<kernel>" (e.g.
+// attention_dense's "out@prefill"), each checked against the same expected output. The GPU
+// computes in bf16, so run_gpu takes bf16 cases only, except where the op's GPU path is fp32 (or
+// exact) end to end on an fp32 case's storage: gpu_precision_ok says which (msa_select).
+// Built only with CUDA (M3_HAVE_GPU = 1); the CPU-only build keeps the CaseError default.
 #pragma once
 
 #include "compare/metrics.h"
@@ -100,6 +109,13 @@ class OpCase {
   // For a float output whose rows follow an index output's rows (router weights follow the
   // chosen experts): that output's name, else "". Its rows are skipped where the ids near-tie.
   virtual std::string follows(const std::string& /*output*/) const { return ""; }
+  // The GPU twin on `in` (see the file comment): every output of outputs(p), plus
+  // "<output>@<kernel>" for extra kernels. Throws CaseError where the op or these parameters have
+  // no GPU path (the message says which and why), m3::gpu::GpuError for what a kernel rejects.
+  virtual Tensors run_gpu(const Params&, const Tensors& /*in*/) const;
+  // Case precisions the GPU path can be checked in: bf16 (the GPU's own), and fp32 only where the
+  // op's GPU path holds every input and output in fp32 or exactly (no bf16 rounding anywhere).
+  virtual bool gpu_precision_ok(Precision p) const { return p == Precision::BF16; }
 };
 
 // The registry: every op stem of reference/ops, in forward order.
@@ -173,3 +189,29 @@ Tensor from_mat(const Mat<T>& m);
 Tensor from_ids(const MatI& m);
 
 }  // namespace m3::cases
+
+#if M3_HAVE_GPU
+#include "gpu/runtime/buffer.h"
+
+namespace m3::cases::gpu_io {
+
+// Host <-> device copies for the GPU twins (case.cpp), synchronous on `s`. Uploads convert the
+// widened values to the GPU's storage: bf16 (round to nearest even: exact for a bf16 case's
+// values), fp32, int32 (ids), int64 (positions).
+gpu::DeviceBuffer<gpu::bf16> bf16_in(const Tensor& t, cudaStream_t s);
+gpu::DeviceBuffer<float> f32_in(const Tensor& t, cudaStream_t s);
+gpu::DeviceBuffer<std::int32_t> i32_in(const Tensor& t, cudaStream_t s);
+gpu::DeviceBuffer<std::int64_t> i64_in(const Tensor& t, cudaStream_t s);
+// An output buffer of element_count(dims) elements, poisoned so that an element the kernel never
+// writes cannot pass: 0xFF bytes (bf16 / fp32 NaN), 0x80 bytes for ids (a large negative id).
+template <class T>
+gpu::DeviceBuffer<T> out(const cmp::Dims& dims, cudaStream_t s);
+// Downloads and widens (bf16, fp32 -> Tensor::f; int32 -> Tensor::i).
+Tensor get(const gpu::DeviceBuffer<gpu::bf16>& d, const cmp::Dims& dims, cudaStream_t s);
+Tensor get(const gpu::DeviceBuffer<float>& d, const cmp::Dims& dims, cudaStream_t s);
+Tensor get(const gpu::DeviceBuffer<std::int32_t>& d, const cmp::Dims& dims, cudaStream_t s);
+// Casts a case dimension (int64) to the kernels' int, throwing CaseError when it does not fit.
+int dim(std::int64_t v, const char* what);
+
+}  // namespace m3::cases::gpu_io
+#endif

@@ -4,6 +4,10 @@
 #include "reference/ops/embedding.h"
 #include "reference/rng.h"
 
+#if M3_HAVE_GPU
+#include "gpu/kernels/embedding.h"
+#endif
+
 namespace m3::cases {
 
 namespace {
@@ -37,6 +41,20 @@ class EmbeddingCase final : public OpCase {
   Tensors run(const Params& p, const Tensors& in, bool fp64) const override {
     return fp64 ? run_t<double>(p, in) : run_t<float>(p, in);
   }
+#if M3_HAVE_GPU
+  Tensors run_gpu(const Params& p, const Tensors& in) const override {
+    using namespace gpu_io;
+    const int T = dim(pint(p, "T"), "T"), V = dim(pint(p, "V"), "V"), H = dim(pint(p, "H"), "H");
+    const auto tok = ids_vec(in.at("tokens"));  // [T]
+    gpu::check_token_ids(tok.data(), tok.size(), V);  // the device cannot throw on a bad id
+    const gpu::Stream s;
+    const auto table = bf16_in(in.at("table"), s.get());  // [V, H]
+    const auto tokens = i32_in(in.at("tokens"), s.get());  // [T]
+    auto y = out<gpu::bf16>({T, H}, s.get());               // [T, H]
+    gpu::embedding(table.data(), tokens.data(), T, V, H, y.data(), s.get());
+    return {{"out", get(y, {T, H}, s.get())}};
+  }
+#endif
 
  private:
   template <class T>

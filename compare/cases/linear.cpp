@@ -3,6 +3,10 @@
 #include "compare/cases/case.h"
 #include "reference/ops/linear.h"
 
+#if M3_HAVE_GPU
+#include "gpu/kernels/linear.h"
+#endif
+
 #include <cmath>
 
 namespace m3::cases {
@@ -31,6 +35,19 @@ class LinearCase final : public OpCase {
   Tensors run(const Params& p, const Tensors& in, bool fp64) const override {
     return fp64 ? run_t<double>(p, in) : run_t<float>(p, in);
   }
+#if M3_HAVE_GPU
+  Tensors run_gpu(const Params& p, const Tensors& in) const override {
+    using namespace gpu_io;
+    const int T = dim(pint(p, "T"), "T"), H_in = dim(pint(p, "H_in"), "H_in"), H_out = dim(pint(p, "H_out"), "H_out");
+    const gpu::Stream s;
+    const gpu::CublasHandle h;
+    const auto x = bf16_in(in.at("x"), s.get());  // [T, H_in]
+    const auto w = bf16_in(in.at("w"), s.get());  // [H_out, H_in]
+    auto y = out<gpu::bf16>({T, H_out}, s.get());  // [T, H_out]
+    gpu::linear(h.get(), x.data(), w.data(), y.data(), T, H_in, H_out, s.get());
+    return {{"y", get(y, {T, H_out}, s.get())}};
+  }
+#endif
 
  private:
   template <class T>

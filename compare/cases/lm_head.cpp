@@ -3,6 +3,10 @@
 #include "compare/cases/case.h"
 #include "reference/ops/lm_head.h"
 
+#if M3_HAVE_GPU
+#include "gpu/kernels/lm_head.h"
+#endif
+
 #include <cmath>
 
 namespace m3::cases {
@@ -38,6 +42,24 @@ class LmHeadCase final : public OpCase {
   Tensors run(const Params& p, const Tensors& in, bool fp64) const override {
     return fp64 ? run_t<double>(p, in) : run_t<float>(p, in);
   }
+#if M3_HAVE_GPU
+  // The GPU's logits are fp32 (no output rounding); they are compared, unrounded, with the case's
+  // bf16 logits in the bf16 tier.
+  Tensors run_gpu(const Params& p, const Tensors& in) const override {
+    using namespace gpu_io;
+    const int T = dim(pint(p, "T"), "T"), H = dim(pint(p, "H"), "H"), V = dim(pint(p, "V"), "V");
+    const gpu::Stream s;
+    const gpu::CublasHandle handle;
+    const auto h = bf16_in(in.at("h"), s.get());            // [T, H]
+    const auto norm_w = bf16_in(in.at("norm_w"), s.get());  // [H]
+    const auto w = bf16_in(in.at("w"), s.get());            // [V, H]
+    gpu::DeviceBuffer<gpu::bf16> scratch(std::size_t(T) * H);  // [T, H] the normed h
+    auto logits = out<float>({T, V}, s.get());                 // [T, V] fp32
+    gpu::lm_head(handle.get(), h.data(), norm_w.data(), preal(p, "eps"), w.data(), logits.data(), scratch.data(), T,
+                 H, V, s.get());
+    return {{"logits", get(logits, {T, V}, s.get())}};
+  }
+#endif
 
  private:
   template <class T>

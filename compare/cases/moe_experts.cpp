@@ -7,6 +7,10 @@
 #include "reference/ops/moe_experts.h"
 #include "reference/rng.h"
 
+#if M3_HAVE_GPU
+#include "gpu/kernels/moe_experts.h"
+#endif
+
 #include <fmt/format.h>
 
 #include <cmath>
@@ -90,6 +94,59 @@ class MoeExpertsCase final : public OpCase {
   Tensors run(const Params& p, const Tensors& in, bool fp64) const override {
     return fp64 ? run_t<double>(p, in) : run_t<float>(p, in);
   }
+#if M3_HAVE_GPU
+  // "y": gpu::moe_experts with grouped expert GEMMs (it falls back to the loop where cuBLAS or the
+  // dims cannot group); "y@loop": with one cuBLAS GEMM per expert. The case's stacked gate and up
+  // [E, I, H] become the GPU's fused gate_up [E, 2I, H] (expert e: its I gate rows, then its I up).
+  Tensors run_gpu(const Params& p, const Tensors& in) const override {
+    using namespace gpu_io;
+    const int T = dim(pint(p, "T"), "T"), H = dim(pint(p, "H"), "H"), I = dim(pint(p, "I"), "I");
+    const int E = dim(pint(p, "E"), "E"), K = dim(pint(p, "K_e"), "K_e");
+    const bool shared = pint(p, "shared") == 1;
+    const std::size_t rows_ih = std::size_t(I) * H;  // one expert's gate (or up) block [I, H]
+    auto stack = [&](const Tensor& gate, const Tensor& up, std::int64_t n) {  // [n, I, H] x2 -> [n, 2I, H]
+      Tensor gu;
+      gu.dims = {n, 2 * std::int64_t{I}, H};
+      for (std::int64_t e = 0; e < n; ++e) {
+        gu.f.insert(gu.f.end(), gate.f.begin() + e * rows_ih, gate.f.begin() + (e + 1) * rows_ih);
+        gu.f.insert(gu.f.end(), up.f.begin() + e * rows_ih, up.f.begin() + (e + 1) * rows_ih);
+      }
+      return gu;
+    };
+    const gpu::Stream s;
+    const gpu::CublasHandle h;
+    const auto x = bf16_in(in.at("x"), s.get());                                    // [T, H]
+    const auto experts = i32_in(in.at("experts"), s.get());                         // [T, K_e]
+    const auto weights = f32_in(in.at("weights"), s.get());                         // [T, K_e] fp32
+    const auto gate_up = bf16_in(stack(in.at("gate"), in.at("up"), E), s.get());   // [E, 2I, H]
+    const auto down = bf16_in(in.at("down"), s.get());                              // [E, H, I]
+    gpu::DeviceBuffer<gpu::bf16> shared_gate_up, shared_down;                       // [2I, H], [H, I]
+    if (shared) {
+      shared_gate_up = bf16_in(stack(in.at("shared_gate"), in.at("shared_up"), 1), s.get());
+      shared_down = bf16_in(in.at("shared_down"), s.get());
+    }
+    gpu::MoeExpertWeights w;
+    w.gate_up = gate_up.data();
+    w.down = down.data();
+    w.E = E;
+    w.I = I;
+    w.shared_gate_up = shared ? shared_gate_up.data() : nullptr;
+    w.shared_down = shared ? shared_down.data() : nullptr;
+    w.Is = shared ? I : 0;
+    const gpu::SwigluParams sp{static_cast<float>(preal(p, "alpha")), static_cast<float>(preal(p, "limit")),
+                               static_cast<float>(preal(p, "beta"))};
+    const std::size_t ws_bytes = gpu::moe_experts_workspace_bytes(T, H, K, w);
+    gpu::DeviceBuffer<unsigned char> ws(ws_bytes);  // cudaMalloc: 256-byte aligned
+    Tensors r;
+    for (const auto path : {gpu::MoeGemmPath::GROUPED, gpu::MoeGemmPath::LOOP}) {
+      auto y = out<gpu::bf16>({T, H}, s.get());  // [T, H]
+      gpu::moe_experts(h.get(), x.data(), experts.data(), weights.data(), T, H, K, w, preal(p, "routed_scale"), sp,
+                       y.data(), ws.data(), ws_bytes, s.get(), path);
+      r[path == gpu::MoeGemmPath::GROUPED ? "y" : "y@loop"] = get(y, {T, H}, s.get());
+    }
+    return r;
+  }
+#endif
 
  private:
   template <class T>

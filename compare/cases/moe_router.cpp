@@ -7,6 +7,10 @@
 #include "compare/cases/case.h"
 #include "reference/ops/moe_router.h"
 
+#if M3_HAVE_GPU
+#include "gpu/kernels/moe_router.h"
+#endif
+
 #include <fmt/format.h>
 
 #include <cmath>
@@ -54,6 +58,26 @@ class MoeRouterCase final : public OpCase {
   Tensors run(const Params& p, const Tensors& in, bool fp64) const override {
     return fp64 ? run_t<double>(p, in) : run_t<float>(p, in);
   }
+#if M3_HAVE_GPU
+  // x is bf16 on the GPU (an activation), so even this fp32-tier op takes bf16 cases only.
+  Tensors run_gpu(const Params& p, const Tensors& in) const override {
+    using namespace gpu_io;
+    const int T = dim(pint(p, "T"), "T"), H = dim(pint(p, "H"), "H"), E = dim(pint(p, "E"), "E");
+    const int K = dim(pint(p, "K_e"), "K_e");
+    const gpu::Stream s;
+    const auto x = bf16_in(in.at("x"), s.get());          // [T, H]
+    const auto w_gate = f32_in(in.at("w_gate"), s.get());  // [E, H] fp32
+    const auto bias = f32_in(in.at("bias"), s.get());      // [E] fp32
+    auto logits = out<float>({T, E}, s.get());              // [T, E]
+    auto experts = out<std::int32_t>({T, K}, s.get());      // [T, K_e]
+    auto weights = out<float>({T, K}, s.get());             // [T, K_e]
+    gpu::moe_router(x.data(), w_gate.data(), bias.data(), K, pint(p, "renormalize") == 1, logits.data(),
+                    experts.data(), weights.data(), T, H, E, s.get());
+    return {{"logits", get(logits, {T, E}, s.get())},
+            {"experts", get(experts, {T, K}, s.get())},
+            {"weights", get(weights, {T, K}, s.get())}};
+  }
+#endif
   std::optional<MatD> tie_scores(const std::string& output, const Params&, const Tensors& in,
                                  const Tensors& ref_out) const override {
     if (output != "experts") return std::nullopt;

@@ -7,6 +7,10 @@
 #include "reference/ops/msa_attention.h"
 #include "reference/rng.h"
 
+#if M3_HAVE_GPU
+#include "gpu/kernels/msa_attention.h"
+#endif
+
 #include <fmt/format.h>
 
 #include <algorithm>
@@ -72,6 +76,27 @@ class MsaAttentionCase final : public OpCase {
   Tensors run(const Params& p, const Tensors& in, bool fp64) const override {
     return fp64 ? run_t<double>(p, in) : run_t<float>(p, in);
   }
+#if M3_HAVE_GPU
+  Tensors run_gpu(const Params& p, const Tensors& in) const override {
+    using namespace gpu_io;
+    const int T = dim(pint(p, "T"), "T"), N = dim(pint(p, "N"), "N");
+    const int blk = dim(pint(p, "BLK"), "BLK"), k_blk = dim(pint(p, "K_blk"), "K_blk");
+    const AttnDims d{dim(pint(p, "Hq"), "Hq"), dim(pint(p, "Hkv"), "Hkv"), dim(pint(p, "D"), "D")};
+    const cmp::Dims out_dims = {T, std::int64_t{d.Hq} * d.D};
+    const gpu::Stream s;
+    const auto q = bf16_in(in.at("q"), s.get());        // [T, Hq*D]
+    const auto k = bf16_in(in.at("k"), s.get());        // [N, Hkv*D]
+    const auto v = bf16_in(in.at("v"), s.get());        // [N, Hkv*D]
+    const auto q_pos = i64_in(in.at("q_pos"), s.get());  // [T]
+    const auto sel = i32_in(in.at("sel"), s.get());      // [Hkv*T, K_blk]
+    const std::size_t ws_bytes = gpu::msa_attention_workspace_bytes(T, k_blk, d);
+    gpu::DeviceBuffer<unsigned char> ws(ws_bytes);      // cudaMalloc: 256-byte aligned
+    auto y = out<gpu::bf16>(out_dims, s.get());          // [T, Hq*D]
+    gpu::msa_attention(q.data(), k.data(), v.data(), q_pos.data(), sel.data(), T, N, blk, k_blk, d, y.data(), s.get(),
+                       ws.data(), ws_bytes);
+    return {{"out", get(y, out_dims, s.get())}};
+  }
+#endif
 
  private:
   template <class T>

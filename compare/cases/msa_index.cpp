@@ -5,6 +5,10 @@
 #include "compare/cases/case.h"
 #include "reference/ops/msa_index.h"
 
+#if M3_HAVE_GPU
+#include "gpu/kernels/msa_index.h"
+#endif
+
 #include <fmt/format.h>
 
 #include <algorithm>
@@ -54,6 +58,25 @@ class MsaIndexCase final : public OpCase {
   Tensors run(const Params& p, const Tensors& in, bool fp64) const override {
     return fp64 ? run_t<double>(p, in) : run_t<float>(p, in);
   }
+#if M3_HAVE_GPU
+  Tensors run_gpu(const Params& p, const Tensors& in) const override {
+    using namespace gpu_io;
+    const int T = dim(pint(p, "T"), "T"), N = dim(pint(p, "N"), "N");
+    MsaDims d;
+    d.Hi = dim(pint(p, "Hi"), "Hi");
+    d.Di = dim(pint(p, "Di"), "Di");
+    d.BLK = dim(pint(p, "BLK"), "BLK");
+    d.K_blk = 1;  // not used by the scoring
+    const cmp::Dims sd = outputs(p)[0].dims;  // [Hi*T, NB]
+    const gpu::Stream s;
+    const auto idx_q = bf16_in(in.at("idx_q"), s.get());  // [T, Hi*Di]
+    const auto idx_k = bf16_in(in.at("idx_k"), s.get());  // [N, Di]
+    const auto q_pos = i64_in(in.at("q_pos"), s.get());   // [T]
+    auto scores = out<float>(sd, s.get());                 // [Hi*T, NB] fp32
+    gpu::msa_index(idx_q.data(), idx_k.data(), q_pos.data(), T, N, dim(sd[1], "NB"), d, scores.data(), s.get());
+    return {{"scores", get(scores, sd, s.get())}};
+  }
+#endif
 
  private:
   template <class T>

@@ -7,6 +7,10 @@
 #include "compare/cases/case.h"
 #include "reference/ops/msa_select.h"
 
+#if M3_HAVE_GPU
+#include "gpu/kernels/msa_select.h"
+#endif
+
 #include <fmt/format.h>
 
 #include <limits>
@@ -63,6 +67,45 @@ class MsaSelectCase final : public OpCase {
   Tensors run(const Params& p, const Tensors& in, bool fp64) const override {
     return fp64 ? run_t<double>(p, in) : run_t<float>(p, in);
   }
+#if M3_HAVE_GPU
+  // fp32 scores in, ids out, no bf16 anywhere: an fp32 case (the same storage as a bf16 one) is
+  // checked as well.
+  bool gpu_precision_ok(Precision prec) const override {
+    return prec == Precision::BF16 || prec == Precision::FP32;
+  }
+  // "sel": msa_select's own choice of kernel; "sel@single_cta" and "sel@split" force each of its two
+  // kernels (bit-identical by design), so that small cases check the path large ones take.
+  Tensors run_gpu(const Params& p, const Tensors& in) const override {
+    using namespace gpu_io;
+    using gpu::detail::SelectPath;
+    const int T = dim(pint(p, "T"), "T");
+    MsaDims d;
+    d.Hi = dim(pint(p, "Hi"), "Hi");
+    d.BLK = dim(pint(p, "BLK"), "BLK");
+    d.K_blk = dim(pint(p, "K_blk"), "K_blk");
+    d.local_blocks = dim(pint(p, "local_blocks"), "local_blocks");
+    d.init_blocks = dim(pint(p, "init_blocks"), "init_blocks");
+    const cmp::Dims od = outputs(p)[0].dims;  // [Hi*T, K_blk]
+    const int NB = dim(in.at("scores").dims[1], "NB");
+    const gpu::Stream s;
+    const auto scores = f32_in(in.at("scores"), s.get());  // [Hi*T, NB] fp32
+    const auto q_pos = i64_in(in.at("q_pos"), s.get());    // [T]
+    Tensors r;
+    auto one = [&](const std::string& name, SelectPath path) {
+      auto sel = out<std::int32_t>(od, s.get());  // [Hi*T, K_blk]
+      gpu::detail::msa_select_path(scores.data(), q_pos.data(), T, NB, d, sel.data(), s.get(), 1, path);
+      r[name] = get(sel, od, s.get());
+    };
+    one("sel", SelectPath::Auto);
+    // Within the split path's limits the single-CTA one fits too (4*NB + 8*K_blk bytes of shared
+    // memory <= 129 KB); past them only msa_select's own choice runs.
+    if (d.K_blk <= 64 && NB <= 32768) {
+      one("sel@single_cta", SelectPath::SingleCta);
+      one("sel@split", SelectPath::Split);
+    }
+    return r;
+  }
+#endif
   std::optional<MatD> tie_scores(const std::string&, const Params&, const Tensors& in, const Tensors&) const override {
     return mat<double>(in.at("scores"));
   }

@@ -5,6 +5,10 @@
 #include "compare/cases/case.h"
 #include "reference/ops/qk_norm_rope.h"
 
+#if M3_HAVE_GPU
+#include "gpu/kernels/qk_norm_rope.h"
+#endif
+
 #include <fmt/format.h>
 
 #include <stdexcept>
@@ -53,6 +57,24 @@ class QkNormRopeCase final : public OpCase {
   Tensors run(const Params& p, const Tensors& in, bool fp64) const override {
     return fp64 ? run_t<double>(p, in) : run_t<float>(p, in);
   }
+#if M3_HAVE_GPU
+  // norm = 1 only: the GPU fuses the norm into the rotation and has no RoPE-alone kernel.
+  Tensors run_gpu(const Params& p, const Tensors& in) const override {
+    using namespace gpu_io;
+    if (pint(p, "norm") != 1)
+      throw CaseError("qk_norm_rope with norm = 0 (RoPE alone) has no GPU twin: gpu::qk_norm_rope always applies "
+                      "the RMSNorm; write the case with norm=1");
+    const int T = dim(pint(p, "T"), "T"), heads = dim(pint(p, "heads"), "heads"), D = dim(pint(p, "D"), "D");
+    const gpu::Stream s;
+    const auto x = bf16_in(in.at("x"), s.get());            // [T, heads*D]
+    const auto w = bf16_in(in.at("w"), s.get());            // [D]
+    const auto pos = i64_in(in.at("positions"), s.get());   // [T]
+    auto y = out<gpu::bf16>({T, std::int64_t{heads} * D}, s.get());  // [T, heads*D]
+    gpu::qk_norm_rope(x.data(), heads, D, w.data(), preal(p, "eps"), dim(pint(p, "R"), "R"), preal(p, "theta"),
+                      pos.data(), y.data(), T, s.get());
+    return {{"y", get(y, {T, std::int64_t{heads} * D}, s.get())}};
+  }
+#endif
 
  private:
   template <class T>

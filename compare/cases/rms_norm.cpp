@@ -5,6 +5,11 @@
 #include "compare/cases/case.h"
 #include "reference/ops/rms_norm.h"
 
+#if M3_HAVE_GPU
+#include "gpu/kernels/qk_norm_rope.h"
+#include "gpu/kernels/rms_norm.h"
+#endif
+
 #include <fmt/format.h>
 
 #include <cmath>
@@ -53,6 +58,24 @@ class RmsNormCase final : public OpCase {
   Tensors run(const Params& p, const Tensors& in, bool fp64) const override {
     return fp64 ? run_t<double>(p, in) : run_t<float>(p, in);
   }
+#if M3_HAVE_GPU
+  // heads = 0: gpu::rms_norm. heads > 0: gpu::qk_norm_rope with R = 0 (no rotation), which is
+  // exactly rms_norm_heads: one Gemma RMSNorm per H/heads slice with the shared w (d <= 512).
+  Tensors run_gpu(const Params& p, const Tensors& in) const override {
+    using namespace gpu_io;
+    const int T = dim(pint(p, "T"), "T"), H = dim(pint(p, "H"), "H"), heads = dim(pint(p, "heads"), "heads");
+    const gpu::Stream s;
+    const auto x = bf16_in(in.at("x"), s.get());  // [T, H]
+    const auto w = bf16_in(in.at("w"), s.get());  // [H] or [H/heads]
+    auto y = out<gpu::bf16>({T, H}, s.get());     // [T, H]
+    if (heads == 0)
+      gpu::rms_norm(x.data(), w.data(), preal(p, "eps"), y.data(), T, H, s.get());
+    else
+      gpu::qk_norm_rope(x.data(), heads, H / heads, w.data(), preal(p, "eps"), /*R=*/0, /*theta=*/1.0,
+                        /*positions=*/nullptr, y.data(), T, s.get());
+    return {{"y", get(y, {T, H}, s.get())}};
+  }
+#endif
 
  private:
   template <class T>

@@ -6,6 +6,11 @@
 #include "compare/cases/case.h"
 #include "reference/ops/swiglu_oai.h"
 
+#if M3_HAVE_GPU
+#include "gpu/kernels/linear.h"
+#include "gpu/kernels/swiglu_oai.h"
+#endif
+
 #include <cmath>
 #include <stdexcept>
 
@@ -58,6 +63,48 @@ class SwigluOaiCase final : public OpCase {
   Tensors run(const Params& p, const Tensors& in, bool fp64) const override {
     return fp64 ? run_t<double>(p, in) : run_t<float>(p, in);
   }
+#if M3_HAVE_GPU
+  // mlp = 0: "act" from gpu::swiglu_oai(gate, up), "act@fused" from its fused [gate | up] form.
+  // mlp = 1: the MLP as the model runs it, gpu::linear (gate, up) -> gpu::swiglu_oai -> gpu::linear
+  // (down), gate, up and act stored in bf16 between the steps (DESIGN §3): a few more bf16
+  // roundings than the reference's, inside the bf16 tier (tolerance.h names them).
+  Tensors run_gpu(const Params& p, const Tensors& in) const override {
+    using namespace gpu_io;
+    const int T = dim(pint(p, "T"), "T"), H = dim(pint(p, "H"), "H"), I = dim(pint(p, "I"), "I");
+    const gpu::SwigluParams sp{static_cast<float>(preal(p, "alpha")), static_cast<float>(preal(p, "limit")),
+                               static_cast<float>(preal(p, "beta"))};
+    const gpu::Stream s;
+    if (pint(p, "mlp") == 0) {
+      const Tensor& g = in.at("gate");  // [T, I]
+      const Tensor& u = in.at("up");    // [T, I]
+      const auto gate = bf16_in(g, s.get()), up = bf16_in(u, s.get());
+      auto act = out<gpu::bf16>({T, I}, s.get());  // [T, I]
+      gpu::swiglu_oai(gate.data(), up.data(), sp, act.data(), T, I, s.get());
+      Tensor gu;  // [T, 2I] = [gate | up] per row
+      gu.dims = {T, 2 * std::int64_t{I}};
+      for (std::int64_t t = 0; t < T; ++t) {
+        gu.f.insert(gu.f.end(), g.f.begin() + t * I, g.f.begin() + (t + 1) * I);
+        gu.f.insert(gu.f.end(), u.f.begin() + t * I, u.f.begin() + (t + 1) * I);
+      }
+      const auto gate_up = bf16_in(gu, s.get());
+      auto act_fused = out<gpu::bf16>({T, I}, s.get());  // [T, I]
+      gpu::swiglu_oai(gate_up.data(), sp, act_fused.data(), T, I, s.get());
+      return {{"act", get(act, {T, I}, s.get())}, {"act@fused", get(act_fused, {T, I}, s.get())}};
+    }
+    const gpu::CublasHandle h;
+    const auto x = bf16_in(in.at("x"), s.get());            // [T, H]
+    const auto w_gate = bf16_in(in.at("w_gate"), s.get());  // [I, H]
+    const auto w_up = bf16_in(in.at("w_up"), s.get());      // [I, H]
+    const auto w_down = bf16_in(in.at("w_down"), s.get());  // [H, I]
+    gpu::DeviceBuffer<gpu::bf16> gate(std::size_t(T) * I), up(std::size_t(T) * I), act(std::size_t(T) * I);  // [T, I]
+    auto y = out<gpu::bf16>({T, H}, s.get());  // [T, H]
+    gpu::linear(h.get(), x.data(), w_gate.data(), gate.data(), T, H, I, s.get());
+    gpu::linear(h.get(), x.data(), w_up.data(), up.data(), T, H, I, s.get());
+    gpu::swiglu_oai(gate.data(), up.data(), sp, act.data(), T, I, s.get());
+    gpu::linear(h.get(), act.data(), w_down.data(), y.data(), T, I, H, s.get());
+    return {{"y", get(y, {T, H}, s.get())}};
+  }
+#endif
 
  private:
   template <class T>

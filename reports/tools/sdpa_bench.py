@@ -18,15 +18,22 @@ Output: one JSON object per line,
   {"shape": {"B":1,"Hq":64,"Hkv":4,"D":128,"T":N,"N":N,"causal":true}, "variant": "enable_gqa",
    "backend": "default", "ms": median, "tflops": ..., "reps": n, "device": ..., "torch": ...}
 and a line {"error": ...} for a shape/variant/backend that PyTorch refuses or that runs out of memory.
-Usage: python3 reports/tools/sdpa_bench.py [--ctx 8192 16384 ...] [--backends] [--reps 20]
+With --out PATH (alias --json-out) the JSON lines go to PATH and stdout gets one readable line per
+measurement; without it they go to stdout, as before. Exit 3 when torch or a CUDA device is missing.
+Usage: python3 reports/tools/sdpa_bench.py [--ctx 8192 16384 ...] [--backends] [--reps 20] [--out F]
 """
 import argparse
 import json
 import statistics
+import sys
 import warnings
 
-import torch
-import torch.nn.functional as F
+try:
+    import torch
+    import torch.nn.functional as F
+except ImportError as e:  # the GPU suite skips this step with a note (scripts/gpu-suite)
+    print(f"sdpa_bench: PyTorch is not importable ({e}); nothing measured", file=sys.stderr)
+    sys.exit(3)
 
 HQ, HKV, D = 64, 4, 128
 
@@ -53,6 +60,14 @@ def time_calls(fn, reps: int, budget_s: float) -> tuple[float, int]:
     return statistics.median(times), len(times)
 
 
+def readable(rec: dict) -> str:
+    """One measurement as a table row: context, variant, backend, time and throughput (or the error)."""
+    head = f"SDPA N={rec['shape']['N']:>6} {rec['variant']:<10} {rec['backend']:<9}"
+    if "error" in rec:
+        return f"{head} error: {rec['error']}"
+    return f"{head} {rec['ms']:9.3f} ms {rec['tflops']:7.1f} TFLOP/s ({rec['reps']} reps, {rec['device']}, torch {rec['torch']})"
+
+
 def backend_context(name: str):
     if name == "default":
         import contextlib
@@ -70,7 +85,13 @@ def main() -> None:
     ap.add_argument("--variants", nargs="+", default=["enable_gqa", "expanded"])
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--budget-s", type=float, default=3.0, help="stop repeating a line after this long")
+    ap.add_argument("--out", "--json-out", dest="out", default=None,
+                    help="write the JSON lines to this file (stdout then gets readable lines)")
     args = ap.parse_args()
+    if not torch.cuda.is_available():
+        print("sdpa_bench: torch sees no CUDA device; nothing measured", file=sys.stderr)
+        sys.exit(3)
+    sink = open(args.out, "w") if args.out else None
     # PyTorch explains every backend it skips with a UserWarning; the JSON "error" field says it.
     warnings.filterwarnings("ignore", category=UserWarning)
     dev = torch.cuda.get_device_name()
@@ -96,11 +117,18 @@ def main() -> None:
                                torch=torch.__version__)
                 except (RuntimeError, torch.cuda.OutOfMemoryError) as e:
                     rec["error"] = str(e).splitlines()[0][:200]
-                print(json.dumps(rec), flush=True)
+                if sink:
+                    sink.write(json.dumps(rec) + "\n")
+                    sink.flush()
+                    print(readable(rec), flush=True)
+                else:
+                    print(json.dumps(rec), flush=True)
             del kk, vv
             torch.cuda.empty_cache()
         del q, k, v
         torch.cuda.empty_cache()
+    if sink:
+        sink.close()
 
 
 if __name__ == "__main__":
