@@ -78,6 +78,7 @@ struct Forward {
   void rnd(Mat<T>& m) const {
     if (bf16) round_bf16_inplace(m);
   }
+  ref::Rounding rounding() const { return bf16 ? ref::Rounding::BF16 : ref::Rounding::NONE; }
 
   // The rows of sequence s inside a batched tensor, and how to trace them.
   struct Batch {
@@ -183,7 +184,7 @@ struct Forward {
     const std::string blk = fmt::format("blk.{}.", l);
     const ref::SwigluParams sp{cfg.swiglu_alpha, cfg.swiglu_limit, cfg.swiglu_beta};
     if (L.mlp_type == MlpType::DENSE) {
-      ref::mlp_swiglu(m, L.mlp.gate, L.mlp.up, L.mlp.down, sp, out);
+      ref::mlp_swiglu(m, L.mlp.gate, L.mlp.up, L.mlp.down, sp, out, rounding());
       rnd(out);
       emit(b, blk + "mlp_out", out);
       return;
@@ -195,7 +196,7 @@ struct Forward {
     emit(b, blk + "router_logits", logits);
     emit(b, blk + "experts", experts);
     emit(b, blk + "expert_weights", weights);
-    ref::moe_experts(m, experts, weights, L.experts, L.shared, cfg.routed_scaling_factor, sp, out);
+    ref::moe_experts(m, experts, weights, L.experts, L.shared, cfg.routed_scaling_factor, sp, out, rounding());
     rnd(out);
     emit(b, blk + "moe_out", out);
   }

@@ -219,3 +219,36 @@ TEST(MlpSwiglu_f32, BadShapesThrow) {
 }
 
 }  // namespace
+
+// Rounding::BF16 rounds gate, up, act and y to bf16 (the GPU's storage points) and nothing else:
+// it equals the same steps written out with an explicit round after each, bit for bit, its output
+// is bf16-exact, and it differs from the unrounded MLP (so the mode is not a no-op).
+TEST(MlpSwiglu_f32, Bf16RoundingAtTheGpuStoragePoints) {
+  auto g = m3::test::test_rng();
+  SCOPED_TRACE(m3::test::seed_note());
+  const SwigluParams p{};
+  Mat<float> x = randn<float>(19, 24, g, 2.0), wg = randn<float>(13, 24, g), wu = randn<float>(13, 24, g);  // [R, H], [I, H]
+  Mat<float> wd = randn<float>(24, 13, g);  // [H, I]
+  Mat<float> gate(19, 13), up(19, 13), act;  // [R, I]; the products written as mlp_swiglu writes them
+  gate.noalias() = x * wg.transpose();
+  up.noalias() = x * wu.transpose();
+  m3::round_bf16_inplace(gate);
+  m3::round_bf16_inplace(up);
+  m3::ref::swiglu_oai(gate, up, p, act);
+  m3::round_bf16_inplace(act);
+  Mat<float> want(19, 24);  // [R, H]
+  want.noalias() = act * wd.transpose();
+  m3::round_bf16_inplace(want);
+
+  Mat<float> y(19, 24), y_exact;  // [R, H]
+  poison(y);
+  m3::ref::mlp_swiglu(x, wg, wu, wd, p, y, m3::ref::Rounding::BF16);
+  m3::ref::mlp_swiglu(x, wg, wu, wd, p, y_exact, m3::ref::Rounding::NONE);
+  ASSERT_TRUE(all_finite(y));
+  EXPECT_GT(want.norm(), 0.0);
+  EXPECT_EQ(y, want);
+  Mat<float> y_round = y;
+  m3::round_bf16_inplace(y_round);
+  EXPECT_EQ(y, y_round);
+  EXPECT_NE(y, y_exact);
+}

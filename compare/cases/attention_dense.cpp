@@ -50,8 +50,8 @@ class AttentionDenseCase final : public OpCase {
             {"v", randn(s[2].dims, seed, "attention_dense.v")},
             {"q_pos", positions(pint(p, "T"), pint(p, "N"), 16, 4, seed, "attention_dense.q_pos")}};
   }
-  Tensors run(const Params& p, const Tensors& in, bool fp64) const override {
-    return fp64 ? run_t<double>(p, in) : run_t<float>(p, in);
+  Tensors run(const Params& p, const Tensors& in, Precision prec) const override {
+    return prec == Precision::FP64 ? run_t<double>(p, in) : run_t<float>(p, in);
   }
 #if M3_HAVE_GPU
   // "out": gpu::attention_dense (any positions). "out@prefill": gpu::attention_dense_prefill as

@@ -170,7 +170,7 @@ std::int64_t element_count(const cmp::Dims& dims) {
 Tensors run_reference(const OpCase& op, const Params& p, const Tensors& inputs, Precision prec) {
   Tensors in = inputs;
   round_to_storage(op.inputs(p), prec, in);
-  Tensors out = op.run(p, in, prec == Precision::FP64);
+  Tensors out = op.run(p, in, prec);
   const auto specs = op.outputs(p);
   for (const TensorSpec& s : specs) {
     auto it = out.find(s.name);

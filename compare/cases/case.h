@@ -99,8 +99,10 @@ class OpCase {
   virtual void check_inputs(const Params&, const Tensors&) const {}
   // Seeded inputs, values in double (the caller rounds them to the case's storage).
   virtual Tensors generate(const Params&, std::uint64_t seed) const = 0;
-  // The reference op in double (fp64) or float (fp32, bf16); the caller rounds the outputs.
-  virtual Tensors run(const Params&, const Tensors& in, bool fp64) const = 0;
+  // The reference op in double (FP64) or float (FP32, BF16); the caller rounds the inputs and the
+  // outputs to the case's storage. In BF16, an op whose GPU twin stores intermediates in bf16 (the
+  // MLPs: gate, up, act, each expert's output) rounds them at the same points (DESIGN §3).
+  virtual Tensors run(const Params&, const Tensors& in, Precision prec) const = 0;
   // For an index output: scores(r, id) = the score that decided id in row r (near-ties).
   virtual std::optional<MatD> tie_scores(const std::string& /*output*/, const Params&,
                                          const Tensors& /*in*/, const Tensors& /*ref_out*/) const {

@@ -38,8 +38,8 @@ class EmbeddingCase final : public OpCase {
     in["tokens"] = std::move(tok);
     return in;
   }
-  Tensors run(const Params& p, const Tensors& in, bool fp64) const override {
-    return fp64 ? run_t<double>(p, in) : run_t<float>(p, in);
+  Tensors run(const Params& p, const Tensors& in, Precision prec) const override {
+    return prec == Precision::FP64 ? run_t<double>(p, in) : run_t<float>(p, in);
   }
 #if M3_HAVE_GPU
   Tensors run_gpu(const Params& p, const Tensors& in) const override {

@@ -32,8 +32,8 @@ class LinearCase final : public OpCase {
     return {{"x", randn(specs[0].dims, seed, "linear.x")},
             {"w", randn(specs[1].dims, seed, "linear.w", 1.0 / std::sqrt(static_cast<double>(pint(p, "H_in"))))}};
   }
-  Tensors run(const Params& p, const Tensors& in, bool fp64) const override {
-    return fp64 ? run_t<double>(p, in) : run_t<float>(p, in);
+  Tensors run(const Params& p, const Tensors& in, Precision prec) const override {
+    return prec == Precision::FP64 ? run_t<double>(p, in) : run_t<float>(p, in);
   }
 #if M3_HAVE_GPU
   Tensors run_gpu(const Params& p, const Tensors& in) const override {

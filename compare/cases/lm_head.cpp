@@ -39,8 +39,8 @@ class LmHeadCase final : public OpCase {
             {"norm_w", randn(s[1].dims, seed, "lm_head.norm_w", 0.3)},
             {"w", randn(s[2].dims, seed, "lm_head.w", 1.0 / std::sqrt(static_cast<double>(pint(p, "H"))))}};
   }
-  Tensors run(const Params& p, const Tensors& in, bool fp64) const override {
-    return fp64 ? run_t<double>(p, in) : run_t<float>(p, in);
+  Tensors run(const Params& p, const Tensors& in, Precision prec) const override {
+    return prec == Precision::FP64 ? run_t<double>(p, in) : run_t<float>(p, in);
   }
 #if M3_HAVE_GPU
   // The GPU's logits are fp32 (no output rounding); they are compared, unrounded, with the case's

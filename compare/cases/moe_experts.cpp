@@ -91,8 +91,9 @@ class MoeExpertsCase final : public OpCase {
     in["weights"] = std::move(w);
     return in;
   }
-  Tensors run(const Params& p, const Tensors& in, bool fp64) const override {
-    return fp64 ? run_t<double>(p, in) : run_t<float>(p, in);
+  Tensors run(const Params& p, const Tensors& in, Precision prec) const override {
+    const auto r = prec == Precision::BF16 ? ref::Rounding::BF16 : ref::Rounding::NONE;
+    return prec == Precision::FP64 ? run_t<double>(p, in, r) : run_t<float>(p, in, r);
   }
 #if M3_HAVE_GPU
   // "y": gpu::moe_experts with grouped expert GEMMs (it falls back to the loop where cuBLAS or the
@@ -150,7 +151,7 @@ class MoeExpertsCase final : public OpCase {
 
  private:
   template <class T>
-  static Tensors run_t(const Params& p, const Tensors& in) {
+  static Tensors run_t(const Params& p, const Tensors& in, ref::Rounding r) {
     std::vector<ref::MlpWeights<T>> experts_w;
     for (std::int64_t e = 0; e < pint(p, "E"); ++e)
       experts_w.push_back({slice<T>(in.at("gate"), e), slice<T>(in.at("up"), e), slice<T>(in.at("down"), e)});
@@ -160,7 +161,7 @@ class MoeExpertsCase final : public OpCase {
     const ref::SwigluParams sp{preal(p, "alpha"), preal(p, "limit"), preal(p, "beta")};
     Mat<T> y;  // [T, H]
     ref::moe_experts(mat<T>(in.at("x")), ids(in.at("experts")), mat<T>(in.at("weights")), experts_w, shared,
-                     preal(p, "routed_scale"), sp, y);
+                     preal(p, "routed_scale"), sp, y, r);
     return {{"y", from_mat(y)}};
   }
 };

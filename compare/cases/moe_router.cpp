@@ -55,8 +55,8 @@ class MoeRouterCase final : public OpCase {
             {"w_gate", randn(s[1].dims, seed, "moe_router.w_gate", 1.0 / std::sqrt(static_cast<double>(pint(p, "H"))))},
             {"bias", randn(s[2].dims, seed, "moe_router.bias", 0.1)}};
   }
-  Tensors run(const Params& p, const Tensors& in, bool fp64) const override {
-    return fp64 ? run_t<double>(p, in) : run_t<float>(p, in);
+  Tensors run(const Params& p, const Tensors& in, Precision prec) const override {
+    return prec == Precision::FP64 ? run_t<double>(p, in) : run_t<float>(p, in);
   }
 #if M3_HAVE_GPU
   // x is bf16 on the GPU (an activation), so even this fp32-tier op takes bf16 cases only.

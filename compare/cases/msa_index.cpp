@@ -55,8 +55,8 @@ class MsaIndexCase final : public OpCase {
             {"idx_k", randn(s[1].dims, seed, "msa_index.idx_k")},
             {"q_pos", positions(pint(p, "T"), pint(p, "N"), pint(p, "BLK"), 2, seed, "msa_index.q_pos")}};
   }
-  Tensors run(const Params& p, const Tensors& in, bool fp64) const override {
-    return fp64 ? run_t<double>(p, in) : run_t<float>(p, in);
+  Tensors run(const Params& p, const Tensors& in, Precision prec) const override {
+    return prec == Precision::FP64 ? run_t<double>(p, in) : run_t<float>(p, in);
   }
 #if M3_HAVE_GPU
   Tensors run_gpu(const Params& p, const Tensors& in) const override {

@@ -64,8 +64,8 @@ class MsaSelectCase final : public OpCase {
         in["scores"].f[static_cast<std::size_t>(r * nb + b)] = -std::numeric_limits<double>::infinity();
     return in;
   }
-  Tensors run(const Params& p, const Tensors& in, bool fp64) const override {
-    return fp64 ? run_t<double>(p, in) : run_t<float>(p, in);
+  Tensors run(const Params& p, const Tensors& in, Precision prec) const override {
+    return prec == Precision::FP64 ? run_t<double>(p, in) : run_t<float>(p, in);
   }
 #if M3_HAVE_GPU
   // fp32 scores in, ids out, no bf16 anywhere: an fp32 case (the same storage as a bf16 one) is

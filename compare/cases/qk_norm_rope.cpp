@@ -54,8 +54,8 @@ class QkNormRopeCase final : public OpCase {
     if (pint(p, "norm") == 1) in["w"] = randn({pint(p, "D")}, seed, "qk_norm_rope.w", 0.5);
     return in;
   }
-  Tensors run(const Params& p, const Tensors& in, bool fp64) const override {
-    return fp64 ? run_t<double>(p, in) : run_t<float>(p, in);
+  Tensors run(const Params& p, const Tensors& in, Precision prec) const override {
+    return prec == Precision::FP64 ? run_t<double>(p, in) : run_t<float>(p, in);
   }
 #if M3_HAVE_GPU
   // norm = 1 only: the GPU fuses the norm into the rotation and has no RoPE-alone kernel.

@@ -55,8 +55,8 @@ class RmsNormCase final : public OpCase {
     in["w"] = randn(specs[1].dims, seed, "rms_norm.w", 0.5);  // Gemma w sits around 0: (1 + w)
     return in;
   }
-  Tensors run(const Params& p, const Tensors& in, bool fp64) const override {
-    return fp64 ? run_t<double>(p, in) : run_t<float>(p, in);
+  Tensors run(const Params& p, const Tensors& in, Precision prec) const override {
+    return prec == Precision::FP64 ? run_t<double>(p, in) : run_t<float>(p, in);
   }
 #if M3_HAVE_GPU
   // heads = 0: gpu::rms_norm. heads > 0: gpu::qk_norm_rope with R = 0 (no rotation), which is

@@ -60,14 +60,15 @@ class SwigluOaiCase final : public OpCase {
             {"w_up", randn(s[2].dims, seed, "swiglu_oai.w_up", kGateUpStd / std::sqrt(h))},
             {"w_down", randn(s[3].dims, seed, "swiglu_oai.w_down", 0.1 / std::sqrt(i))}};
   }
-  Tensors run(const Params& p, const Tensors& in, bool fp64) const override {
-    return fp64 ? run_t<double>(p, in) : run_t<float>(p, in);
+  Tensors run(const Params& p, const Tensors& in, Precision prec) const override {
+    const auto r = prec == Precision::BF16 ? ref::Rounding::BF16 : ref::Rounding::NONE;
+    return prec == Precision::FP64 ? run_t<double>(p, in, r) : run_t<float>(p, in, r);
   }
 #if M3_HAVE_GPU
   // mlp = 0: "act" from gpu::swiglu_oai(gate, up), "act@fused" from its fused [gate | up] form.
   // mlp = 1: the MLP as the model runs it, gpu::linear (gate, up) -> gpu::swiglu_oai -> gpu::linear
-  // (down), gate, up and act stored in bf16 between the steps (DESIGN §3): a few more bf16
-  // roundings than the reference's, inside the bf16 tier (tolerance.h names them).
+  // (down), gate, up and act stored in bf16 between the steps (DESIGN §3), where the bf16 case's
+  // reference rounds them too (ref::Rounding::BF16).
   Tensors run_gpu(const Params& p, const Tensors& in) const override {
     using namespace gpu_io;
     const int T = dim(pint(p, "T"), "T"), H = dim(pint(p, "H"), "H"), I = dim(pint(p, "I"), "I");
@@ -108,7 +109,7 @@ class SwigluOaiCase final : public OpCase {
 
  private:
   template <class T>
-  static Tensors run_t(const Params& p, const Tensors& in) {
+  static Tensors run_t(const Params& p, const Tensors& in, ref::Rounding r) {
     const ref::SwigluParams sp{preal(p, "alpha"), preal(p, "limit"), preal(p, "beta")};
     Mat<T> out;  // [T, I] or [T, H]
     if (pint(p, "mlp") == 0) {
@@ -116,7 +117,7 @@ class SwigluOaiCase final : public OpCase {
       return {{"act", from_mat(out)}};
     }
     ref::mlp_swiglu(mat<T>(in.at("x")), mat<T>(in.at("w_gate")), mat<T>(in.at("w_up")), mat<T>(in.at("w_down")), sp,
-                    out);
+                    out, r);
     return {{"y", from_mat(out)}};
   }
 };

@@ -20,6 +20,7 @@
 #include <map>
 #include <mutex>
 #include <string>
+#include <type_traits>
 #include <utility>
 
 namespace m3::gpu {
@@ -443,10 +444,21 @@ void launch(const AttnLaunch& a, cudaStream_t s) {
   M3_CUDA_CHECK_LAUNCH();
 }
 
-// Resident CTAs of the partial kernel for head dim D (64 or 128; others are rejected earlier).
+// Calls f(std::integral_constant<int, D>{}) for a compiled head dim D: 16 and 32 (the tiny preset
+// and tests), 64, 128 (M3). check_attn_args rejects every other D before any launch.
+template <class F>
+decltype(auto) with_head_dim(int D, F&& f) {
+  switch (D) {
+    case 16: return f(std::integral_constant<int, 16>{});
+    case 32: return f(std::integral_constant<int, 32>{});
+    case 64: return f(std::integral_constant<int, 64>{});
+    default: return f(std::integral_constant<int, 128>{});
+  }
+}
+
+// Resident CTAs of the partial kernel for head dim D.
 int partial_slots(int D, bool sparse) {
-  if (D == 64) return sparse ? prepare<64, true>() : prepare<64, false>();
-  return sparse ? prepare<128, true>() : prepare<128, false>();
+  return with_head_dim(D, [&](auto d) { return sparse ? prepare<decltype(d)::value, true>() : prepare<decltype(d)::value, false>(); });
 }
 
 std::string dims_str(const AttnDims& d) {
@@ -516,8 +528,7 @@ void attention_run(AttnLaunch a, void* workspace, std::size_t workspace_bytes, c
   a.part_o = static_cast<float*>(workspace);
   a.part_ml = reinterpret_cast<float2*>(static_cast<unsigned char*>(workspace) +
                                         (rows * a.D * sizeof(float) + 255) / 256 * 256);
-  if (a.D == 64) launch<64>(a, s);
-  else launch<128>(a, s);
+  with_head_dim(a.D, [&](auto d) { launch<decltype(d)::value>(a, s); });
 }
 
 // Shared argument checks of attention_dense and msa_attention (op names the caller).
@@ -526,8 +537,8 @@ void check_attn_args(const char* op, const bf16* q, const bf16* k, const bf16* v
   const std::string o = op;
   if (d.Hq <= 0 || d.Hkv <= 0 || d.D <= 0 || d.Hq % d.Hkv != 0)
     throw GpuError(o + ": dims " + dims_str(d) + ", expected all > 0 and Hq % Hkv == 0");
-  if (d.D != 64 && d.D != 128)
-    throw GpuError(o + ": D = " + std::to_string(d.D) + ", expected 64 or 128 (the compiled head dims)");
+  if (d.D != 16 && d.D != 32 && d.D != 64 && d.D != 128)
+    throw GpuError(o + ": D = " + std::to_string(d.D) + ", expected 16, 32, 64 or 128 (the compiled head dims)");
   if (T < 0 || B < 1 || N < 1)
     throw GpuError(o + ": T = " + std::to_string(T) + ", N = " + std::to_string(N) + ", B = " +
                    std::to_string(B) + ", expected T >= 0, N >= 1, B >= 1");

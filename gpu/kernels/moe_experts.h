@@ -20,9 +20,10 @@
 //  4. Combine: y[t] = bf16(routed_scale * sum_j w_j * out_row_j + shared_row) in fp32, the slots taken
 //     in ascending expert id (ties: slot order), as the reference; each token gathers its K_e rows
 //     through the inverse permutation (no atomics): bitwise deterministic across calls.
-// Rounding: gate_up, act and each expert's output rows are stored in bf16 (the reference, in its
-// bf16-emulating mode, rounds only the inputs and the output), so results differ from it by a few
-// bf16 roundings relative to the output's scale (tests/gpu/test_moe_experts.cpp states the bound).
+// Rounding: gate_up, act and each expert's (and the shared expert's) output rows are stored in bf16;
+// the reference rounds at the same points with ref::Rounding::BF16 (its bf16-emulating mode, as the
+// model and the op cases run it). Against the unrounded reference (Rounding::NONE) results differ by
+// a few bf16 roundings relative to the output's scale (tests/gpu/test_moe_experts.cpp states the bound).
 //
 // An expert id outside [0, E) cannot throw on the device: its (token, slot) pair joins no expert,
 // nothing is read or written out of bounds, and that token's whole output row is NaN (the other

@@ -15,6 +15,7 @@
 
 #include <algorithm>
 #include <string>
+#include <type_traits>
 
 namespace m3::gpu {
 namespace {
@@ -282,6 +283,18 @@ __global__ void __launch_bounds__(kThreads, 3) msa_index_kernel(const IndexLaunc
 
 long ceil_div(long x, long y) { return (x + y - 1) / y; }
 
+// Calls f(std::integral_constant<int, Di>{}) for a compiled index dim: 16 and 32 (the tiny preset
+// and tests), 64, 128 (M3). run() rejects every other Di first.
+template <class F>
+decltype(auto) with_index_dim(int Di, F&& f) {
+  switch (Di) {
+    case 16: return f(std::integral_constant<int, 16>{});
+    case 32: return f(std::integral_constant<int, 32>{});
+    case 64: return f(std::integral_constant<int, 64>{});
+    default: return f(std::integral_constant<int, 128>{});
+  }
+}
+
 // Resident CTAs at the largest shared-memory footprint (raises the kernel's limit to it).
 template <int Di, bool kFp8, bool kPaged = false>
 int slots() {
@@ -308,9 +321,9 @@ void launch(const IndexLaunch& a, cudaStream_t s) {
 void run(const char* op, const bf16* idx_q, const void* idx_k, const std::int64_t* q_pos, int T, int N,
          int NB, const MsaDims& d, float* scores, cudaStream_t s, int B, bool fp8, CachePages pages) {
   const std::string o = op;
-  if (d.Hi <= 0 || (d.Di != 64 && d.Di != 128))
+  if (d.Hi <= 0 || (d.Di != 16 && d.Di != 32 && d.Di != 64 && d.Di != 128))
     throw GpuError(o + ": Hi = " + std::to_string(d.Hi) + ", Di = " + std::to_string(d.Di) +
-                   ", expected Hi > 0 and Di in {64, 128} (the compiled index dims)");
+                   ", expected Hi > 0 and Di in {16, 32, 64, 128} (the compiled index dims)");
   if (d.BLK <= 0 || d.BLK % 16 != 0)
     throw GpuError(o + ": BLK = " + std::to_string(d.BLK) + ", expected a positive multiple of 16");
   if (T < 0 || N < 1 || B < 1)
@@ -333,8 +346,8 @@ void run(const char* op, const bf16* idx_q, const void* idx_k, const std::int64_
   a.tiles_per_seq = static_cast<int>(ceil_div(static_cast<long>(T) * d.Hi, kRows));
   const long row_tiles = static_cast<long>(B) * a.tiles_per_seq;
   // One wave of equal chunks for decode; many row tiles (a prefill chunk) get the fewest chunks.
-  const int resident = d.Di == 64 ? (fp8 ? slots<64, true>() : slots<64, false>())
-                                  : (fp8 ? slots<128, true>() : slots<128, false>());
+  const int resident =
+      with_index_dim(d.Di, [&](auto di) { return fp8 ? slots<decltype(di)::value, true>() : slots<decltype(di)::value, false>(); });
   const long want = std::max(1L, resident / row_tiles);
   const long chunks = std::clamp(want, ceil_div(NB, kMaxBpc), static_cast<long>(NB));
   a.bpc = static_cast<int>(ceil_div(NB, chunks));
@@ -342,8 +355,7 @@ void run(const char* op, const bf16* idx_q, const void* idx_k, const std::int64_
   if (static_cast<double>(a.chunks) * row_tiles > 2147483647.0)
     throw GpuError(o + ": " + std::to_string(row_tiles) + " row tiles x " + std::to_string(a.chunks) +
                    " chunks exceed the grid limit");
-  if (d.Di == 64) fp8 ? launch<64, true>(a, s) : launch<64, false>(a, s);
-  else fp8 ? launch<128, true>(a, s) : launch<128, false>(a, s);
+  with_index_dim(d.Di, [&](auto di) { fp8 ? launch<decltype(di)::value, true>(a, s) : launch<decltype(di)::value, false>(a, s); });
 }
 
 }  // namespace

@@ -38,7 +38,7 @@ void check_mlp_shapes(const MlpWeights<T>& w, Eigen::Index H, const std::string&
 template <class T>
 void moe_experts(const Mat<T>& x, const MatI& experts, const Mat<T>& weights,
                  const std::vector<MlpWeights<T>>& experts_w, const MlpWeights<T>& shared,
-                 double routed_scale, const SwigluParams& p, Mat<T>& y) {
+                 double routed_scale, const SwigluParams& p, Mat<T>& y, Rounding r) {
   const Eigen::Index Tn = x.rows(), H = x.cols(), K = experts.cols();
   const auto E = static_cast<Eigen::Index>(experts_w.size());
   if (experts.rows() != Tn)
@@ -79,7 +79,7 @@ void moe_experts(const Mat<T>& x, const MatI& experts, const Mat<T>& weights,
     if (n == 0) continue;  // an expert no token chose costs nothing
     xe.resize(n, H);
     for (Eigen::Index i = 0; i < n; ++i) xe.row(i) = x.row(order[start[e] + i] / K);
-    mlp_swiglu(xe, experts_w[e].gate, experts_w[e].up, experts_w[e].down, p, ye);
+    mlp_swiglu(xe, experts_w[e].gate, experts_w[e].up, experts_w[e].down, p, ye, r);
     for (Eigen::Index i = 0; i < n; ++i) {
       const Eigen::Index flat = order[start[e] + i];
       acc.row(flat / K) += weights(flat / K, flat % K) * ye.row(i);
@@ -88,7 +88,7 @@ void moe_experts(const Mat<T>& x, const MatI& experts, const Mat<T>& weights,
   acc *= static_cast<T>(routed_scale);  // the routed part only; the shared expert is unscaled
   if (has_shared) {
     Mat<T> sh;  // [T, H]
-    mlp_swiglu(x, shared.gate, shared.up, shared.down, p, sh);
+    mlp_swiglu(x, shared.gate, shared.up, shared.down, p, sh, r);
     acc += sh;
   }
   // Written last, so y may be x itself.
@@ -97,9 +97,9 @@ void moe_experts(const Mat<T>& x, const MatI& experts, const Mat<T>& weights,
 
 template void moe_experts<float>(const Mat<float>&, const MatI&, const Mat<float>&,
                                  const std::vector<MlpWeights<float>>&, const MlpWeights<float>&,
-                                 double, const SwigluParams&, Mat<float>&);
+                                 double, const SwigluParams&, Mat<float>&, Rounding);
 template void moe_experts<double>(const Mat<double>&, const MatI&, const Mat<double>&,
                                   const std::vector<MlpWeights<double>>&, const MlpWeights<double>&,
-                                  double, const SwigluParams&, Mat<double>&);
+                                  double, const SwigluParams&, Mat<double>&, Rounding);
 
 }  // namespace m3::ref

@@ -18,10 +18,11 @@ struct MlpWeights {
 };
 
 // x [T, H], experts [T, K_e] (ids < experts_w.size()), weights [T, K_e], shared (ignored when its
-// matrices are empty) -> y [T, H]. Each expert runs once on the rows routed to it.
+// matrices are empty) -> y [T, H]. Each expert runs once on the rows routed to it. r: where each
+// MLP's intermediates and output are rounded (mlp_swiglu); the weighted sum stays in T.
 template <class T>
 void moe_experts(const Mat<T>& x, const MatI& experts, const Mat<T>& weights,
                  const std::vector<MlpWeights<T>>& experts_w, const MlpWeights<T>& shared,
-                 double routed_scale, const SwigluParams& p, Mat<T>& y);
+                 double routed_scale, const SwigluParams& p, Mat<T>& y, Rounding r = Rounding::NONE);
 
 }  // namespace m3::ref

@@ -48,7 +48,7 @@ void swiglu_oai(const Mat<T>& gate, const Mat<T>& up, const SwigluParams& p, Mat
 
 template <class T>
 void mlp_swiglu(const Mat<T>& x, const Mat<T>& w_gate, const Mat<T>& w_up, const Mat<T>& w_down,
-                const SwigluParams& p, Mat<T>& y) {
+                const SwigluParams& p, Mat<T>& y, Rounding r) {
   const Eigen::Index H = x.cols(), I = w_gate.rows();
   if (w_gate.cols() != H)
     throw std::invalid_argument(fmt::format(
@@ -63,9 +63,13 @@ void mlp_swiglu(const Mat<T>& x, const Mat<T>& w_gate, const Mat<T>& w_up, const
   Mat<T> up(x.rows(), I);    // [R, I]
   gate.noalias() = x * w_gate.transpose();
   up.noalias() = x * w_up.transpose();
+  const bool bf16 = r == Rounding::BF16;
+  if (bf16) round_bf16_inplace(gate), round_bf16_inplace(up);
   swiglu_oai(gate, up, p, gate);  // act overwrites gate: [R, I]
+  if (bf16) round_bf16_inplace(gate);
   // x is no longer read, so y may be x itself.
   y.noalias() = gate * w_down.transpose();  // [R, H]
+  if (bf16) round_bf16_inplace(y);
 }
 
 template void swiglu_oai<float>(const Mat<float>&, const Mat<float>&, const SwigluParams&,
@@ -73,8 +77,8 @@ template void swiglu_oai<float>(const Mat<float>&, const Mat<float>&, const Swig
 template void swiglu_oai<double>(const Mat<double>&, const Mat<double>&, const SwigluParams&,
                                  Mat<double>&);
 template void mlp_swiglu<float>(const Mat<float>&, const Mat<float>&, const Mat<float>&,
-                                const Mat<float>&, const SwigluParams&, Mat<float>&);
+                                const Mat<float>&, const SwigluParams&, Mat<float>&, Rounding);
 template void mlp_swiglu<double>(const Mat<double>&, const Mat<double>&, const Mat<double>&,
-                                 const Mat<double>&, const SwigluParams&, Mat<double>&);
+                                 const Mat<double>&, const SwigluParams&, Mat<double>&, Rounding);
 
 }  // namespace m3::ref

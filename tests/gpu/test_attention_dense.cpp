@@ -232,6 +232,17 @@ TEST(AttentionDense_bf16, Gqa24_TwoMtiles_D64) {
   run_case({1, 1, 2049, 48, 2, 64, true});
 }
 
+// The tiny preset's heads (D 16, GQA 4 over 2) and D 32: one and two k-steps of q.k, two and four
+// n-tiles of the output; decode, scattered rows and a paged copy.
+TEST(AttentionDense_bf16, SmallHeadDims_16_32) {
+  M3_REQUIRE_GPU();
+  for (int D : {16, 32}) {
+    for (int N : {1, 63, 129, 3000}) run_case({2, 5, N, 4, 2, D, false});
+    run_case({1, 1, 2049, 4, 2, D, true});
+    run_case({3, 7, 1000, 8, 1, D, false, {1000, 129, 64}, true});
+  }
+}
+
 TEST(AttentionDense_bf16, LongContext_ManySplits) {
   M3_REQUIRE_GPU();
   // 100000 keys split over ~256 chunks of 7 tiles for 2 x 2 queries.

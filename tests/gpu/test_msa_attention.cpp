@@ -267,6 +267,16 @@ TEST(MsaAttention_bf16, TinyBlocks_TwoMtiles_D64) {
 }
 
 // Sequences of 5000, 2048 (a page multiple) and 129 (a page + 1) keys, N = 5000 the capacity.
+// The tiny preset's geometry (D 16, GQA 4 over 2, BLK 16, top-4) and D 32, contiguous and paged.
+TEST(MsaAttention_bf16, SmallHeadDims_16_32) {
+  M3_REQUIRE_GPU();
+  for (int D : {16, 32}) {
+    for (int N : {1, 15, 64, 65, 300}) run_case({2, 9, N, 4, 2, D, 16, 4, false});
+    run_case({1, 1, 2049, 4, 2, D, 16, 4, true});
+    run_case({3, 9, 300, 8, 1, D, 16, 4, false, {300, 129, 64}, true});
+  }
+}
+
 TEST(MsaAttention_bf16, Paged_M3Blocks_UnevenLengths_BitIdentical) {
   M3_REQUIRE_GPU();
   run_case({3, 1, 5000, 64, 4, 128, 128, 16, true, {5000, 2048, 129}, true});

@@ -246,6 +246,17 @@ TEST(MsaIndex_bf16, OddHeads_SmallBlocks) {
   run_case({2, 1, 777, 3, 64, 16, true, 0});  // NB exactly ceil(N/BLK)
 }
 
+// The tiny preset's index heads (Di 16, BLK 16) and Di 32, bf16 and fp8 caches, contiguous and paged.
+TEST(MsaIndex_bf16, SmallIndexDims_16_32) {
+  M3_REQUIRE_GPU();
+  for (int Di : {16, 32}) {
+    for (int N : {1, 15, 17, 300}) run_case({2, 9, N, 2, Di, 16, false});
+    run_case({1, 1, 2049, 2, Di, 16, true});
+    run_case({1, 9, 1000, 2, Di, 16, false}, true);  // fp8
+    run_case({3, 5, 1000, 2, Di, 16, false, 2, {1000, 129, 64}, true});
+  }
+}
+
 TEST(MsaIndex_bf16, LongContext_ManyChunks) {
   M3_REQUIRE_GPU();
   run_case({1, 1, 300000, 4, 128, 128, true});
