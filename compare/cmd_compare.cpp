@@ -77,7 +77,9 @@ int compare(const CompareArgs& a) {
   auto progress = [&](const char* what) { std::fprintf(stderr, "compare: %s ...\n", what); };
   const ModelWeights<float> w = generate_weights(cfg, a.seed);
   progress("reference, bf16 emulation");
-  const cmp::EngineRun ref = cmp::run_reference(cfg, w, Precision::BF16, prompt, a.decode, nullptr);
+  ReferenceOptions ro;
+  ro.fp8_index_cache = a.fp8_index;  // the emulation mirrors the GPU's storage; the fp64 truth stays exact
+  const cmp::EngineRun ref = cmp::run_reference(cfg, w, Precision::BF16, prompt, a.decode, nullptr, ro);
   progress("reference, fp64");
   const cmp::EngineRun truth = cmp::run_reference(cfg, w, Precision::FP64, prompt, a.decode, &ref.greedy);
   progress("gpu");
@@ -185,7 +187,7 @@ CLI::App* register_compare(CLI::App& app, int* exit_code) {
   cmd->add_option("--decode", args->decode, "Greedy decode steps (teacher-forced with the reference's tokens)")
       ->capture_default_str();
   cmd->add_option("--seed", args->seed, "Seed of the weights and of a drawn prompt")->capture_default_str();
-  cmd->add_flag("--fp8-index", args->fp8_index, "GPU index-K cache in fp8 E4M3 (the reference stays bf16)");
+  cmd->add_flag("--fp8-index", args->fp8_index, "GPU index-K cache in fp8 E4M3 (the bf16 reference rounds its index-K cache to E4M3 too; the fp64 truth stays exact)");
   cmd->add_flag("--quiet-failures", args->all_rows, "Do not print the failure lines under each table row");
   add_format_option(cmd, &args->format);
   cmd->callback([args, exit_code] { *exit_code = compare(*args); });

@@ -214,9 +214,11 @@ bool ModelComparison::pass() const {
 }
 
 EngineRun run_reference(const ModelConfig& cfg, const ModelWeights<float>& w, Precision p,
-                        const std::vector<std::int32_t>& prompt, int steps, const std::vector<std::int32_t>* forced) {
-  Model model(cfg, w, p);
-  return drive(model, prompt, steps, forced, fmt::format("ref-{}", precision_name(p)));
+                        const std::vector<std::int32_t>& prompt, int steps, const std::vector<std::int32_t>* forced,
+                        const ReferenceOptions& opt) {
+  Model model(cfg, w, p, opt);
+  return drive(model, prompt, steps, forced,
+               fmt::format("ref-{}{}", precision_name(p), opt.fp8_index_cache ? "-fp8idx" : ""));
 }
 
 #if M3_HAVE_GPU

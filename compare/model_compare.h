@@ -24,6 +24,7 @@
 
 #include "compare/metrics.h"
 #include "reference/config.h"
+#include "reference/model.h"
 #include "reference/tensor.h"
 #include "reference/weights.h"
 
@@ -94,10 +95,11 @@ ModelComparison compare_runs(const ModelConfig& cfg, const ModelWeights<float>& 
                              const EngineRun& test, const EngineRun& ref, const EngineRun& truth);
 
 // Runs the reference in precision p: prefill with the trace, then the decode steps, each fed
-// `forced[i]` when given (else its own greedy choice).
+// `forced[i]` when given (else its own greedy choice). opt: the GPU storage options the bf16
+// reference mirrors (the fp8 index-K cache), so that it stays the GPU's emulation.
 EngineRun run_reference(const ModelConfig& cfg, const ModelWeights<float>& w, Precision p,
                         const std::vector<std::int32_t>& prompt, int steps,
-                        const std::vector<std::int32_t>* forced);
+                        const std::vector<std::int32_t>* forced, const ReferenceOptions& opt = {});
 
 #if M3_HAVE_GPU
 struct GpuRunOptions {

@@ -580,6 +580,26 @@ std::vector<MatD> Model::forward(std::span<Sequence* const> seqs, std::span<cons
 MatD Model::prefill(Sequence& seq, std::span<const std::int32_t> tokens, const TraceFn& trace) {
   if (tokens.empty()) throw std::invalid_argument("gpu::prefill: no tokens");
   const std::size_t chunk = static_cast<std::size_t>(p_->opt.max_tokens);
+  if (tokens.size() > chunk) {
+    // forward() validates one chunk at a time; a prompt refused by a later chunk must not leave the
+    // earlier chunks in the cache, so the whole prompt is checked first (as forward would check it).
+    Impl& P = *p_;
+    if (!seq.s_ || seq.s_->owner != p_.get())
+      throw std::invalid_argument("gpu::prefill: the sequence was not made by this model");
+    const std::int64_t end = seq.s_->len + static_cast<std::int64_t>(tokens.size());
+    if (end > P.cfg.max_position_embeddings)
+      throw std::out_of_range(fmt::format("gpu::prefill: context of {} tokens exceeds max_position_embeddings = {}", end,
+                                          P.cfg.max_position_embeddings));
+    if (end > P.opt.max_context)
+      throw std::out_of_range(fmt::format("gpu::prefill: context of {} tokens exceeds the GPU model's max_context = {} "
+                                          "(raise ModelOptions::max_context / --max-context)",
+                                          end, P.opt.max_context));
+    check_token_ids(tokens.data(), tokens.size(), P.cfg.vocab_size);
+    const std::int64_t pages_needed = (end + kPageRows - 1) / kPageRows - static_cast<std::int64_t>(seq.s_->pages.size());
+    if (pages_needed > static_cast<std::int64_t>(P.pool->free.size()))
+      throw std::runtime_error(fmt::format("gpu::prefill: needs {} more cache pages, {} free of {}", pages_needed,
+                                           P.pool->free.size(), P.pool->n_pages));
+  }
   MatD all(static_cast<Eigen::Index>(tokens.size()), p_->cfg.vocab_size);
   for (std::size_t at = 0; at < tokens.size(); at += chunk) {
     const std::size_t n = std::min(chunk, tokens.size() - at);

@@ -89,6 +89,8 @@ struct Forward {
   };
 
   const TraceFn& trace;
+  const bool fp8_index_cache;  // ReferenceOptions::fp8_index_cache
+
   template <class M>
   void emit(const Batch& b, const std::string& name, const M& m) const {
     if (!trace) return;
@@ -163,6 +165,12 @@ struct Forward {
         ref::attention_dense(qs, c.k[l], c.v[l], b.pos[s], cfg.attn_dims(), os, &stats.dense);
       } else {
         append(c.idx_k[l], b.start_len[s], ik, r0, n);
+        if (fp8_index_cache)  // the GPU's E4M3 cache: keys are rounded once, as they are written
+          for (Eigen::Index i = 0; i < n; ++i)
+            for (Eigen::Index j = 0; j < ik.cols(); ++j) {
+              T& x = c.idx_k[l](b.start_len[s] + i, j);
+              x = static_cast<T>(round_e4m3(static_cast<float>(x)));
+            }
         const Mat<T> iqs = iq.middleRows(r0, n);  // [T_s, Hi*Di]
         Mat<T> scores;                            // [Hi*T_s, NB]
         MatI sel;                                 // [Hi*T_s, K_blk]
@@ -233,6 +241,7 @@ struct Forward {
 struct Model::Impl {
   ModelConfig cfg;
   Precision precision;
+  ReferenceOptions opt;
   std::variant<ModelWeights<float>, ModelWeights<double>> w;
   ForwardStats stats;
 };
@@ -285,8 +294,12 @@ Caches<T> make_caches(const ModelConfig& c) {
 
 }  // namespace
 
-Model::Model(ModelConfig cfg, const ModelWeights<float>& weights, Precision precision)
+Model::Model(ModelConfig cfg, const ModelWeights<float>& weights, Precision precision, ReferenceOptions opt)
     : p_(std::make_unique<Impl>()) {
+  if (opt.fp8_index_cache && precision != Precision::BF16)
+    throw std::invalid_argument(fmt::format("Model: the fp8 index-K cache emulates the GPU in bf16 mode, not {}",
+                                            precision_name(precision)));
+  p_->opt = opt;
   cfg.validate();
   check_weights(cfg, weights);
   p_->cfg = std::move(cfg);
@@ -350,7 +363,7 @@ std::vector<MatD> Model::forward(std::span<Sequence* const> seqs,
       b.pos.push_back(std::move(pos));
       row += b.rows.back();
     }
-    Forward<T> f{c, weights, p_->precision == Precision::BF16, p_->stats, trace};
+    Forward<T> f{c, weights, p_->precision == Precision::BF16, p_->stats, trace, p_->opt.fp8_index_cache};
     auto out = f.run(b, all);
     for (std::size_t s = 0; s < seqs.size(); ++s) seqs[s]->s_->len += static_cast<std::int64_t>(tokens[s].size());
     return out;

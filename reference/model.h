@@ -69,10 +69,19 @@ class Sequence {
   std::unique_ptr<State> s_;
 };
 
+// Storage options the GPU path has and the bf16-emulating reference can mirror.
+struct ReferenceOptions {
+  // The index-K cache in fp8 E4M3 (gpu::ModelOptions::fp8_index_cache): each cached index key is
+  // rounded with round_e4m3 as it enters the cache (the traced idx_k stays bf16). BF16 only.
+  bool fp8_index_cache = false;
+};
+
 class Model {
  public:
   // Validates cfg and the weights' shapes against it; converts weights to the precision's storage.
-  Model(ModelConfig cfg, const ModelWeights<float>& weights, Precision precision);
+  // Throws std::invalid_argument for opt.fp8_index_cache outside BF16 (the fp32 and fp64 modes
+  // are the exact model).
+  Model(ModelConfig cfg, const ModelWeights<float>& weights, Precision precision, ReferenceOptions opt = {});
   ~Model();
   Model(Model&&) noexcept;
   Model& operator=(Model&&) noexcept;

@@ -51,6 +51,21 @@ inline float bf16_bits_to_float(std::uint16_t b) {
   return std::bit_cast<float>(static_cast<std::uint32_t>(b) << 16);
 }
 
+// Nearest E4M3 value (1 sign, 4 exponent bits with bias 7, 3 mantissa bits: normals from 2^-6,
+// subnormals in steps of 2^-9, largest 448, no infinities), ties to even, out-of-range values and
+// +-Inf saturated to +-448: the conversion CUDA's __nv_cvt_float_to_fp8(x, __NV_SATFINITE,
+// __NV_E4M3) does, which writes the GPU's fp8 index-K cache. NaN stays NaN.
+inline float round_e4m3(float x) {
+  if (std::isnan(x)) return x;
+  const float a = std::fabs(x);
+  if (a >= 448.f) return std::copysign(448.f, x);
+  int e = 0;
+  std::frexp(a, &e);                    // a = m 2^e, m in [0.5, 1): the leading bit is 2^(e-1)
+  const int q = e - 4 > -9 ? e - 4 : -9;  // the spacing: 3 bits below the leading one, at least 2^-9
+  const float r = std::ldexp(std::nearbyint(std::ldexp(a, -q)), q);  // nearbyint: ties to even
+  return std::copysign(r > 448.f ? 448.f : r, x);
+}
+
 template <class Derived>
 void round_bf16_inplace(Eigen::DenseBase<Derived>& m) {
   for (Eigen::Index i = 0; i < m.rows(); ++i)

@@ -2,10 +2,13 @@
 // single runs, repeats are bit-identical, the trace has every DESIGN §1 name, the precisions agree
 // as far as they should, and bad requests fail before any cache changes.
 #include "reference/model.h"
+#include "reference/ops/msa_index.h"
 #include "tests/test_util.h"
 
 #include <gtest/gtest.h>
 
+#include <algorithm>
+#include <cmath>
 #include <cstdio>
 #include <map>
 #include <set>
@@ -228,4 +231,78 @@ TEST(Model, GreedyTieRuleAndGeneration) {
   ASSERT_EQ(gen.size(), 8u);
   EXPECT_EQ(logits.rows(), 48);
   for (int i = 0; i < 8; ++i) EXPECT_EQ(gen[i], m3::greedy_token(logits, 39 + i));
+}
+
+// E4M3 rounding (the fp8 index-K cache's): its edges, written out by hand from the format
+// (1-4-3, bias 7, max 448, subnormal step 2^-9), ties to even, saturation, signs and NaN.
+TEST(RoundE4m3, FormatEdges) {
+  EXPECT_EQ(m3::round_e4m3(448.f), 448.f);
+  EXPECT_EQ(m3::round_e4m3(464.f), 448.f);   // halfway to 480 (not a value: S.1111.111 is NaN)
+  EXPECT_EQ(m3::round_e4m3(1e6f), 448.f);    // saturates
+  EXPECT_EQ(m3::round_e4m3(-INFINITY), -448.f);
+  EXPECT_EQ(m3::round_e4m3(440.f), 448.f);   // step 32 in [256, 448]
+  EXPECT_EQ(m3::round_e4m3(1.0625f), 1.f);   // tie between 1 and 1.125: even mantissa
+  EXPECT_EQ(m3::round_e4m3(1.1875f), 1.25f); // tie between 1.125 and 1.25: even mantissa
+  EXPECT_EQ(m3::round_e4m3(1.07f), 1.125f);
+  EXPECT_EQ(m3::round_e4m3(0x1p-6f), 0x1p-6f);         // smallest normal
+  EXPECT_EQ(m3::round_e4m3(0x1.1p-6f), 0x1p-6f);       // 2^-6 + 2^-10: below half a step of 2^-9
+  EXPECT_EQ(m3::round_e4m3(0x1p-9f), 0x1p-9f);         // smallest subnormal
+  EXPECT_EQ(m3::round_e4m3(0x1p-10f), 0.f);            // tie between 0 and 2^-9: even
+  EXPECT_EQ(m3::round_e4m3(0x1.8p-10f), 0x1p-9f);      // 0.75 of a step
+  EXPECT_EQ(m3::round_e4m3(3 * 0x1p-10f), 0x1p-8f);    // 1.5 steps: tie, even (2 steps)
+  EXPECT_EQ(m3::round_e4m3(-2.6f), -2.5f);
+  EXPECT_TRUE(std::signbit(m3::round_e4m3(-1e-4f)));
+  EXPECT_TRUE(std::isnan(m3::round_e4m3(NAN)));
+  // Every value of a fine grid lands on a representable value within half a step.
+  for (float x = 0x1p-12f; x < 448.f; x *= 1.0137f) {
+    const float r = m3::round_e4m3(x);
+    int e = 0;
+    std::frexp(x, &e);
+    const float step = std::ldexp(1.f, std::max(e - 4, -9));
+    EXPECT_LE(std::fabs(r - x), 0.5f * step) << x;
+    EXPECT_EQ(r, std::ldexp(std::nearbyint(std::ldexp(r, -std::max(e - 4, -9))), std::max(e - 4, -9))) << x;
+  }
+}
+
+// The fp8 index-K option of the bf16 reference: the traced idx_k is unchanged, the block scores
+// are exactly ref::msa_index of the traced idx_q against the E4M3-rounded keys, and the option is
+// refused outside bf16.
+TEST(Model, Fp8IndexCacheRoundsOnlyTheCachedKeys) {
+  auto g = m3::test::test_rng();
+  SCOPED_TRACE(m3::test::seed_note());
+  Tiny t(g());
+  const auto tokens = random_tokens(kLen, t.cfg.vocab_size, g);
+  EXPECT_THROW(m3::Model(t.cfg, t.w, m3::Precision::FP32, m3::ReferenceOptions{true}), std::invalid_argument);
+  std::map<std::string, m3::MatD> plain, fp8;
+  auto keep = [](std::map<std::string, m3::MatD>& into) {
+    return [&into](int, const std::string& name, const m3::TraceView& v) {
+      m3::MatD m(v.rows, v.cols);
+      for (std::int64_t r = 0; r < v.rows; ++r)
+        for (std::int64_t c = 0; c < v.cols; ++c) m(r, c) = v.at(r, c);
+      into[name] = m;
+    };
+  };
+  for (bool f8 : {false, true}) {
+    m3::Model model(t.cfg, t.w, m3::Precision::BF16, m3::ReferenceOptions{f8});
+    auto s = model.new_sequence();
+    model.prefill(s, tokens, keep(f8 ? fp8 : plain));
+  }
+  int l = 0;
+  while (l < t.cfg.num_hidden_layers && t.cfg.layer_types[l] != m3::AttnType::MSA) ++l;
+  ASSERT_LT(l, t.cfg.num_hidden_layers) << "tiny has no MSA layer";
+  const std::string blk = "blk." + std::to_string(l) + ".";
+  // Layers before the first MSA layer are identical, so its inputs are too.
+  EXPECT_EQ(plain.at(blk + "idx_k"), fp8.at(blk + "idx_k"));
+  EXPECT_EQ(plain.at(blk + "idx_q"), fp8.at(blk + "idx_q"));
+  m3::Mat<float> iq = fp8.at(blk + "idx_q").cast<float>(), ik = fp8.at(blk + "idx_k").cast<float>();  // [T, Hi*Di], [T, Di]
+  for (Eigen::Index i = 0; i < ik.size(); ++i) ik.data()[i] = m3::round_e4m3(ik.data()[i]);
+  std::vector<std::int64_t> pos(kLen);
+  for (int i = 0; i < kLen; ++i) pos[i] = i;
+  m3::Mat<float> want;  // [Hi*T, NB]
+  m3::ref::msa_index(iq, ik, pos, t.cfg.msa_dims(), want);
+  const m3::MatD& got = fp8.at(blk + "block_scores");
+  ASSERT_EQ(got.rows(), want.rows());
+  ASSERT_EQ(got.cols(), want.cols());
+  EXPECT_EQ(got, want.cast<double>());
+  EXPECT_NE(got, plain.at(blk + "block_scores"));  // E4M3 really changed the keys
 }

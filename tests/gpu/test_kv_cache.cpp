@@ -6,6 +6,7 @@
 // its 0xFF poison. The readers of paged caches are tested next to their contiguous cases
 // (test_attention_dense, test_msa_attention, test_msa_index, test_attention_prefill).
 #include "gpu/kernels/kv_cache.h"
+#include "reference/tensor.h"
 #include "tests/gpu/gpu_test_util.h"
 
 #include <cmath>
@@ -74,7 +75,7 @@ void run_case(const Case& c) {
   const auto hc = dcache.download();
 
   std::vector<char> written(hc.size(), 0);
-  long wrong = 0, copied = 0;
+  long wrong = 0, copied = 0, wrong_ref = 0;
   for (int t = 0; t < c.T; ++t) {
     const std::int64_t s = slots[t];
     if (s < 0 || s >= c.n_slots) continue;
@@ -88,7 +89,13 @@ void run_case(const Case& c) {
         const float xf = gpu::from_bf16(&x, 1)[0];
         const auto got = static_cast<unsigned char>(hc[at].__x);
         if (std::isnan(xf)) ok = (got & 0x7F) == 0x7F;  // E4M3's only NaN: S.1111.111
-        else ok = got == static_cast<unsigned char>(__nv_cvt_float_to_fp8(xf, __NV_SATFINITE, __NV_E4M3));
+        else {
+          ok = got == static_cast<unsigned char>(__nv_cvt_float_to_fp8(xf, __NV_SATFINITE, __NV_E4M3));
+          // The reference's emulation of this cache (ReferenceOptions::fp8_index_cache) agrees too.
+          const float gotf = static_cast<float>(hc[at]);
+          if (gotf != m3::round_e4m3(xf) && ++wrong_ref <= 5)
+            ADD_FAILURE() << "round_e4m3(" << xf << ") = " << m3::round_e4m3(xf) << ", the GPU wrote " << gotf;
+        }
       } else {
         ok = std::memcmp(&hc[at], &x, sizeof x) == 0;
       }
@@ -103,6 +110,7 @@ void run_case(const Case& c) {
     for (unsigned char x : b) clobbered += x != 0xFF;
   }
   EXPECT_EQ(wrong, 0);
+  EXPECT_EQ(wrong_ref, 0);
   EXPECT_GT(copied, 0);
   EXPECT_EQ(clobbered, 0) << "bytes outside the written rows changed";
 }

@@ -239,7 +239,7 @@ TEST(VerifyGpu_bf16, RefusedRequests) {
   expect_refused(bf16_case("moe_router", {}, g(), Precision::FP32), "write the case with --precision bf16");
   expect_refused(bf16_case("attention_dense", {}, g(), Precision::FP64), "write the case with --precision bf16");
   expect_refused(bf16_case("qk_norm_rope", {"norm=0"}, g()), "no GPU twin");
-  expect_refused(bf16_case("attention_dense", {"D=16"}, g()), "expected 64 or 128");
+  expect_refused(bf16_case("attention_dense", {"D=48"}, g()), "expected 16, 32, 64 or 128");
   // msa_select's GPU path is fp32 (scores) and exact (ids) end to end: its fp32 cases are checked.
   const Case sel32 = bf16_case("msa_select", {}, g(), Precision::FP32);
   const auto checks = verify_outputs(sel32, Device::GPU);
