@@ -111,6 +111,8 @@ int compare(const CompareArgs& a) {
                        {"top1_agree", e.top1_agree},
                        {"top1_differ", e.top1_differ},
                        {"top1_near_tie", e.top1_near_tie},
+                       {"top1_truth_differ_test", e.top1_truth_differ_test},
+                       {"top1_truth_differ_ref", e.top1_truth_differ_ref},
                        {"kl_mean", e.kl_mean},
                        {"kl_max", e.kl_max},
                        {"kl_max_row", e.kl_max_row},
@@ -158,8 +160,10 @@ int compare(const CompareArgs& a) {
   fmt::print("\nend to end over {} logits rows (prompt + decode):\n", e.rows);
   fmt::print("  logits rel-L2 vs bf16 reference {:.3e}; vs fp64: gpu {:.3e}, bf16 reference {:.3e}\n", e.logits_rel_l2,
              e.logits_err_test, e.logits_err_ref);
-  fmt::print("  top-1 agreement {:.4f} ({} rows differ, {} near-ties); KL(ref || gpu) mean {:.3e}, max {:.3e} at row {}\n",
-             e.top1_agree, e.top1_differ, e.top1_near_tie, e.kl_mean, e.kl_max, e.kl_max_row);
+  fmt::print("  top-1 agreement {:.4f} ({} rows differ, {} near-ties; argmax differs from fp64's on {} gpu rows, {} "
+             "bf16-reference rows); KL(ref || gpu) mean {:.3e}, max {:.3e} at row {}\n",
+             e.top1_agree, e.top1_differ, e.top1_near_tie, e.top1_truth_differ_test, e.top1_truth_differ_ref, e.kl_mean,
+             e.kl_max, e.kl_max_row);
   fmt::print("  greedy decode: {} of {} steps agree ({} near-ties, first divergence {}); fp64 reference agrees on {}\n",
              e.greedy_agree, e.decode_steps, e.greedy_near_tie, e.first_divergence, e.truth_greedy_agree);
   for (const auto& f : mc.failures) fmt::print("  {}\n", f);

@@ -128,4 +128,24 @@ TEST(ModelCompare, CatchesWrongGreedyTokensAndLogits) {
   EXPECT_EQ(mc.e2e.kl_max_row, row);
 }
 
+// Top-1's 2x-truth allowance does not hide a systematically wrong engine: every fifth row's argmax
+// moved to its lowest token fails, whatever the reference's own flips against fp64.
+TEST(ModelCompare, CatchesManyWrongTop1Rows) {
+  SCOPED_TRACE(m3::test::seed_note());
+  Runs r;
+  EngineRun bad = r.test;
+  for (Eigen::Index row = 0; row < bad.logits.rows(); row += 5) {
+    Eigen::Index lowest = 0;
+    bad.logits.row(row).minCoeff(&lowest);
+    bad.logits(row, lowest) = bad.logits.row(row).maxCoeff() + 10.0;
+  }
+  const auto mc = m3::cmp::compare_runs(r.cfg, r.w, 70, bad, r.ref, r.truth);
+  EXPECT_FALSE(mc.pass());
+  EXPECT_GE(mc.e2e.top1_truth_differ_test, bad.logits.rows() / 5);
+  EXPECT_LT(mc.e2e.top1_truth_differ_ref, bad.logits.rows() / 10);
+  bool top1_failed = false;
+  for (const auto& f : mc.failures) top1_failed |= f.rfind("top-1:", 0) == 0;
+  EXPECT_TRUE(top1_failed);
+}
+
 }  // namespace
