@@ -54,6 +54,8 @@ nlohmann::json to_json(const cmp::TensorCheck& t) {
     j["rel_l2_gpu_vs_fp64"] = t.err_test;
     j["rel_l2_bf16_ref_vs_fp64"] = t.err_ref;
     j["bound_vs_fp64"] = t.bound;
+    j["rows_rerun"] = t.rows_rerun;
+    j["rows_excluded"] = t.rows_excluded;
   }
   j["failures"] = t.failures;
   return j;
@@ -119,6 +121,8 @@ int compare(const CompareArgs& a) {
                        {"decode_steps", e.decode_steps},
                        {"greedy_agree", e.greedy_agree},
                        {"greedy_near_tie", e.greedy_near_tie},
+                       {"greedy_flipped", e.greedy_flipped},
+                       {"rows_flipped", e.rows_flipped},
                        {"first_divergence", e.first_divergence},
                        {"fp64_greedy_agree_with_bf16_ref", e.truth_greedy_agree},
                        {"greedy_tokens_ref", ref.greedy},
@@ -151,21 +155,27 @@ int compare(const CompareArgs& a) {
     } else {
       const std::string at = fmt::format("{} {:.4g}/{:.4g}", cmp::coord_str(t.vs_ref.max_at.at), t.vs_ref.max_at.got,
                                          t.vs_ref.max_at.want);
-      fmt::print("{:<24} {:>10.3e} {:>10.3e} {:>22} {:>10.3e} {:>10.3e}  {:<10} {}\n", t.name, t.vs_ref.rel_l2,
+      fmt::print("{:<24} {:>10.3e} {:>10.3e} {:>22} {:>10.3e} {:>10.3e}  {:<10} {}", t.name, t.vs_ref.rel_l2,
                  t.vs_ref.max_abs, at, t.err_test, t.err_ref, t.rule, t.pass() ? "ok" : "FAIL");
+      if (t.rows_rerun > 0) fmt::print(" ({} rows re-run with the gpu's experts)", t.rows_rerun);
+      if (t.rows_excluded > 0) fmt::print(" ({} flipped-token rows left out)", t.rows_excluded);
+      fmt::print("\n");
     }
     if (!a.all_rows)
       for (const auto& f : t.failures) fmt::print("    {}\n", f);
   }
-  fmt::print("\nend to end over {} logits rows (prompt + decode):\n", e.rows);
+  fmt::print("\nend to end over {} logits rows (prompt + decode{}):\n", e.rows,
+             e.rows_flipped ? fmt::format(", less {} tokens whose experts flipped", e.rows_flipped) : "");
   fmt::print("  logits rel-L2 vs bf16 reference {:.3e}; vs fp64: gpu {:.3e}, bf16 reference {:.3e}\n", e.logits_rel_l2,
              e.logits_err_test, e.logits_err_ref);
   fmt::print("  top-1 agreement {:.4f} ({} rows differ, {} near-ties; argmax differs from fp64's on {} gpu rows, {} "
              "bf16-reference rows); KL(ref || gpu) mean {:.3e}, max {:.3e} at row {}\n",
              e.top1_agree, e.top1_differ, e.top1_near_tie, e.top1_truth_differ_test, e.top1_truth_differ_ref, e.kl_mean,
              e.kl_max, e.kl_max_row);
-  fmt::print("  greedy decode: {} of {} steps agree ({} near-ties, first divergence {}); fp64 reference agrees on {}\n",
-             e.greedy_agree, e.decode_steps, e.greedy_near_tie, e.first_divergence, e.truth_greedy_agree);
+  fmt::print("  greedy decode: {} of {} steps agree ({} near-ties, {} at flipped tokens, first divergence {}); fp64 "
+             "reference agrees on {}\n",
+             e.greedy_agree, e.decode_steps, e.greedy_near_tie, e.greedy_flipped, e.first_divergence,
+             e.truth_greedy_agree);
   for (const auto& f : mc.failures) fmt::print("  {}\n", f);
   int failed = 0;
   for (const auto& t : mc.tensors) failed += !t.pass();
