@@ -196,6 +196,17 @@ TEST(MsaSelect_f32, FewRows_SplitPath_Adversarial) {
     }
 }
 
+// The split path at small grids (2 and 3 CTAs a row), M3's budget and the largest one with init
+// and local blocks: the racecheck run's subset (gpu-suite), and a quick check of its own.
+TEST(MsaSelect_f32, FewRows_SplitPath_SmallGrids) {
+  M3_REQUIRE_GPU();
+  const MsaDims layouts[] = {{4, 128, 128, 16, 1, 0}, {4, 128, 128, 64, 3, 2}};
+  for (const auto& dims : layouts)
+    for (int NB : {1025, 2049})
+      for (std::int64_t p : {static_cast<std::int64_t>(NB) * dims.BLK - 1, 5 * std::int64_t{dims.BLK} + 3})
+        for (Dist d : kAllDists) run_case(dims, 1, {p}, NB, d);
+}
+
 // A few queries of one sequence (T = 3, Hi 2: 6 rows, still the split path): rows of different
 // lengths in one launch, so the CTAs of a cluster see different chunk sizes per row.
 TEST(MsaSelect_f32, FewRows_MixedLengths) {
