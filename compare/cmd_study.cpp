@@ -11,6 +11,7 @@
 #include "compare/cli_common.h"
 #include "compare/study_cpu.h"
 #include "compare/study_quality.h"
+#include "datasets/golden.h"
 #if M3_HAVE_GPU
 #include "compare/study_gpu.h"
 #endif
@@ -19,6 +20,7 @@
 #include <nlohmann/json.hpp>
 
 #include <cstdio>
+#include <ctime>
 #include <fstream>
 #include <sstream>
 
@@ -66,6 +68,13 @@ int study(const StudyArgs& a) {
   const std::int64_t hi = std::min(a.max_context, cap);
   nlohmann::json j;
   j["command"] = command_line();
+  j["build_commit"] = build_git_commit();  // the commit the binary was built from, "-dirty" with local changes
+  {
+    const std::time_t now = std::time(nullptr);
+    char stamp[32];
+    std::strftime(stamp, sizeof stamp, "%Y-%m-%d %H:%M:%S", std::gmtime(&now));
+    j["date_utc"] = stamp;
+  }
   j["cpu"] = cpu_description();
   j["config"] = cfg.name;
   j["seed"] = a.seed;
