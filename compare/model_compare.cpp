@@ -1,5 +1,6 @@
 // Model-level agreement (model_compare.h): three runs, one table.
 #include "compare/model_compare.h"
+#include "compare/model_compare_detail.h"
 
 #include "compare/tolerance.h"
 #include "reference/model.h"
@@ -20,7 +21,7 @@
 
 namespace m3::cmp {
 
-namespace {
+namespace detail {  // shared with model_sampled.cpp through model_compare_detail.h
 
 // Near-tie margin over the noise measured between the engines: a choice may flip where the two
 // candidates' scores are closer than a few times the typical difference of the scores themselves
@@ -267,7 +268,9 @@ bool argmax_near_tie(const MatD& test, const MatD& ref, Eigen::Index r, std::int
   return ref(r, a_ref) - ref(r, a_test) <= kNoiseMargin * rms;
 }
 
-}  // namespace
+}  // namespace detail
+
+using namespace detail;
 
 bool ModelComparison::pass() const {
   if (!failures.empty()) return false;

@@ -1,0 +1,121 @@
+// Sampled-row checking (compare/model_sampled.h) on the CPU: the bf16 reference's own trace passes
+// when checked against itself row by row from its own inputs (the checker mirrors the model op
+// for op, as a GPU with bf16 weights runs it), and damage to any op at or
+// feeding a sampled row is caught and named: a q row, a key row far before a sampled query (dense
+// and MSA layers), block scores, a selection, an MoE row, the residual stream, a logits row.
+#include "compare/model_sampled.h"
+#include "reference/model.h"
+#include "reference/weights.h"
+#include "tests/test_util.h"
+
+#include <gtest/gtest.h>
+
+#include <algorithm>
+
+namespace {
+
+using m3::cmp::EngineRun;
+
+constexpr int kT = 150;  // tiny: BLK 16, top-4: past K_blk*BLK = 64, 10 blocks
+
+struct Runs {
+  m3::ModelConfig cfg = m3::preset("tiny");
+  m3::ModelWeights<float> w;
+  std::vector<std::int32_t> prompt;
+  EngineRun bf16;
+  std::vector<std::int64_t> rows;
+  Runs() {
+    const std::uint64_t seed = m3::test::test_rng()();
+    w = m3::generate_weights(cfg, seed);
+    std::mt19937_64 g(seed);
+    for (int i = 0; i < kT; ++i) prompt.push_back(static_cast<std::int32_t>(g() % cfg.vocab_size));
+    bf16 = m3::cmp::run_reference(cfg, w, m3::Precision::BF16, prompt, 0, nullptr);
+    rows = m3::cmp::sample_rows(cfg, kT, 5, seed);
+  }
+};
+
+const m3::cmp::TensorCheck* find(const m3::cmp::SampledComparison& s, const std::string& name) {
+  for (const auto& t : s.tensors)
+    if (t.name == name) return &t;
+  return nullptr;
+}
+
+std::string failures(const m3::cmp::SampledComparison& s) {
+  std::string f;
+  for (const auto& t : s.tensors)
+    for (const auto& x : t.failures) f += t.name + ": " + x + "\n";
+  return f;
+}
+
+TEST(SampledRows, RowsCoverTheEdgesAndStayInside) {
+  const auto cfg = m3::preset("tiny");
+  const auto r = m3::cmp::sample_rows(cfg, kT, 5, 7);
+  for (std::int64_t x : {0, 1, 15, 16, 31, 63, 64, 65, kT / 2, kT - 2, kT - 1})
+    EXPECT_TRUE(std::binary_search(r.begin(), r.end(), x)) << x;
+  EXPECT_TRUE(std::is_sorted(r.begin(), r.end()));
+  EXPECT_EQ(std::adjacent_find(r.begin(), r.end()), r.end());
+  EXPECT_EQ(m3::cmp::sample_rows(cfg, kT, 5, 7), r);  // deterministic
+  for (std::int64_t x : m3::cmp::sample_rows(cfg, 3, 9, 1)) EXPECT_LT(x, 3);
+}
+
+TEST(SampledRows, TheBf16ReferencePassesFromItsOwnInputs) {
+  SCOPED_TRACE(m3::test::seed_note());
+  Runs r;
+  for (const EngineRun* e : {&r.bf16}) {
+    SCOPED_TRACE(e->engine);
+    const auto s = m3::cmp::check_sampled_rows(r.cfg, r.w, r.prompt, *e, r.rows);
+    EXPECT_TRUE(s.pass()) << failures(s);
+    // Every op of every layer and the logits were checked (tiny: layer 0 dense attention + dense MLP).
+    for (const char* n : {"blk.0.attn_norm", "blk.0.q", "blk.0.k", "blk.0.v", "blk.0.attn_out", "blk.0.ffn_norm",
+                          "blk.0.mlp_out", "blk.0.out", "blk.1.idx_q", "blk.1.idx_k", "blk.1.block_scores",
+                          "blk.1.selection", "blk.1.router_logits", "blk.1.experts", "blk.1.moe_out", "blk.3.out",
+                          "logits"})
+      EXPECT_NE(find(s, n), nullptr) << n;
+  }
+  // The bf16 engine is the emulation itself: its rows match to fp32 summation order.
+  const auto s = m3::cmp::check_sampled_rows(r.cfg, r.w, r.prompt, r.bf16, r.rows);
+  for (const auto& t : s.tensors)
+    if (!t.is_index) EXPECT_LE(t.vs_ref.rel_l2, 1e-5) << t.name;
+}
+
+TEST(SampledRows, CatchesDamageAtOrFeedingASampledRow) {
+  SCOPED_TRACE(m3::test::seed_note());
+  Runs r;
+  const std::int64_t last = kT - 1, mid = kT / 2;
+  auto expect_caught = [&](const char* what, const std::string& name, auto&& damage) {
+    SCOPED_TRACE(what);
+    EngineRun bad = r.bf16;
+    damage(bad);
+    const auto s = m3::cmp::check_sampled_rows(r.cfg, r.w, r.prompt, bad, r.rows);
+    EXPECT_FALSE(s.pass());
+    const auto* t = find(s, name);
+    ASSERT_NE(t, nullptr) << name;
+    EXPECT_FALSE(t->pass()) << name << " passed; failures: " << failures(s);
+  };
+  expect_caught("a q row", "blk.2.q", [&](EngineRun& e) { e.trace.at("blk.2.q").row(last) *= 1.5f; });
+  // A key far before the sampled last query, in a dense layer: the last query attends it.
+  expect_caught("a key row (dense)", "blk.0.attn_out", [&](EngineRun& e) { e.trace.at("blk.0.k").row(3).array() += 3.f; });
+  // A value row in the first block of an MSA layer: not selected for late queries unless it is,
+  // so damage the block of the last query itself (the local block is always selected).
+  expect_caught("a value row (MSA, local block)", "blk.1.attn_out",
+                [&](EngineRun& e) { e.trace.at("blk.1.v").row(last - 1).array() += 3.f; });
+  expect_caught("block scores", "blk.1.block_scores",
+                [&](EngineRun& e) { e.trace.at("blk.1.block_scores")(0 * kT + mid, 1) += 1.f; });
+  expect_caught("a selection", "blk.2.selection", [&](EngineRun& e) {
+    auto& s = e.trace.at("blk.2.selection");  // [Hi*T, K_blk]
+    const Eigen::Index row = 1 * kT + last;
+    std::swap(s(row, 0), s(row, s.cols() - 1));
+    s(row, 0) = s(row, 0) < 0 ? 0.f : static_cast<float>((static_cast<int>(s(row, 0)) + 1) % 5);
+  });
+  expect_caught("an MoE row", "blk.3.moe_out", [&](EngineRun& e) { e.trace.at("blk.3.moe_out").row(mid) *= 2.f; });
+  expect_caught("the residual stream", "blk.2.out", [&](EngineRun& e) { e.trace.at("blk.2.out").row(0).array() += 0.5f; });
+  expect_caught("a logits row", "logits", [&](EngineRun& e) { e.logits.row(last).array() += 1.0; });
+}
+
+TEST(SampledRows, RejectsRowsOutsideThePrompt) {
+  Runs r;
+  EXPECT_THROW(m3::cmp::check_sampled_rows(r.cfg, r.w, r.prompt, r.bf16, {0, kT}), std::invalid_argument);
+  EXPECT_THROW(m3::cmp::check_sampled_rows(r.cfg, r.w, r.prompt, r.bf16, {-1}), std::invalid_argument);
+}
+
+}  // namespace
