@@ -1,8 +1,10 @@
 // `m3h compare`: the GPU against the reference on the same weights and prompt (model_compare.h):
 // the DESIGN §4 table per op and per layer, the end-to-end block, a verdict and its exit code.
 //   m3h compare --preset tiny --tokens 300 --decode 16 [--format table|json] [--fp8-index]
+//   m3h compare --preset m3-layer --tokens 32768 --decode 0 --sample-rows 8   (long context, sampled rows)
 #include "compare/cli_common.h"
 #include "compare/model_compare.h"
+#include "compare/model_sampled.h"
 #include "compare/tolerance.h"
 #include "reference/weights.h"
 
@@ -26,6 +28,7 @@ struct CompareArgs {
   std::uint64_t seed = 0;
   bool fp8_index = false;
   bool all_rows = false;
+  int sample_rows = -1;  // >= 0: the sampled-row mode with this many random rows beyond the fixed ones
   Format format = Format::TABLE;
 };
 
@@ -62,6 +65,64 @@ nlohmann::json to_json(const cmp::TensorCheck& t) {
 }
 #endif
 
+#if M3_HAVE_GPU
+// --sample-rows: the GPU's prefill checked op by op on sampled rows from its own inputs
+// (model_sampled.h): no reference forward, so it reaches m3-layer at long context.
+int compare_sampled(const CompareArgs& a, const ModelConfig& cfg, const std::vector<std::int32_t>& prompt) {
+  if (a.decode != 0)
+    throw std::invalid_argument(fmt::format("compare: --sample-rows checks the prefill; give --decode 0 (got {})", a.decode));
+  if (a.fp8_index)  // the check re-scores blocks from the traced bf16 index keys
+    throw std::invalid_argument("compare: --sample-rows does not support --fp8-index yet");
+  const auto T = static_cast<std::int64_t>(prompt.size());
+  std::fprintf(stderr, "compare: weights (seed %llu) ...\n", static_cast<unsigned long long>(a.seed));
+  const ModelWeights<float> w = generate_weights(cfg, a.seed);
+  std::fprintf(stderr, "compare: gpu prefill of %lld tokens with the trace ...\n", static_cast<long long>(T));
+  cmp::GpuRunOptions go;
+  go.last_logits_only = true;
+  const cmp::EngineRun test = cmp::run_gpu(cfg, w, prompt, 0, nullptr, go);
+  const auto rows = cmp::sample_rows(cfg, T, a.sample_rows, a.seed);
+  std::fprintf(stderr, "compare: reference on %zu sampled rows ...\n", rows.size());
+  const cmp::SampledComparison sc = cmp::check_sampled_rows(cfg, w, prompt, test, rows);
+  int failed = 0;
+  for (const auto& t : sc.tensors) failed += !t.pass();
+  if (a.format == Format::JSON) {
+    nlohmann::json j;
+    j["command"] = command_line();
+    j["device"] = gpu::describe(gpu::device_info(0));
+    j["config"] = cfg.name;
+    j["seed"] = a.seed;
+    j["tokens"] = T;
+    j["gpu_prefill_ms"] = test.prefill_ms;
+    j["sampled_rows"] = rows;
+    for (const auto& t : sc.tensors) j["tensors"].push_back(to_json(t));
+    j["verdict"] = sc.pass() ? "agree" : "disagree";
+    fmt::print("{}\n", j.dump(2));
+  } else {
+    fmt::print("# {}\n# {}; {} layers, seed {}, prompt {} tokens; gpu prefill {:.1f} ms\n", command_line(),
+               gpu::describe(gpu::device_info(0)), cfg.num_hidden_layers, a.seed, T, test.prefill_ms);
+    fmt::print("# every op on {} sampled rows, the reference re-run from the GPU's own inputs (model_sampled.h): rows",
+               rows.size());
+    for (auto r : rows) fmt::print(" {}", r);
+    fmt::print("\n\n{:<24} {:>10} {:>10} {:>22} {:>10}  {}\n", "tensor", "rel-L2", "max abs", "at (gpu / ref)", "gate",
+               "verdict");
+    for (const auto& t : sc.tensors) {
+      if (t.is_index)
+        fmt::print("{:<24} exact {:6.2f}%  rows differing {} (near-tie {})  {}\n", t.name, 100 * t.ix.exact_rate,
+                   t.ix.rows_differ, t.ix.rows_near_tie, t.pass() ? "ok" : "FAIL");
+      else
+        fmt::print("{:<24} {:>10.3e} {:>10.3e} {:>22} {:>10.0e}  {}\n", t.name, t.vs_ref.rel_l2, t.vs_ref.max_abs,
+                   fmt::format("{} {:.4g}/{:.4g}", cmp::coord_str(t.vs_ref.max_at.at), t.vs_ref.max_at.got,
+                               t.vs_ref.max_at.want),
+                   t.bound, t.pass() ? "ok" : "FAIL");
+      if (!a.all_rows)
+        for (const auto& f : t.failures) fmt::print("    {}\n", f);
+    }
+    fmt::print("\nverdict: {} ({} of {} tensors fail)\n", sc.pass() ? "AGREE" : "DISAGREE", failed, sc.tensors.size());
+  }
+  return sc.pass() ? kExitOk : kExitDisagree;
+}
+#endif
+
 int compare(const CompareArgs& a) {
 #if !M3_HAVE_GPU
   (void)a;
@@ -77,6 +138,7 @@ int compare(const CompareArgs& a) {
                                         cfg.max_position_embeddings));
   const bool human = a.format == Format::TABLE;
   auto progress = [&](const char* what) { std::fprintf(stderr, "compare: %s ...\n", what); };
+  if (a.sample_rows >= 0) return compare_sampled(a, cfg, prompt);
   const ModelWeights<float> w = generate_weights(cfg, a.seed);
   progress("reference, bf16 emulation");
   ReferenceOptions ro;
@@ -203,6 +265,11 @@ CLI::App* register_compare(CLI::App& app, int* exit_code) {
   cmd->add_option("--seed", args->seed, "Seed of the weights and of a drawn prompt")->capture_default_str();
   cmd->add_flag("--fp8-index", args->fp8_index, "GPU index-K cache in fp8 E4M3 (the bf16 reference rounds its index-K cache to E4M3 too; the fp64 truth stays exact)");
   cmd->add_flag("--quiet-failures", args->all_rows, "Do not print the failure lines under each table row");
+  cmd->add_option("--sample-rows", args->sample_rows,
+                  "Long-context mode: no reference forward; the GPU's prefill is checked op by op on the first/last "
+                  "rows, block and top-k edges, the middle and N seeded random rows, each op re-run by the reference "
+                  "from the GPU's own inputs (e.g. --preset m3-layer --tokens 32768 --decode 0 --sample-rows 8)")
+      ->check(CLI::NonNegativeNumber);
   add_format_option(cmd, &args->format);
   cmd->callback([args, exit_code] { *exit_code = compare(*args); });
   return cmd;

@@ -28,10 +28,18 @@ namespace detail {  // shared with model_sampled.cpp through model_compare_detai
 // (4 sigma of a roughly normal difference: flips beyond it are not rounding).
 constexpr double kNoiseMargin = 4.0;
 
+std::string op_of(const std::string& name);
+
 // A trace callback that keeps sequence 0's tensors as fp32 matrices (ids as exact small floats).
+// A chunked prefill traces each chunk: token-row tensors are stacked in order; the head-major ones
+// (block_scores, selection: [Hi*T_c, C] per chunk) are interleaved head by head so that the whole
+// prompt's tensor is head-major [Hi*T, C] whatever the chunking, the narrower chunks' missing
+// block-score columns (blocks past every query of the chunk) filled with -inf.
 TraceFn recorder(EngineRun& run) {
-  return [&run](int seq, const std::string& name, const TraceView& v) {
+  auto chunk = std::make_shared<std::int64_t>(0);  // tokens of the current forward call
+  return [&run, chunk](int seq, const std::string& name, const TraceView& v) {
     if (seq != 0) return;
+    if (name == "blk.0.attn_norm") *chunk = v.rows;  // every forward call's first trace
     MatF m(v.rows, v.cols);
     for (std::int64_t r = 0; r < v.rows; ++r)
       for (std::int64_t c = 0; c < v.cols; ++c) m(r, c) = static_cast<float>(v.at(r, c));
@@ -39,27 +47,47 @@ TraceFn recorder(EngineRun& run) {
     if (it == run.trace.end()) {
       run.order.push_back(name);
       run.trace.emplace(name, std::move(m));
-    } else {  // a chunked prefill: rows arrive in order
-      MatF& a = it->second;
-      const Eigen::Index r0 = a.rows();
-      a.conservativeResize(r0 + m.rows(), Eigen::NoChange);
-      a.bottomRows(m.rows()) = m;
+      return;
     }
+    MatF& a = it->second;
+    const std::string op = op_of(name);
+    const bool head_major = (op == "block_scores" || op == "selection") && *chunk > 0 && m.rows() % *chunk == 0 &&
+                            m.rows() != *chunk;
+    const float pad = op == "selection" ? -1.f : -std::numeric_limits<float>::infinity();
+    const Eigen::Index cols = std::max(a.cols(), m.cols());
+    if (!head_major) {  // token rows arrive in order
+      MatF g = MatF::Constant(a.rows() + m.rows(), cols, pad);
+      g.topLeftCorner(a.rows(), a.cols()) = a;
+      g.bottomLeftCorner(m.rows(), m.cols()) = m;
+      a = std::move(g);
+      return;
+    }
+    const Eigen::Index H = m.rows() / *chunk, Tp = a.rows() / H, Tc = *chunk;
+    MatF g = MatF::Constant(H * (Tp + Tc), cols, pad);  // [H*(Tp+Tc), C]
+    for (Eigen::Index i = 0; i < H; ++i) {
+      g.block(i * (Tp + Tc), 0, Tp, a.cols()) = a.middleRows(i * Tp, Tp);
+      g.block(i * (Tp + Tc) + Tp, 0, Tc, m.cols()) = m.middleRows(i * Tc, Tc);
+    }
+    a = std::move(g);
   };
 }
 
 // Prefill + decode on any engine with the m3::Model interface.
 template <class M>
 EngineRun drive(M& model, const std::vector<std::int32_t>& prompt, int steps, const std::vector<std::int32_t>* forced,
-                std::string engine) {
+                std::string engine, std::int64_t chunk = 0) {
   using clock = std::chrono::steady_clock;
   EngineRun run;
   run.engine = std::move(engine);
   auto seq = model.new_sequence();
   const auto t0 = clock::now();
-  MatD first = model.prefill(seq, prompt, recorder(run));  // [T, V]
+  std::vector<MatD> rows;
+  const auto rec = recorder(run);
+  const std::span<const std::int32_t> all(prompt);
+  const auto step = chunk > 0 ? static_cast<std::size_t>(chunk) : all.size();
+  for (std::size_t at = 0; at < all.size(); at += step)  // [T, V] in chunks (the engine may chunk further)
+    rows.push_back(model.prefill(seq, all.subspan(at, std::min(step, all.size() - at)), rec));
   const auto t1 = clock::now();
-  std::vector<MatD> rows{std::move(first)};
   for (int i = 0; i < steps; ++i) {
     const MatD& last = rows.back();
     run.greedy.push_back(greedy_token(last, last.rows() - 1));
@@ -279,10 +307,10 @@ bool ModelComparison::pass() const {
 
 EngineRun run_reference(const ModelConfig& cfg, const ModelWeights<float>& w, Precision p,
                         const std::vector<std::int32_t>& prompt, int steps, const std::vector<std::int32_t>* forced,
-                        const ReferenceOptions& opt) {
+                        const ReferenceOptions& opt, std::int64_t prefill_chunk) {
   Model model(cfg, w, p, opt);
   return drive(model, prompt, steps, forced,
-               fmt::format("ref-{}{}", precision_name(p), opt.fp8_index_cache ? "-fp8idx" : ""));
+               fmt::format("ref-{}{}", precision_name(p), opt.fp8_index_cache ? "-fp8idx" : ""), prefill_chunk);
 }
 
 #if M3_HAVE_GPU
@@ -293,6 +321,7 @@ EngineRun run_gpu(const ModelConfig& cfg, const ModelWeights<float>& w, const st
   mo.max_context = static_cast<std::int64_t>(prompt.size()) + std::max(steps, 1);
   mo.max_tokens = std::min<std::int64_t>(static_cast<std::int64_t>(prompt.size()), o.max_tokens);
   mo.fp8_index_cache = o.fp8_index_cache;
+  mo.last_logits_only = o.last_logits_only;
   gpu::Model model(cfg, w, mo);
   return drive(model, prompt, steps, forced, o.fp8_index_cache ? "gpu-fp8idx" : "gpu");
 }

@@ -117,11 +117,13 @@ ModelComparison compare_runs(const ModelConfig& cfg, const ModelWeights<float>& 
 // reference mirrors (the fp8 index-K cache), so that it stays the GPU's emulation.
 EngineRun run_reference(const ModelConfig& cfg, const ModelWeights<float>& w, Precision p,
                         const std::vector<std::int32_t>& prompt, int steps,
-                        const std::vector<std::int32_t>* forced, const ReferenceOptions& opt = {});
+                        const std::vector<std::int32_t>* forced, const ReferenceOptions& opt = {},
+                        std::int64_t prefill_chunk = 0);  // > 0: the prompt in chunks of this many tokens
 
 #if M3_HAVE_GPU
 struct GpuRunOptions {
   bool fp8_index_cache = false;
+  bool last_logits_only = false;  // gpu::ModelOptions::last_logits_only (long prompts, real vocabularies)
   std::int64_t max_tokens = 16384;
 };
 // The same on the GPU model (m3::gpu::Model).

@@ -559,18 +559,33 @@ std::vector<MatD> Model::forward(std::span<Sequence* const> seqs, std::span<cons
   emit(fmt::format("blk.{}.out", c.num_hidden_layers - 1), P.h.data(), H, H);
   linear(P.cublas.get(), P.a.data(), P.lm_head.data(), P.logits.data(), Ti, H, V, S);
   P.t1.record(S);
-  const std::vector<float> lg = download_vec(P.logits.data(), static_cast<std::size_t>(T) * V, S);
+  // The rows that leave the device: all, or each sequence's last (last_logits_only).
+  const bool last = P.opt.last_logits_only;
+  std::vector<std::int64_t> first(nseq), count(nseq);  // per sequence: first row kept, rows kept
+  for (int s = 0; s < nseq; ++s) first[s] = last ? row0[s] + rows[s] - 1 : row0[s], count[s] = last ? 1 : rows[s];
+  std::vector<float> lg;  // the kept rows, sequence after sequence [sum count, V]
+  if (last) {
+    lg.resize(static_cast<std::size_t>(nseq) * V);
+    for (int s = 0; s < nseq; ++s)
+      M3_CUDA_CHECK(cudaMemcpyAsync(lg.data() + static_cast<std::size_t>(s) * V, P.logits.data() + first[s] * V,
+                                    static_cast<std::size_t>(V) * sizeof(float), cudaMemcpyDeviceToHost, S));
+    M3_CUDA_CHECK(cudaStreamSynchronize(S));
+  } else {
+    lg = download_vec(P.logits.data(), static_cast<std::size_t>(T) * V, S);
+  }
   P.timing.ms = P.t1.since(P.t0);
   P.timing.tokens = T;
+  std::vector<std::int64_t> at(nseq);  // offset of sequence s's kept rows in lg
+  for (int s = 0, o = 0; s < nseq; o += static_cast<int>(count[s]), ++s) at[s] = o;
   if (trace)
     for (int s = 0; s < nseq; ++s)
-      trace(s, "logits", TraceView{TraceView::DType::F32, lg.data() + row0[s] * V, rows[s], V, V});
+      trace(s, "logits", TraceView{TraceView::DType::F32, lg.data() + at[s] * V, count[s], V, V});
 
   std::vector<MatD> out;
   for (int s = 0; s < nseq; ++s) {
-    MatD m(rows[s], V);
-    for (std::int64_t r = 0; r < rows[s]; ++r)
-      for (int v = 0; v < V; ++v) m(r, v) = lg[static_cast<std::size_t>((row0[s] + r) * V + v)];
+    MatD m(count[s], V);
+    for (std::int64_t r = 0; r < count[s]; ++r)
+      for (int v = 0; v < V; ++v) m(r, v) = lg[static_cast<std::size_t>((at[s] + r) * V + v)];
     out.push_back(std::move(m));
     seqs[s]->s_->len += rows[s];
   }
@@ -600,12 +615,15 @@ MatD Model::prefill(Sequence& seq, std::span<const std::int32_t> tokens, const T
       throw std::runtime_error(fmt::format("gpu::prefill: needs {} more cache pages, {} free of {}", pages_needed,
                                            P.pool->free.size(), P.pool->n_pages));
   }
-  MatD all(static_cast<Eigen::Index>(tokens.size()), p_->cfg.vocab_size);
+  const bool last = p_->opt.last_logits_only;
+  MatD all(last ? 1 : static_cast<Eigen::Index>(tokens.size()), p_->cfg.vocab_size);
   for (std::size_t at = 0; at < tokens.size(); at += chunk) {
     const std::size_t n = std::min(chunk, tokens.size() - at);
     Sequence* s[] = {&seq};
     std::span<const std::int32_t> t[] = {tokens.subspan(at, n)};
-    all.middleRows(static_cast<Eigen::Index>(at), static_cast<Eigen::Index>(n)) = forward(s, t, trace)[0];
+    MatD lg = forward(s, t, trace)[0];  // [n, V], or [1, V] with last_logits_only
+    if (last) all = std::move(lg);
+    else all.middleRows(static_cast<Eigen::Index>(at), static_cast<Eigen::Index>(n)) = lg;
   }
   return all;
 }

@@ -42,6 +42,10 @@ struct ModelOptions {
   std::int64_t max_context = 0;    // tokens a sequence may hold; 0 = min(max_position_embeddings, 16384)
   std::int64_t max_tokens = 4096;  // tokens one forward call carries (activation buffers); prefill() chunks longer prompts
   bool fp8_index_cache = false;    // index-K cache in fp8 E4M3 (half the decode index read)
+  // Each forward call returns and traces only each sequence's last logits row ([1, V]), and
+  // prefill() its prompt's last row: long prompts at a real vocabulary, where [T, V] does not fit
+  // on the host (32K x 200064 in fp64 is 51 GB). The LM head still runs on every row.
+  bool last_logits_only = false;
   int device = 0;
 };
 

@@ -75,7 +75,9 @@ TEST(SampledRows, TheBf16ReferencePassesFromItsOwnInputs) {
   // The bf16 engine is the emulation itself: its rows match to fp32 summation order.
   const auto s = m3::cmp::check_sampled_rows(r.cfg, r.w, r.prompt, r.bf16, r.rows);
   for (const auto& t : s.tensors)
-    if (!t.is_index) EXPECT_LE(t.vs_ref.rel_l2, 1e-5) << t.name;
+    if (!t.is_index) {
+      EXPECT_LE(t.vs_ref.rel_l2, 1e-5) << t.name;
+    }
 }
 
 TEST(SampledRows, CatchesDamageAtOrFeedingASampledRow) {
@@ -110,6 +112,41 @@ TEST(SampledRows, CatchesDamageAtOrFeedingASampledRow) {
   expect_caught("an MoE row", "blk.3.moe_out", [&](EngineRun& e) { e.trace.at("blk.3.moe_out").row(mid) *= 2.f; });
   expect_caught("the residual stream", "blk.2.out", [&](EngineRun& e) { e.trace.at("blk.2.out").row(0).array() += 0.5f; });
   expect_caught("a logits row", "logits", [&](EngineRun& e) { e.logits.row(last).array() += 1.0; });
+}
+
+// An engine that returns only the prompt's last logits row (gpu::ModelOptions::last_logits_only) is
+// checked on that row: as is, it passes; shifted, it fails.
+TEST(SampledRows, LastLogitsRowOnly) {
+  SCOPED_TRACE(m3::test::seed_note());
+  Runs r;
+  EngineRun last = r.bf16;
+  last.logits = r.bf16.logits.bottomRows(1).eval();
+  auto s = m3::cmp::check_sampled_rows(r.cfg, r.w, r.prompt, last, r.rows);
+  ASSERT_NE(find(s, "logits"), nullptr);
+  EXPECT_TRUE(s.pass()) << failures(s);
+  last.logits.array() += 1.0;
+  s = m3::cmp::check_sampled_rows(r.cfg, r.w, r.prompt, last, r.rows);
+  EXPECT_FALSE(find(s, "logits")->pass());
+}
+
+// A prefill in chunks traces each chunk; the recorder stitches the head-major tensors (block
+// scores, selection) back into the whole prompt's layout, so both checks see the same tensors as
+// for a one-shot prefill (values within fp32 summation order).
+TEST(SampledRows, ChunkedPrefillTracesStitchTogether) {
+  SCOPED_TRACE(m3::test::seed_note());
+  Runs r;
+  const auto chunked = m3::cmp::run_reference(r.cfg, r.w, m3::Precision::BF16, r.prompt, 0, nullptr, {}, 37);
+  for (const char* n : {"blk.1.block_scores", "blk.1.selection", "blk.2.q", "blk.3.moe_out"}) {
+    SCOPED_TRACE(n);
+    const auto& a = chunked.trace.at(n);
+    const auto& b = r.bf16.trace.at(n);
+    ASSERT_EQ(a.rows(), b.rows());
+    ASSERT_EQ(a.cols(), b.cols());
+    const auto d = (a - b).cwiseAbs();
+    EXPECT_TRUE((d.array() <= 1e-4f * (1.f + b.cwiseAbs().array()) || (a.array() == b.array())).all());
+  }
+  auto s = m3::cmp::check_sampled_rows(r.cfg, r.w, r.prompt, chunked, r.rows);
+  EXPECT_TRUE(s.pass()) << failures(s);
 }
 
 TEST(SampledRows, RejectsRowsOutsideThePrompt) {

@@ -6,6 +6,7 @@
 //   decode steps, against each sequence run alone;
 //   bit-identical repeats; and every bad request refused before a cache changes.
 #include "compare/model_compare.h"
+#include "compare/model_sampled.h"
 #include "gpu/model.h"
 #include "gpu/runtime/check.h"
 #include "reference/model.h"
@@ -89,6 +90,32 @@ TEST(GpuModel, TinyWithFp8IndexCacheStaysWithinTheGate) {
   // the gate is the usual one against the GPU's own emulation. The fp64 truth stays exact.
   const auto mc = compare_e2e(m3::preset("tiny"), m3::test::test_rng()(), 600, 8, /*fp8=*/true);
   EXPECT_TRUE(mc.pass());
+}
+
+// The long-context mode of m3h compare at a size the full comparison also covers: the GPU's small
+// prefill of 4096 tokens (last logits row only) checked op by op on sampled rows from its own
+// inputs (compare/model_sampled.h), tiny and small.
+TEST(GpuModel, SampledRowsFromItsOwnInputsAgree) {
+  M3_REQUIRE_GPU();
+  SCOPED_TRACE(m3::test::seed_note());
+  const std::uint64_t seed = m3::test::test_rng()();
+  for (const char* name : {"tiny", "small"}) {
+    SCOPED_TRACE(name);
+    const auto cfg = m3::preset(name);
+    const auto w = m3::generate_weights(cfg, seed);
+    const auto prompt = draw_prompt(std::string(name) == "tiny" ? 4000 : 4096, cfg.vocab_size, seed);
+    m3::cmp::GpuRunOptions o;
+    o.last_logits_only = true;
+    o.max_tokens = 1500;  // several prefill chunks: the trace is stitched across them
+    const auto gpu = m3::cmp::run_gpu(cfg, w, prompt, 0, nullptr, o);
+    ASSERT_EQ(gpu.logits.rows(), 1);
+    const auto rows = m3::cmp::sample_rows(cfg, static_cast<std::int64_t>(prompt.size()), 8, seed);
+    const auto sc = m3::cmp::check_sampled_rows(cfg, w, prompt, gpu, rows);
+    for (const auto& t : sc.tensors)
+      for (const auto& f : t.failures) ADD_FAILURE() << t.name << ": " << f;
+    EXPECT_TRUE(sc.pass());
+    EXPECT_GT(sc.tensors.size(), 10u);
+  }
 }
 
 TEST(GpuModel, RepeatsAreBitIdentical) {
