@@ -71,18 +71,17 @@ nlohmann::json to_json(const cmp::TensorCheck& t) {
 int compare_sampled(const CompareArgs& a, const ModelConfig& cfg, const std::vector<std::int32_t>& prompt) {
   if (a.decode != 0)
     throw std::invalid_argument(fmt::format("compare: --sample-rows checks the prefill; give --decode 0 (got {})", a.decode));
-  if (a.fp8_index)  // the check re-scores blocks from the traced bf16 index keys
-    throw std::invalid_argument("compare: --sample-rows does not support --fp8-index yet");
   const auto T = static_cast<std::int64_t>(prompt.size());
   std::fprintf(stderr, "compare: weights (seed %llu) ...\n", static_cast<unsigned long long>(a.seed));
   const ModelWeights<float> w = generate_weights(cfg, a.seed);
   std::fprintf(stderr, "compare: gpu prefill of %lld tokens with the trace ...\n", static_cast<long long>(T));
   cmp::GpuRunOptions go;
   go.last_logits_only = true;
+  go.fp8_index_cache = a.fp8_index;
   const cmp::EngineRun test = cmp::run_gpu(cfg, w, prompt, 0, nullptr, go);
   const auto rows = cmp::sample_rows(cfg, T, a.sample_rows, a.seed);
   std::fprintf(stderr, "compare: reference on %zu sampled rows ...\n", rows.size());
-  const cmp::SampledComparison sc = cmp::check_sampled_rows(cfg, w, prompt, test, rows);
+  const cmp::SampledComparison sc = cmp::check_sampled_rows(cfg, w, prompt, test, rows, a.fp8_index);
   int failed = 0;
   for (const auto& t : sc.tensors) failed += !t.pass();
   if (a.format == Format::JSON) {

@@ -124,7 +124,7 @@ struct Checker {
 
 SampledComparison check_sampled_rows(const ModelConfig& cfg, const ModelWeights<float>& w,
                                      const std::vector<std::int32_t>& prompt, const EngineRun& test,
-                                     const std::vector<std::int64_t>& rows) {
+                                     const std::vector<std::int64_t>& rows, bool fp8_index_cache) {
   const auto T = static_cast<std::int64_t>(prompt.size());
   for (auto r : rows)
     if (r < 0 || r >= T) throw std::invalid_argument(fmt::format("check_sampled_rows: row {} outside the prompt [0, {})", r, T));
@@ -180,7 +180,13 @@ SampledComparison check_sampled_rows(const ModelConfig& cfg, const ModelWeights<
       c.check(b + "idx_k", c.rows_of(*ik), proj_norm_rope(L.attn.index_k_proj, L.attn.index_k_norm, 1, Di), t_qk);
       // Block scores of the sampled queries against the engine's whole index-K cache.
       MatF scores;  // [Hi*S, NB]
-      ref::msa_index(c.rows_of(*iq), *ik, pos, cfg.msa_dims(), scores);
+      if (fp8_index_cache) {
+        MatF ik8 = *ik;  // [T, Di] the cache's E4M3 values
+        for (Eigen::Index i = 0; i < ik8.size(); ++i) ik8.data()[i] = round_e4m3(ik8.data()[i]);
+        ref::msa_index(c.rows_of(*iq), ik8, pos, cfg.msa_dims(), scores);
+      } else {
+        ref::msa_index(c.rows_of(*iq), *ik, pos, cfg.msa_dims(), scores);
+      }
       const MatF own = c.head_rows_of(*bs, Hi);  // [Hi*S, NB'] the engine's
       c.check(b + "block_scores", own, scores, tolerance("msa_index", Precision::FP32));
       // The selection from the engine's own scores, exactly (ties by the rule).

@@ -30,10 +30,12 @@ struct SampledComparison {
 // Deterministic rows of a T-token prompt (see the file comment); every row < T, ascending, unique.
 std::vector<std::int64_t> sample_rows(const ModelConfig& cfg, std::int64_t T, int n_random, std::uint64_t seed);
 
-// Checks `test` (an engine's prefill trace of `prompt`, DESIGN §1 names) on `rows`. Throws
-// std::invalid_argument for a row outside the prompt or a trace whose shapes do not fit cfg.
+// Checks `test` (an engine's prefill trace of `prompt`, DESIGN §1 names) on `rows`. fp8_index_cache:
+// the engine scored blocks against an E4M3 index-K cache (its traced idx_k stays bf16), so the
+// reference rounds the traced keys with round_e4m3 before scoring. Throws std::invalid_argument for
+// a row outside the prompt or a trace whose shapes do not fit cfg.
 SampledComparison check_sampled_rows(const ModelConfig& cfg, const ModelWeights<float>& w,
                                      const std::vector<std::int32_t>& prompt, const EngineRun& test,
-                                     const std::vector<std::int64_t>& rows);
+                                     const std::vector<std::int64_t>& rows, bool fp8_index_cache = false);
 
 }  // namespace m3::cmp

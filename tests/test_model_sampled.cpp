@@ -149,6 +149,21 @@ TEST(SampledRows, ChunkedPrefillTracesStitchTogether) {
   EXPECT_TRUE(s.pass()) << failures(s);
 }
 
+// An engine with an fp8 index-K cache (the bf16 reference's ReferenceOptions mirror of it) passes
+// when the check scores against E4M3-rounded keys, and fails its block scores when it does not.
+TEST(SampledRows, Fp8IndexCache) {
+  SCOPED_TRACE(m3::test::seed_note());
+  Runs r;
+  m3::ReferenceOptions o;
+  o.fp8_index_cache = true;
+  const auto fp8 = m3::cmp::run_reference(r.cfg, r.w, m3::Precision::BF16, r.prompt, 0, nullptr, o);
+  const auto s = m3::cmp::check_sampled_rows(r.cfg, r.w, r.prompt, fp8, r.rows, /*fp8_index_cache=*/true);
+  EXPECT_TRUE(s.pass()) << failures(s);
+  const auto wrong = m3::cmp::check_sampled_rows(r.cfg, r.w, r.prompt, fp8, r.rows, /*fp8_index_cache=*/false);
+  ASSERT_NE(find(wrong, "blk.1.block_scores"), nullptr);
+  EXPECT_FALSE(find(wrong, "blk.1.block_scores")->pass());
+}
+
 TEST(SampledRows, RejectsRowsOutsideThePrompt) {
   Runs r;
   EXPECT_THROW(m3::cmp::check_sampled_rows(r.cfg, r.w, r.prompt, r.bf16, {0, kT}), std::invalid_argument);
