@@ -129,6 +129,18 @@ std::string op_of(const std::string& name) {
 // rel-L2 of two matrices over their common leading columns (block scores of different widths).
 MatF left(const MatF& m, Eigen::Index cols) { return m.leftCols(std::min(cols, m.cols())); }
 
+bool add_nonfinite_failure(const FloatMetrics& m, std::vector<std::string>& failures) {
+  if (m.unexpected_nan)
+    failures.push_back(fmt::format("NaN at {} where the reference has {:.6g}", coord_str(m.first_nonfinite.at),
+                                   m.first_nonfinite.want));
+  else if (m.nonfinite_mismatches > 0)
+    failures.push_back(fmt::format("{} non-finite values at other places than the reference's, first at {}",
+                                   m.nonfinite_mismatches, coord_str(m.first_nonfinite.at)));
+  else
+    return false;
+  return true;
+}
+
 TensorCheck check_float(const std::string& name, const MatF& test, const MatF& ref, const MatF& truth) {
   TensorCheck t;
   t.name = name;
@@ -140,12 +152,7 @@ TensorCheck check_float(const std::string& name, const MatF& test, const MatF& r
   t.err_test = rel_l2(fa, fc);
   t.err_ref = rel_l2(fb, fc);
   t.bound = kAttnErrFactor * t.err_ref + kAttnFloor;
-  if (t.vs_ref.unexpected_nan)
-    t.failures.push_back(fmt::format("NaN at {} where the reference has {:.6g}", coord_str(t.vs_ref.first_nonfinite.at),
-                                     t.vs_ref.first_nonfinite.want));
-  else if (t.vs_ref.nonfinite_mismatches > 0)
-    t.failures.push_back(fmt::format("{} non-finite values at other places than the reference's, first at {}",
-                                     t.vs_ref.nonfinite_mismatches, coord_str(t.vs_ref.first_nonfinite.at)));
+  add_nonfinite_failure(t.vs_ref, t.failures);
   if (t.vs_ref.ref_norm == 0 && t.vs_ref.compared > 0) t.failures.push_back("the reference is all zero: a vacuous check");
   if (t.vs_ref.rel_l2 <= kBf16.rel_l2) t.rule = "emulation";
   else if (t.err_test <= t.bound) t.rule = "2x-truth";
@@ -343,7 +350,6 @@ ModelComparison compare_runs(const ModelConfig& cfg, const ModelWeights<float>& 
   // token-row tensor and the end-to-end metrics leave those tokens out (DESIGN 4: a choice flip
   // neither hides a kernel error nor fails the run by the divergence it legitimately causes).
   std::vector<char> flipped(static_cast<std::size_t>(ref.logits.rows()), 0);  // [T + K]
-  bool any_flipped = false;
   for (const std::string& name : ref.order) {
     const auto it_t = test.trace.find(name), it_f = truth.trace.find(name);
     if (it_t == test.trace.end() || it_f == truth.trace.end()) {
@@ -381,7 +387,7 @@ ModelComparison compare_runs(const ModelConfig& cfg, const ModelWeights<float>& 
       const TensorCheck& ec = mc.tensors.back();
       if (ec.pass())
         for (std::size_t i = 0; i < ec.ix.row_differs.size() && i < flipped.size(); ++i)
-          if (ec.ix.row_differs[i]) flipped[i] = 1, any_flipped = true;
+          if (ec.ix.row_differs[i]) flipped[i] = 1;
     } else {
       if (it_t->second.rows() != r.rows()) {
         TensorCheck t;
@@ -398,14 +404,15 @@ ModelComparison compare_runs(const ModelConfig& cfg, const ModelWeights<float>& 
                                                 keep_rows(it_f->second, flipped))
                                   : check_float(name, it_t->second, r, it_f->second);
       tc.rows_excluded = token_rows ? std::count(flipped.begin(), flipped.begin() + T, 1) : 0;
-      if (token_rows && op == "moe_out" && any_flipped) {
-        // The flipped tokens' rows (this layer's and earlier layers'): the engine's rows against
-        // the reference op re-run on the engine's own input (its gated ffn_norm) with its own
-        // experts and weights, so that only the kernel differs; the emulation rule alone (the
-        // fp64 truth chose other experts there, or has another input).
-        std::vector<Eigen::Index> rows;
+      // The flipped tokens' rows (this layer's and earlier layers'): the engine's rows against the
+      // reference op re-run on the engine's own input (its gated ffn_norm) with its own experts and
+      // weights, so that only the kernel differs; the emulation rule alone (the fp64 truth chose
+      // other experts there, or has another input).
+      std::vector<Eigen::Index> rows;
+      if (token_rows && op == "moe_out")
         for (Eigen::Index i = 0; i < T; ++i)
           if (flipped[static_cast<std::size_t>(i)]) rows.push_back(i);
+      if (!rows.empty()) {
         const auto xi = test.trace.find(fmt::format("blk.{}.ffn_norm", l));
         const auto ei = test.trace.find(fmt::format("blk.{}.experts", l));
         const auto wi = test.trace.find(fmt::format("blk.{}.expert_weights", l));

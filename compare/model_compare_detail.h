@@ -13,6 +13,9 @@ namespace m3::cmp::detail {
 std::vector<double> flat(const MatF& m);
 std::vector<std::int64_t> flat_ids(const MatF& m);
 MatF left(const MatF& m, Eigen::Index cols);  // m's leading min(cols, m.cols()) columns
+// The failure line for a NaN in the engine where the reference has none, or for non-finite values
+// at other places than the reference's; false (nothing added) when there is neither.
+bool add_nonfinite_failure(const FloatMetrics& m, std::vector<std::string>& failures);
 // Biased router scores sigmoid(logit) + bias [T, E]: what decides the experts.
 MatD expert_scores(const MatF& logits, const Vec<float>& bias, bool use_bias);
 // Top-K per row with the router's tie rule, in the router's arithmetic: [T, K] ids as floats.

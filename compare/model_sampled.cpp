@@ -44,19 +44,12 @@ std::vector<std::int64_t> sample_rows(const ModelConfig& cfg, std::int64_t T, in
 
 namespace {
 
-MatF rb(const MatF& m) {
-  MatF c = m;
+// A bf16-rounded copy (a weight in the GPU's storage, or a value the GPU stores in bf16).
+template <class M>
+typename M::PlainObject rounded(const Eigen::MatrixBase<M>& m) {
+  typename M::PlainObject c = m;
   round_bf16_inplace(c);
   return c;
-}
-Vec<float> rbv(const Vec<float>& v) {
-  Vec<float> c = v;
-  round_bf16_inplace(c);
-  return c;
-}
-MatF rounded(MatF m) {
-  round_bf16_inplace(m);
-  return m;
 }
 
 struct Checker {
@@ -102,18 +95,14 @@ struct Checker {
     t.bound = tol.rel_l2;
     if (got.rows() != want.rows())
       t.failures.push_back(fmt::format("{} rows, the reference {}", got.rows(), want.rows()));
-    else if (t.vs_ref.unexpected_nan)
-      t.failures.push_back(fmt::format("NaN at {} where the reference has {:.6g}", coord_str(t.vs_ref.first_nonfinite.at),
-                                       t.vs_ref.first_nonfinite.want));
-    else if (t.vs_ref.nonfinite_mismatches > 0)
-      t.failures.push_back(fmt::format("{} non-finite values at other places than the reference's, first at {}",
-                                       t.vs_ref.nonfinite_mismatches, coord_str(t.vs_ref.first_nonfinite.at)));
-    else if (!(t.vs_ref.rel_l2 <= tol.rel_l2))
-      t.failures.push_back(fmt::format("rel-L2 {:.3e} > {:.0e} on the sampled rows", t.vs_ref.rel_l2, tol.rel_l2));
-    else if (t.vs_ref.violations > 0)
-      t.failures.push_back(fmt::format("{} of {} elements outside {:.3g} + {:.3g}|b|, first at {}", t.vs_ref.violations,
-                                       t.vs_ref.compared, tol.atol, tol.rtol,
-                                       t.vs_ref.first.empty() ? "?" : coord_str(t.vs_ref.first.front().at)));
+    else if (!add_nonfinite_failure(t.vs_ref, t.failures)) {
+      if (!(t.vs_ref.rel_l2 <= tol.rel_l2))
+        t.failures.push_back(fmt::format("rel-L2 {:.3e} > {:.0e} on the sampled rows", t.vs_ref.rel_l2, tol.rel_l2));
+      else if (t.vs_ref.violations > 0)
+        t.failures.push_back(fmt::format("{} of {} elements outside {:.3g} + {:.3g}|b|, first at {}", t.vs_ref.violations,
+                                         t.vs_ref.compared, tol.atol, tol.rtol,
+                                         t.vs_ref.first.empty() ? "?" : coord_str(t.vs_ref.first.front().at)));
+    }
     if (t.vs_ref.ref_norm == 0 && t.vs_ref.compared > 0) t.failures.push_back("the reference is all zero: a vacuous check");
     t.rule = t.failures.empty() ? "rows" : "";
     out.push_back(std::move(t));
@@ -157,19 +146,19 @@ SampledComparison check_sampled_rows(const ModelConfig& cfg, const ModelWeights<
     const MatF *ao = c.find(b + "attn_out"), *fn = c.find(b + "ffn_norm"), *o = c.find(b + "out");
     if (!an || !q || !k || !v || !ao || !fn || !o) return sc;
     MatF y;  // reference rows
-    ref::rms_norm(h_prev, rbv(L.input_layernorm), eps, y);
+    ref::rms_norm(h_prev, rounded(L.input_layernorm), eps, y);
     c.check(b + "attn_norm", c.rows_of(*an), rounded(y), t_norm);
     const MatF x = c.rows_of(*an);  // [S, H] the engine's attention input
     auto proj_norm_rope = [&](const Mat<float>& W, const Vec<float>& nw, int heads, int d) {
       MatF p;
-      ref::linear(x, rb(W), p);
+      ref::linear(x, rounded(W), p);
       round_bf16_inplace(p);
-      ref::qk_norm_rope(p, heads, d, rbv(nw), eps, R, theta, pos, p);
+      ref::qk_norm_rope(p, heads, d, rounded(nw), eps, R, theta, pos, p);
       return rounded(p);
     };
     c.check(b + "q", c.rows_of(*q), proj_norm_rope(L.attn.q_proj, L.attn.q_norm, Hq, D), t_qk);
     c.check(b + "k", c.rows_of(*k), proj_norm_rope(L.attn.k_proj, L.attn.k_norm, Hkv, D), t_qk);
-    ref::linear(x, rb(L.attn.v_proj), y);
+    ref::linear(x, rounded(L.attn.v_proj), y);
     c.check(b + "v", c.rows_of(*v), rounded(y), t_lin);
     MatF attn;  // [S, Hq*D]
     if (msa) {
@@ -182,7 +171,7 @@ SampledComparison check_sampled_rows(const ModelConfig& cfg, const ModelWeights<
       MatF scores;  // [Hi*S, NB]
       if (fp8_index_cache) {
         MatF ik8 = *ik;  // [T, Di] the cache's E4M3 values
-        for (Eigen::Index i = 0; i < ik8.size(); ++i) ik8.data()[i] = round_e4m3(ik8.data()[i]);
+        round_e4m3_inplace(ik8);
         ref::msa_index(c.rows_of(*iq), ik8, pos, cfg.msa_dims(), scores);
       } else {
         ref::msa_index(c.rows_of(*iq), *ik, pos, cfg.msa_dims(), scores);
@@ -212,16 +201,16 @@ SampledComparison check_sampled_rows(const ModelConfig& cfg, const ModelWeights<
     }
     if (attn.size() > 0) c.check(b + "attn_out", c.rows_of(*ao), rounded(attn), t_bf16);
     // o_proj, the residual add and the FFN norm, from the engine's attention output.
-    ref::linear(c.rows_of(*ao), rb(L.attn.o_proj), y);
+    ref::linear(c.rows_of(*ao), rounded(L.attn.o_proj), y);
     const MatF h_mid = rounded(h_prev + rounded(y));
-    ref::rms_norm(h_mid, rbv(L.post_attention_layernorm), eps, y);
+    ref::rms_norm(h_mid, rounded(L.post_attention_layernorm), eps, y);
     c.check(b + "ffn_norm", c.rows_of(*fn), rounded(y), t_norm);
     const MatF x2 = c.rows_of(*fn);  // [S, H] the engine's FFN input
     MatF ffn;                        // [S, H] the engine's FFN output rows
     if (L.mlp_type == MlpType::DENSE) {
       const MatF* mo = c.find(b + "mlp_out");
       if (!mo) return sc;
-      ref::mlp_swiglu(x2, rb(L.mlp.gate), rb(L.mlp.up), rb(L.mlp.down), sp, y, ref::Rounding::BF16);
+      ref::mlp_swiglu(x2, rounded(L.mlp.gate), rounded(L.mlp.up), rounded(L.mlp.down), sp, y, ref::Rounding::BF16);
       c.check(b + "mlp_out", c.rows_of(*mo), rounded(y), t_mlp);
       ffn = c.rows_of(*mo);
     } else {
@@ -250,7 +239,7 @@ SampledComparison check_sampled_rows(const ModelConfig& cfg, const ModelWeights<
   // The LM head on the engine's last hidden rows; logits stay fp32 on both sides. An engine that
   // returned only the prompt's last row (gpu::ModelOptions::last_logits_only) is checked there.
   MatF lg;
-  ref::lm_head(h_prev, rbv(w.norm), eps, rb(w.lm_head), lg);
+  ref::lm_head(h_prev, rounded(w.norm), eps, rounded(w.lm_head), lg);
   if (test.logits.rows() >= T) {
     MatF got(static_cast<Eigen::Index>(rows.size()), test.logits.cols());
     for (std::size_t i = 0; i < rows.size(); ++i)

@@ -37,6 +37,12 @@ struct PagePool {
   int n_pages = 0;
 };
 
+void check_free_pages(const PagePool& pool, std::int64_t needed, const char* who) {
+  if (needed > static_cast<std::int64_t>(pool.free.size()))
+    throw std::runtime_error(fmt::format("{}: needs {} more cache pages, {} free of {}", who, needed, pool.free.size(),
+                                         pool.n_pages));
+}
+
 DeviceBuffer<bf16> upload(const float* x, std::size_t n) {
   DeviceBuffer<bf16> d(n);
   if (n) d.upload(to_bf16(x, n));
@@ -342,6 +348,25 @@ Sequence Model::new_sequence() {
   return s;
 }
 
+std::int64_t Model::check_append(const Sequence* seq, std::span<const std::int32_t> tokens, int s,
+                                 const char* who) const {
+  const Impl& P = *p_;
+  if (!seq || !seq->s_ || seq->s_->owner != p_.get())
+    throw std::invalid_argument(fmt::format("{}: sequence {} was not made by this model", who, s));
+  if (tokens.empty()) throw std::invalid_argument(fmt::format("{}: sequence {} has no tokens", who, s));
+  const auto& st = *seq->s_;
+  const std::int64_t end = st.len + static_cast<std::int64_t>(tokens.size());
+  if (end > P.cfg.max_position_embeddings)
+    throw std::out_of_range(fmt::format("{}: sequence {}: context of {} tokens exceeds max_position_embeddings = {}", who,
+                                        s, end, P.cfg.max_position_embeddings));
+  if (end > P.opt.max_context)
+    throw std::out_of_range(fmt::format("{}: sequence {}: context of {} tokens exceeds the GPU model's max_context = {} "
+                                        "(raise ModelOptions::max_context / --max-context)",
+                                        who, s, end, P.opt.max_context));
+  check_token_ids(tokens.data(), tokens.size(), P.cfg.vocab_size);
+  return (end + kPageRows - 1) / kPageRows - static_cast<std::int64_t>(st.pages.size());
+}
+
 std::vector<MatD> Model::forward(std::span<Sequence* const> seqs, std::span<const std::span<const std::int32_t>> tokens,
                                  const TraceFn& trace) {
   Impl& P = *p_;
@@ -356,28 +381,13 @@ std::vector<MatD> Model::forward(std::span<Sequence* const> seqs, std::span<cons
   // Validate everything before touching a cache or the page pool.
   std::int64_t T = 0, pages_needed = 0;
   for (int s = 0; s < nseq; ++s) {
-    if (!seqs[s] || !seqs[s]->s_ || seqs[s]->s_->owner != p_.get())
-      throw std::invalid_argument(fmt::format("gpu::forward: sequence {} was not made by this model", s));
-    if (tokens[s].empty()) throw std::invalid_argument(fmt::format("gpu::forward: sequence {} has no tokens", s));
-    const auto& st = *seqs[s]->s_;
-    const std::int64_t end = st.len + static_cast<std::int64_t>(tokens[s].size());
-    if (end > c.max_position_embeddings)
-      throw std::out_of_range(fmt::format("sequence {}: context of {} tokens exceeds max_position_embeddings = {}", s,
-                                          end, c.max_position_embeddings));
-    if (end > P.opt.max_context)
-      throw std::out_of_range(fmt::format("sequence {}: context of {} tokens exceeds the GPU model's max_context = {} "
-                                          "(raise ModelOptions::max_context / --max-context)",
-                                          s, end, P.opt.max_context));
-    check_token_ids(tokens[s].data(), tokens[s].size(), c.vocab_size);
-    pages_needed += (end + kPageRows - 1) / kPageRows - static_cast<std::int64_t>(st.pages.size());
+    pages_needed += check_append(seqs[s], tokens[s], s, "gpu::forward");
     T += static_cast<std::int64_t>(tokens[s].size());
   }
   if (T > P.opt.max_tokens)
     throw std::invalid_argument(fmt::format("gpu::forward: {} tokens in one call, the model was planned for max_tokens = {} "
                                             "(prefill() chunks long prompts)", T, P.opt.max_tokens));
-  if (pages_needed > static_cast<std::int64_t>(P.pool->free.size()))
-    throw std::runtime_error(fmt::format("gpu::forward: needs {} more cache pages, {} free of {}", pages_needed,
-                                         P.pool->free.size(), P.pool->n_pages));
+  check_free_pages(*P.pool, pages_needed, "gpu::forward");
 
   // Pages, positions, slots, page tables.
   std::vector<std::int32_t> tok;  // [T]
@@ -559,15 +569,15 @@ std::vector<MatD> Model::forward(std::span<Sequence* const> seqs, std::span<cons
   emit(fmt::format("blk.{}.out", c.num_hidden_layers - 1), P.h.data(), H, H);
   linear(P.cublas.get(), P.a.data(), P.lm_head.data(), P.logits.data(), Ti, H, V, S);
   P.t1.record(S);
-  // The rows that leave the device: all, or each sequence's last (last_logits_only).
+  // The rows that leave the device: all ([T, V], sequence s at row0[s]), or each sequence's last
+  // (last_logits_only: [nseq, V], sequence s at row s).
   const bool last = P.opt.last_logits_only;
-  std::vector<std::int64_t> first(nseq), count(nseq);  // per sequence: first row kept, rows kept
-  for (int s = 0; s < nseq; ++s) first[s] = last ? row0[s] + rows[s] - 1 : row0[s], count[s] = last ? 1 : rows[s];
-  std::vector<float> lg;  // the kept rows, sequence after sequence [sum count, V]
+  std::vector<float> lg;
   if (last) {
     lg.resize(static_cast<std::size_t>(nseq) * V);
     for (int s = 0; s < nseq; ++s)
-      M3_CUDA_CHECK(cudaMemcpyAsync(lg.data() + static_cast<std::size_t>(s) * V, P.logits.data() + first[s] * V,
+      M3_CUDA_CHECK(cudaMemcpyAsync(lg.data() + static_cast<std::size_t>(s) * V,
+                                    P.logits.data() + (row0[s] + rows[s] - 1) * V,
                                     static_cast<std::size_t>(V) * sizeof(float), cudaMemcpyDeviceToHost, S));
     M3_CUDA_CHECK(cudaStreamSynchronize(S));
   } else {
@@ -575,8 +585,8 @@ std::vector<MatD> Model::forward(std::span<Sequence* const> seqs, std::span<cons
   }
   P.timing.ms = P.t1.since(P.t0);
   P.timing.tokens = T;
-  std::vector<std::int64_t> at(nseq);  // offset of sequence s's kept rows in lg
-  for (int s = 0, o = 0; s < nseq; o += static_cast<int>(count[s]), ++s) at[s] = o;
+  std::vector<std::int64_t> at(nseq), count(nseq);  // per sequence: its first row in lg, its rows there
+  for (int s = 0; s < nseq; ++s) at[s] = last ? s : row0[s], count[s] = last ? 1 : rows[s];
   if (trace)
     for (int s = 0; s < nseq; ++s)
       trace(s, "logits", TraceView{TraceView::DType::F32, lg.data() + at[s] * V, count[s], V, V});
@@ -595,26 +605,9 @@ std::vector<MatD> Model::forward(std::span<Sequence* const> seqs, std::span<cons
 MatD Model::prefill(Sequence& seq, std::span<const std::int32_t> tokens, const TraceFn& trace) {
   if (tokens.empty()) throw std::invalid_argument("gpu::prefill: no tokens");
   const std::size_t chunk = static_cast<std::size_t>(p_->opt.max_tokens);
-  if (tokens.size() > chunk) {
-    // forward() validates one chunk at a time; a prompt refused by a later chunk must not leave the
-    // earlier chunks in the cache, so the whole prompt is checked first (as forward would check it).
-    Impl& P = *p_;
-    if (!seq.s_ || seq.s_->owner != p_.get())
-      throw std::invalid_argument("gpu::prefill: the sequence was not made by this model");
-    const std::int64_t end = seq.s_->len + static_cast<std::int64_t>(tokens.size());
-    if (end > P.cfg.max_position_embeddings)
-      throw std::out_of_range(fmt::format("gpu::prefill: context of {} tokens exceeds max_position_embeddings = {}", end,
-                                          P.cfg.max_position_embeddings));
-    if (end > P.opt.max_context)
-      throw std::out_of_range(fmt::format("gpu::prefill: context of {} tokens exceeds the GPU model's max_context = {} "
-                                          "(raise ModelOptions::max_context / --max-context)",
-                                          end, P.opt.max_context));
-    check_token_ids(tokens.data(), tokens.size(), P.cfg.vocab_size);
-    const std::int64_t pages_needed = (end + kPageRows - 1) / kPageRows - static_cast<std::int64_t>(seq.s_->pages.size());
-    if (pages_needed > static_cast<std::int64_t>(P.pool->free.size()))
-      throw std::runtime_error(fmt::format("gpu::prefill: needs {} more cache pages, {} free of {}", pages_needed,
-                                           P.pool->free.size(), P.pool->n_pages));
-  }
+  // forward() validates one chunk at a time; a prompt refused by a later chunk must not leave the
+  // earlier chunks in the cache, so the whole prompt is checked first, by the same checks.
+  if (tokens.size() > chunk) check_free_pages(*p_->pool, check_append(&seq, tokens, 0, "gpu::prefill"), "gpu::prefill");
   const bool last = p_->opt.last_logits_only;
   MatD all(last ? 1 : static_cast<Eigen::Index>(tokens.size()), p_->cfg.vocab_size);
   for (std::size_t at = 0; at < tokens.size(); at += chunk) {

@@ -105,6 +105,9 @@ class Model {
  private:
   struct Impl;
   std::unique_ptr<Impl> p_;
+  // The checks forward() makes of sequence s appending `tokens` (who names the caller in the
+  // messages); returns the cache pages it needs beyond those it holds.
+  std::int64_t check_append(const Sequence* seq, std::span<const std::int32_t> tokens, int s, const char* who) const;
 };
 
 // Prefill `prompt`, then `steps` greedy decode steps (m3::greedy_token's tie rule). As

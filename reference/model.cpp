@@ -165,12 +165,10 @@ struct Forward {
         ref::attention_dense(qs, c.k[l], c.v[l], b.pos[s], cfg.attn_dims(), os, &stats.dense);
       } else {
         append(c.idx_k[l], b.start_len[s], ik, r0, n);
-        if (fp8_index_cache)  // the GPU's E4M3 cache: keys are rounded once, as they are written
-          for (Eigen::Index i = 0; i < n; ++i)
-            for (Eigen::Index j = 0; j < ik.cols(); ++j) {
-              T& x = c.idx_k[l](b.start_len[s] + i, j);
-              x = static_cast<T>(round_e4m3(static_cast<float>(x)));
-            }
+        if (fp8_index_cache) {  // the GPU's E4M3 cache: keys are rounded once, as they are written
+          auto written = c.idx_k[l].middleRows(b.start_len[s], n);
+          round_e4m3_inplace(written);
+        }
         const Mat<T> iqs = iq.middleRows(r0, n);  // [T_s, Hi*Di]
         Mat<T> scores;                            // [Hi*T_s, NB]
         MatI sel;                                 // [Hi*T_s, K_blk]

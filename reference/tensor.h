@@ -71,5 +71,10 @@ void round_bf16_inplace(Eigen::DenseBase<Derived>& m) {
   for (Eigen::Index i = 0; i < m.rows(); ++i)
     for (Eigen::Index j = 0; j < m.cols(); ++j) m(i, j) = round_bf16(static_cast<float>(m(i, j)));
 }
+template <class Derived>
+void round_e4m3_inplace(Eigen::DenseBase<Derived>& m) {
+  for (Eigen::Index i = 0; i < m.rows(); ++i)
+    for (Eigen::Index j = 0; j < m.cols(); ++j) m(i, j) = round_e4m3(static_cast<float>(m(i, j)));
+}
 
 }  // namespace m3

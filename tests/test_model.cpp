@@ -295,7 +295,7 @@ TEST(Model, Fp8IndexCacheRoundsOnlyTheCachedKeys) {
   EXPECT_EQ(plain.at(blk + "idx_k"), fp8.at(blk + "idx_k"));
   EXPECT_EQ(plain.at(blk + "idx_q"), fp8.at(blk + "idx_q"));
   m3::Mat<float> iq = fp8.at(blk + "idx_q").cast<float>(), ik = fp8.at(blk + "idx_k").cast<float>();  // [T, Hi*Di], [T, Di]
-  for (Eigen::Index i = 0; i < ik.size(); ++i) ik.data()[i] = m3::round_e4m3(ik.data()[i]);
+  m3::round_e4m3_inplace(ik);
   std::vector<std::int64_t> pos(kLen);
   for (int i = 0; i < kLen; ++i) pos[i] = i;
   m3::Mat<float> want;  // [Hi*T, NB]

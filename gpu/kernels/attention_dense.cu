@@ -20,7 +20,6 @@
 #include <map>
 #include <mutex>
 #include <string>
-#include <type_traits>
 #include <utility>
 
 namespace m3::gpu {
@@ -444,21 +443,9 @@ void launch(const AttnLaunch& a, cudaStream_t s) {
   M3_CUDA_CHECK_LAUNCH();
 }
 
-// Calls f(std::integral_constant<int, D>{}) for a compiled head dim D: 16 and 32 (the tiny preset
-// and tests), 64, 128 (M3). check_attn_args rejects every other D before any launch.
-template <class F>
-decltype(auto) with_head_dim(int D, F&& f) {
-  switch (D) {
-    case 16: return f(std::integral_constant<int, 16>{});
-    case 32: return f(std::integral_constant<int, 32>{});
-    case 64: return f(std::integral_constant<int, 64>{});
-    default: return f(std::integral_constant<int, 128>{});
-  }
-}
-
 // Resident CTAs of the partial kernel for head dim D.
 int partial_slots(int D, bool sparse) {
-  return with_head_dim(D, [&](auto d) { return sparse ? prepare<decltype(d)::value, true>() : prepare<decltype(d)::value, false>(); });
+  return with_compiled_dim(D, [&](auto d) { return sparse ? prepare<decltype(d)::value, true>() : prepare<decltype(d)::value, false>(); });
 }
 
 std::string dims_str(const AttnDims& d) {
@@ -528,7 +515,7 @@ void attention_run(AttnLaunch a, void* workspace, std::size_t workspace_bytes, c
   a.part_o = static_cast<float*>(workspace);
   a.part_ml = reinterpret_cast<float2*>(static_cast<unsigned char*>(workspace) +
                                         (rows * a.D * sizeof(float) + 255) / 256 * 256);
-  with_head_dim(a.D, [&](auto d) { launch<decltype(d)::value>(a, s); });
+  with_compiled_dim(a.D, [&](auto d) { launch<decltype(d)::value>(a, s); });
 }
 
 // Shared argument checks of attention_dense and msa_attention (op names the caller).
@@ -537,7 +524,7 @@ void check_attn_args(const char* op, const bf16* q, const bf16* k, const bf16* v
   const std::string o = op;
   if (d.Hq <= 0 || d.Hkv <= 0 || d.D <= 0 || d.Hq % d.Hkv != 0)
     throw GpuError(o + ": dims " + dims_str(d) + ", expected all > 0 and Hq % Hkv == 0");
-  if (d.D != 16 && d.D != 32 && d.D != 64 && d.D != 128)
+  if (!is_compiled_dim(d.D))
     throw GpuError(o + ": D = " + std::to_string(d.D) + ", expected 16, 32, 64 or 128 (the compiled head dims)");
   if (T < 0 || B < 1 || N < 1)
     throw GpuError(o + ": T = " + std::to_string(T) + ", N = " + std::to_string(N) + ", B = " +

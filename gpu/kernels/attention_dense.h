@@ -14,7 +14,7 @@
 // physical row table[b*pages_per_seq + j/128]*128 + j%128 (N = the logical capacity a sequence);
 // the pages holding keys 0..p_t must have ids >= 0, and a query that would read a negative id gets
 // a NaN output row. The arithmetic does not depend on the layout: the outputs are bit-identical.
-// Requirements (checked, GpuError otherwise): D in {64, 128}; Hq % Hkv == 0; 16-byte aligned
+// Requirements (checked, GpuError otherwise): D in {16, 32, 64, 128}; Hq % Hkv == 0; 16-byte aligned
 // q, k, v and workspace. Positions are on the device and cannot be checked by the launcher: a
 // query whose position is outside [0, N) gets a NaN output row (never an out-of-bounds read).
 #pragma once
@@ -25,6 +25,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <type_traits>
 
 namespace m3::gpu {
 
@@ -86,6 +87,23 @@ void attention_run(AttnLaunch a, void* workspace, std::size_t workspace_bytes, c
 }  // namespace detail
 
 #if defined(__CUDACC__)
+namespace detail {
+// The head dims (D, and Di of the index branch) the split-K attention and MSA index kernels are
+// compiled for: 16 and 32 (the tiny preset, tests), 64, 128 (M3). Launchers reject the others
+// with is_compiled_dim before dispatching with with_compiled_dim, which calls
+// f(std::integral_constant<int, dim>{}) (any other dim falls to 128: never reached).
+constexpr bool is_compiled_dim(int d) { return d == 16 || d == 32 || d == 64 || d == 128; }
+template <class F>
+decltype(auto) with_compiled_dim(int d, F&& f) {
+  switch (d) {
+    case 16: return f(std::integral_constant<int, 16>{});
+    case 32: return f(std::integral_constant<int, 32>{});
+    case 64: return f(std::integral_constant<int, 64>{});
+    default: return f(std::integral_constant<int, 128>{});
+  }
+}
+}  // namespace detail
+
 // PTX wrappers shared by the attention and MSA index kernels (device code only).
 namespace detail {
 __device__ __forceinline__ std::uint32_t smem_u32(const void* p) {

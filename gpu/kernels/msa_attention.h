@@ -32,7 +32,7 @@ namespace m3::gpu {
 std::size_t msa_attention_workspace_bytes(int T, int k_blk, const AttnDims& dims, int B = 1);
 
 // q [B*T, Hq*D], k, v [B*N, Hkv*D] (paged: [n_pages*128, Hkv*D]), q_pos [B*T],
-// sel [B*Hkv*T, k_blk] int32 -> out [B*T, Hq*D]. D in {64, 128}; blk > 0; workspace of
+// sel [B*Hkv*T, k_blk] int32 -> out [B*T, Hq*D]. D in {16, 32, 64, 128}; blk > 0; workspace of
 // msa_attention_workspace_bytes(T, k_blk, dims, B) bytes (the same for both layouts).
 void msa_attention(const bf16* q, const bf16* k, const bf16* v, const std::int64_t* q_pos,
                    const std::int32_t* sel, int T, int N, int blk, int k_blk, const AttnDims& dims,

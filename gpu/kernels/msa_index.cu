@@ -15,7 +15,6 @@
 
 #include <algorithm>
 #include <string>
-#include <type_traits>
 
 namespace m3::gpu {
 namespace {
@@ -283,18 +282,6 @@ __global__ void __launch_bounds__(kThreads, 3) msa_index_kernel(const IndexLaunc
 
 long ceil_div(long x, long y) { return (x + y - 1) / y; }
 
-// Calls f(std::integral_constant<int, Di>{}) for a compiled index dim: 16 and 32 (the tiny preset
-// and tests), 64, 128 (M3). run() rejects every other Di first.
-template <class F>
-decltype(auto) with_index_dim(int Di, F&& f) {
-  switch (Di) {
-    case 16: return f(std::integral_constant<int, 16>{});
-    case 32: return f(std::integral_constant<int, 32>{});
-    case 64: return f(std::integral_constant<int, 64>{});
-    default: return f(std::integral_constant<int, 128>{});
-  }
-}
-
 // Resident CTAs at the largest shared-memory footprint (raises the kernel's limit to it).
 template <int Di, bool kFp8, bool kPaged = false>
 int slots() {
@@ -321,7 +308,7 @@ void launch(const IndexLaunch& a, cudaStream_t s) {
 void run(const char* op, const bf16* idx_q, const void* idx_k, const std::int64_t* q_pos, int T, int N,
          int NB, const MsaDims& d, float* scores, cudaStream_t s, int B, bool fp8, CachePages pages) {
   const std::string o = op;
-  if (d.Hi <= 0 || (d.Di != 16 && d.Di != 32 && d.Di != 64 && d.Di != 128))
+  if (d.Hi <= 0 || !is_compiled_dim(d.Di))
     throw GpuError(o + ": Hi = " + std::to_string(d.Hi) + ", Di = " + std::to_string(d.Di) +
                    ", expected Hi > 0 and Di in {16, 32, 64, 128} (the compiled index dims)");
   if (d.BLK <= 0 || d.BLK % 16 != 0)
@@ -347,7 +334,7 @@ void run(const char* op, const bf16* idx_q, const void* idx_k, const std::int64_
   const long row_tiles = static_cast<long>(B) * a.tiles_per_seq;
   // One wave of equal chunks for decode; many row tiles (a prefill chunk) get the fewest chunks.
   const int resident =
-      with_index_dim(d.Di, [&](auto di) { return fp8 ? slots<decltype(di)::value, true>() : slots<decltype(di)::value, false>(); });
+      with_compiled_dim(d.Di, [&](auto di) { return fp8 ? slots<decltype(di)::value, true>() : slots<decltype(di)::value, false>(); });
   const long want = std::max(1L, resident / row_tiles);
   const long chunks = std::clamp(want, ceil_div(NB, kMaxBpc), static_cast<long>(NB));
   a.bpc = static_cast<int>(ceil_div(NB, chunks));
@@ -355,7 +342,7 @@ void run(const char* op, const bf16* idx_q, const void* idx_k, const std::int64_
   if (static_cast<double>(a.chunks) * row_tiles > 2147483647.0)
     throw GpuError(o + ": " + std::to_string(row_tiles) + " row tiles x " + std::to_string(a.chunks) +
                    " chunks exceed the grid limit");
-  with_index_dim(d.Di, [&](auto di) { fp8 ? launch<decltype(di)::value, true>(a, s) : launch<decltype(di)::value, false>(a, s); });
+  with_compiled_dim(d.Di, [&](auto di) { fp8 ? launch<decltype(di)::value, true>(a, s) : launch<decltype(di)::value, false>(a, s); });
 }
 
 }  // namespace

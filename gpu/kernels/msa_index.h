@@ -16,7 +16,7 @@
 // pages holding keys 0..p_t must have ids >= 0; a block containing a visible key of a page with a
 // negative id scores NaN (msa_select ranks it as -inf). Scores are bit-identical to the contiguous
 // layout's. Requirements (GpuError otherwise):
-// Di in {64, 128}; BLK a positive multiple of 16 (so that a warp's 16 keys lie in one block);
+// Di in {16, 32, 64, 128}; BLK a positive multiple of 16 (so that a warp's 16 keys lie in one block);
 // 16-byte aligned idx_q and idx_k.
 #pragma once
 
