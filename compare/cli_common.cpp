@@ -10,6 +10,8 @@
 #include <fstream>
 #include <thread>
 
+#include <unistd.h>
+
 namespace m3::cli {
 
 void add_format_option(CLI::App* cmd, Format* out) {
@@ -36,6 +38,11 @@ void set_command_line(int argc, char** argv) {
     bool quote = a.empty() || a.find_first_of(" \t\"'$") != std::string::npos;
     g_command_line += quote ? "'" + a + "'" : a;
   }
+}
+
+std::uint64_t host_memory_bytes() {
+  const long pages = sysconf(_SC_PHYS_PAGES), page = sysconf(_SC_PAGE_SIZE);
+  return pages > 0 && page > 0 ? static_cast<std::uint64_t>(pages) * static_cast<std::uint64_t>(page) : 0;
 }
 
 std::string cpu_description() {

@@ -28,6 +28,9 @@ void set_command_line(int argc, char** argv);
 // "cpu: <model name>, <n> threads" — the device header of human-readable output.
 std::string cpu_description();
 
+// Physical memory of this machine in bytes (sysconf), 0 where it cannot be read.
+std::uint64_t host_memory_bytes();
+
 // A prompt from `--tokens`: a count N (N ids drawn from the seed, the same on every machine), a
 // text file of whitespace-separated ids, or FILE.h5:/dataset (an int32/int64 vector). Every id is
 // checked against the vocabulary and the length against max_position_embeddings.

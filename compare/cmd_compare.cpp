@@ -15,6 +15,7 @@
 #include <fmt/format.h>
 #include <nlohmann/json.hpp>
 
+#include <algorithm>
 #include <cstdio>
 
 namespace m3::cli {
@@ -73,7 +74,10 @@ int compare_sampled(const CompareArgs& a, const ModelConfig& cfg, const std::vec
     throw std::invalid_argument(fmt::format("compare: --sample-rows checks the prefill; give --decode 0 (got {})", a.decode));
   const auto T = static_cast<std::int64_t>(prompt.size());
   std::fprintf(stderr, "compare: weights (seed %llu) ...\n", static_cast<unsigned long long>(a.seed));
-  const ModelWeights<float> w = generate_weights(cfg, a.seed);
+  // The sampled mode exists for m3-layer (36.8 GiB of fp32 weights): it may take up to half of this
+  // machine's memory, the other half holding the GPU's trace and the reference's row work.
+  const std::uint64_t limit = std::max<std::uint64_t>(std::uint64_t{8} << 30, host_memory_bytes() / 2);
+  const ModelWeights<float> w = generate_weights(cfg, a.seed, limit);
   std::fprintf(stderr, "compare: gpu prefill of %lld tokens with the trace ...\n", static_cast<long long>(T));
   cmp::GpuRunOptions go;
   go.last_logits_only = true;
