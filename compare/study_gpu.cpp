@@ -16,6 +16,7 @@
 #include "gpu/kernels/qk_norm_rope.h"
 #include "gpu/kernels/rms_norm.h"
 #include "gpu/kernels/sm90_attention_prefill.h"
+#include "gpu/kernels/sm90_msa_index.h"
 #include "gpu/runtime/buffer.h"
 #include "gpu/runtime/device.h"
 #include "reference/cost.h"
@@ -255,6 +256,7 @@ GpuStudy run_gpu_study(const ModelConfig& cfg, const GpuStudyOptions& o,
 
   if (o.prefill) {
     const bool sm90 = gpu::sm90_attention_prefill_available() && D == 128;
+    const bool sm90_index = gpu::sm90_msa_index_available() && Di == 128 && BLK == 128;
     if (o.rest) st.rest_prefill_us_per_token = rest_us(4096) / 4096.0;
     for (std::int64_t n : ctxs) {
       const int C = static_cast<int>(std::min<std::int64_t>(o.chunk, n));
@@ -278,7 +280,10 @@ GpuStudy run_gpu_study(const ModelConfig& cfg, const GpuStudyOptions& o,
           if (sm90) gpu::sm90_attention_prefill(q.data(), k.data(), v.data(), p0, Tc, Nc, ad, out.data(), s);
           else gpu::attention_dense_prefill(q.data(), k.data(), v.data(), p0, Tc, Nc, ad, out.data(), s);
         }, 1, false));
-        ti.push_back(tm.us([&](cudaStream_t s) { gpu::msa_index(iq.data(), ik.data(), pos.data(), Tc, Nc, nb, md, scores.data(), s); }, 1, false));
+        ti.push_back(tm.us([&](cudaStream_t s) {
+          if (sm90_index) gpu::sm90_msa_index(iq.data(), ik.data(), p0, Tc, Nc, nb, md, scores.data(), s);
+          else gpu::msa_index(iq.data(), ik.data(), pos.data(), Tc, Nc, nb, md, scores.data(), s);
+        }, 1, false));
         ts.push_back(tm.us([&](cudaStream_t s) { gpu::msa_select(scores.data(), pos.data(), Tc, nb, md, sel.data(), s); }, 1, false));
         tp.push_back(tm.us([&](cudaStream_t s) {
           gpu::msa_attention_prefill(q.data(), k.data(), v.data(), pos.data(), sel.data(), Tc, Nc, BLK, Kb, ad, out.data(), s,
@@ -291,6 +296,7 @@ GpuStudy run_gpu_study(const ModelConfig& cfg, const GpuStudyOptions& o,
       r.chunks = chunks;
       r.chunks_timed = static_cast<int>(idx.size());
       r.dense_kernel = sm90 ? "sm90_wgmma" : "mma_sync";
+      r.index_kernel = sm90_index ? "sm90_wgmma" : "mma_sync";
       r.dense_ms = extrapolate(idx, td, chunks) * 1e-3;
       r.index_ms = extrapolate(idx, ti, chunks) * 1e-3;
       r.select_ms = extrapolate(idx, ts, chunks) * 1e-3;

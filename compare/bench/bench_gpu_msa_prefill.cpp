@@ -3,7 +3,9 @@
 // (positions N-T .. N-1), N in {16K, 64K, 256K, 1M}:
 //   BM_MsaPrefill            gpu::msa_attention_prefill (KV-block-outer, gathered queries, LSE merge)
 //   BM_MsaPrefillDecodeForm  gpu::msa_attention (query-outer split-K decode form) on the same inputs
-//   bench_gpu --benchmark_filter=MsaPrefill
+//   BM_MsaIndexPrefill       the index scores of the same chunk (Hi 4, Di 128): gpu::msa_index
+//   BM_MsaIndexPrefillSm90   and gpu::sm90_msa_index (wgmma + TMA; skipped off compute capability 9.0)
+//   bench_gpu --benchmark_filter=MsaPrefill (MsaIndexPrefill for the index scores)
 // Selections: random but valid, as msa_select would shape them: per (query, group) 15 distinct
 // random blocks before the query's own block, then the own block (last slot).
 // Time: CUDA events around the call (UseManualTime), medians over repetitions. No L2 flush: in a
@@ -13,6 +15,8 @@
 // counted with the causal mask (15 full blocks + p % BLK + 1 keys of the own block a query).
 #include "gpu/kernels/msa_attention.h"
 #include "gpu/kernels/msa_attention_prefill.h"
+#include "gpu/kernels/msa_index.h"
+#include "gpu/kernels/sm90_msa_index.h"
 #include "gpu/runtime/buffer.h"
 #include "gpu/runtime/device.h"
 
@@ -140,6 +144,65 @@ void bench(benchmark::State& state, bool prefill_form) {
   state.counters["keys/query"] = w.keys / kT;
 }
 
+// The index branch of the same chunk: iq [T, Hi*Di], the index-K cache [N, Di], scores [Hi*T, NB].
+struct IndexWorld {
+  static constexpr m3::MsaDims kMsa{4, 128, kBlk, kTopK, 1, 0};
+  DeviceBuffer<bf16> iq, ik;
+  DeviceBuffer<float> scores;
+  DeviceBuffer<std::int64_t> pos;
+  m3::gpu::Stream stream;
+  int pos_ctx = 0;
+  IndexWorld() {
+    iq = DeviceBuffer<bf16>(static_cast<std::size_t>(kT) * kMsa.Hi * kMsa.Di);
+    ik = DeviceBuffer<bf16>(static_cast<std::size_t>(kMaxCtx) * kMsa.Di);
+    fill_random(iq, 4);
+    fill_random(ik, 5);
+    scores = DeviceBuffer<float>(static_cast<std::size_t>(kMsa.Hi) * kT * (kMaxCtx / kBlk));
+    pos = DeviceBuffer<std::int64_t>(kT);
+  }
+};
+
+void bench_index(benchmark::State& state, bool sm90) {
+  if (m3::gpu::device_count() == 0) {
+    state.SkipWithError("no CUDA device");
+    return;
+  }
+  if (sm90 && !m3::gpu::sm90_msa_index_available()) {
+    state.SkipWithError("sm90_msa_index needs compute capability 9.0 and an sm_90a build");
+    return;
+  }
+  static IndexWorld w;
+  const int n = static_cast<int>(state.range(0));
+  const int nb = n / kBlk;
+  if (w.pos_ctx != n) {
+    std::vector<std::int64_t> p(kT);
+    for (int t = 0; t < kT; ++t) p[t] = n - kT + t;
+    w.pos.upload(p);
+    w.pos_ctx = n;
+  }
+  cudaStream_t s = w.stream.get();
+  const auto& d = IndexWorld::kMsa;
+  auto run = [&] {
+    if (sm90) m3::gpu::sm90_msa_index(w.iq.data(), w.ik.data(), n - kT, kT, n, nb, d, w.scores.data(), s);
+    else m3::gpu::msa_index(w.iq.data(), w.ik.data(), w.pos.data(), kT, n, nb, d, w.scores.data(), s);
+  };
+  run();
+  w.stream.sync();
+  m3::gpu::Event e0, e1;
+  for (auto _ : state) {
+    e0.record(s);
+    run();
+    e1.record(s);
+    state.SetIterationTime(e1.since(e0) * 1e-3);
+  }
+  // Useful FLOPs: 2 * Hi * Di per visible (query, key) pair, keys 0..p a query.
+  const double pairs = static_cast<double>(kT) * (n - kT) + 0.5 * static_cast<double>(kT) * (kT + 1);
+  state.counters["TFLOP/s"] =
+      benchmark::Counter(2.0 * d.Hi * d.Di * pairs * 1e-12, benchmark::Counter::kIsIterationInvariantRate);
+}
+
+void BM_MsaIndexPrefill(benchmark::State& s) { bench_index(s, false); }
+void BM_MsaIndexPrefillSm90(benchmark::State& s) { bench_index(s, true); }
 void BM_MsaPrefill(benchmark::State& s) { bench(s, true); }
 void BM_MsaPrefillDecodeForm(benchmark::State& s) { bench(s, false); }
 
@@ -153,3 +216,5 @@ void ctx_args(benchmark::internal::Benchmark* b) {
 
 BENCHMARK(BM_MsaPrefill)->Apply(ctx_args);
 BENCHMARK(BM_MsaPrefillDecodeForm)->Apply(ctx_args);
+BENCHMARK(BM_MsaIndexPrefill)->Apply(ctx_args);
+BENCHMARK(BM_MsaIndexPrefillSm90)->Apply(ctx_args);

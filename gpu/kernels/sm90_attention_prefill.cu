@@ -32,24 +32,23 @@
 // parity, which a fresh barrier reports as completed, so the first two tiles load at once.
 #include "gpu/kernels/sm90_attention_prefill.h"
 
-#include <cuda.h>          // CUtensorMap and its enums (types only: the driver call goes through the runtime)
-#include <cudaTypedefs.h>  // PFN_cuTensorMapEncodeTiled
+#include "gpu/kernels/sm90_util.cuh"
 
 #include <climits>
 #include <cmath>
 #include <cstdint>
-#include <mutex>
 #include <string>
 
 namespace m3::gpu {
 namespace {
+
+using namespace sm90;
 
 constexpr int kD = 128;          // head dim (M3: 128)
 constexpr int kBlockM = 128;     // query rows a CTA: two consumer warpgroups of 64
 constexpr int kBlockN = 128;     // keys a K/V tile
 constexpr int kStages = 2;       // K/V ring depth
 constexpr int kThreads = 384;    // producer + 2 consumer warpgroups
-constexpr int kBoxCols = 64;     // a TMA box row: 64 bf16 = 128 bytes, the swizzle span
 constexpr int kRowBytes = 128;   // bytes of one row of a column half
 constexpr std::uint32_t kQHalf = kBlockM * kRowBytes;    // 16 KB: one column half of Q
 constexpr std::uint32_t kKVHalf = kBlockN * kRowBytes;   // 16 KB: one column half of a K/V stage
@@ -71,107 +70,6 @@ struct Args {
 };
 
 #if defined(__CUDA_ARCH__)
-__device__ __forceinline__ std::uint32_t smem_addr(const void* p) {
-  return static_cast<std::uint32_t>(__cvta_generic_to_shared(p));
-}
-
-// ---- mbarriers and TMA ----
-__device__ __forceinline__ void mbar_init(std::uint32_t bar, int count) {
-  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
-}
-__device__ __forceinline__ void mbar_expect_tx(std::uint32_t bar, std::uint32_t bytes) {
-  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes) : "memory");
-}
-__device__ __forceinline__ void mbar_arrive(std::uint32_t bar) {
-  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(bar) : "memory");
-}
-// Spins until the phase of the given parity has completed.
-__device__ __forceinline__ void mbar_wait(std::uint32_t bar, std::uint32_t parity) {
-  asm volatile(
-      "{\n"
-      ".reg .pred done;\n"
-      "LAB_WAIT:\n"  // a label inside braces is local to them: each inlined copy has its own
-      "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
-      "@!done bra LAB_WAIT;\n"
-      "}\n" ::"r"(bar),
-      "r"(parity)
-      : "memory");
-}
-// One 2D box (64 columns x rows) of a tensor map into shared memory at dst; completes on bar.
-__device__ __forceinline__ void tma_load(std::uint32_t dst, const CUtensorMap* map, int col, int row,
-                                         std::uint32_t bar) {
-  asm volatile(
-      "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3}], [%4];\n" ::"r"(
-          dst),
-      "l"(reinterpret_cast<std::uint64_t>(map)), "r"(col), "r"(row), "r"(bar)
-      : "memory");
-}
-
-// ---- wgmma ----
-// Shared-memory matrix descriptor, 128-byte swizzle: start address, leading and stride byte
-// offsets (all in 16-byte units), layout type 1 in bits 62-63; base offset 0 (1024-aligned atoms).
-__device__ __forceinline__ std::uint64_t desc_sw128(std::uint32_t addr, std::uint32_t lbo, std::uint32_t sbo) {
-  return static_cast<std::uint64_t>((addr & 0x3FFFF) >> 4) | (static_cast<std::uint64_t>(lbo >> 4) << 16) |
-         (static_cast<std::uint64_t>(sbo >> 4) << 32) | (std::uint64_t{1} << 62);
-}
-__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
-__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
-// Waits until at most kPending of this warpgroup's committed wgmma groups are still running.
-template <int kPending>
-__device__ __forceinline__ void wgmma_wait() {
-  asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(kPending) : "memory");
-}
-// Keeps the compiler from moving accesses of accumulator registers across wgmma issue / wait
-// (the wgmma writes them asynchronously, which the asm operands alone do not express).
-// Used before wgmma.fence (so every write of those registers precedes it, as PTX requires) and
-// after wgmma.wait_group.
-__device__ __forceinline__ void reg_fence(float (&d)[64]) {
-#pragma unroll
-  for (int i = 0; i < 64; ++i) asm volatile("" : "+f"(d[i])::"memory");
-}
-template <int kN>
-__device__ __forceinline__ void reg_fence(std::uint32_t (&r)[kN][4]) {
-#pragma unroll
-  for (int i = 0; i < kN; ++i)
-#pragma unroll
-    for (int e = 0; e < 4; ++e) asm volatile("" : "+r"(r[i][e])::"memory");
-}
-
-#define M3_F8(i) \
-  "+f"(d[i]), "+f"(d[i + 1]), "+f"(d[i + 2]), "+f"(d[i + 3]), "+f"(d[i + 4]), "+f"(d[i + 5]), "+f"(d[i + 6]), "+f"(d[i + 7])
-#define M3_F64 M3_F8(0), M3_F8(8), M3_F8(16), M3_F8(24), M3_F8(32), M3_F8(40), M3_F8(48), M3_F8(56)
-#define M3_D64                                                                                            \
-  "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, " \
-  "%22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, "  \
-  "%42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, "  \
-  "%62, %63}"
-
-// d [64x128 fp32] (+)= A [64x16 bf16, K-major smem] * B [16x128 bf16, K-major smem]; accumulate
-// into d when acc != 0, else overwrite it.
-__device__ __forceinline__ void wgmma_ss(float (&d)[64], std::uint64_t da, std::uint64_t db, int acc) {
-  asm volatile(
-      "{\n"
-      ".reg .pred p;\n"
-      "setp.ne.b32 p, %66, 0;\n"
-      "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 " M3_D64 ", %64, %65, p, 1, 1, 0, 0;\n"
-      "}\n"
-      : M3_F64
-      : "l"(da), "l"(db), "r"(acc));
-}
-// d [64x128 fp32] += A [64x16 bf16, registers] * B [16x128 bf16, MN-major smem (transpose bit)].
-__device__ __forceinline__ void wgmma_rs(float (&d)[64], const std::uint32_t (&a)[4], std::uint64_t db) {
-  asm volatile(
-      "{\n"
-      ".reg .pred p;\n"
-      "setp.ne.b32 p, %69, 0;\n"
-      "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 " M3_D64 ", {%64, %65, %66, %67}, %68, p, 1, 1, 1;\n"
-      "}\n"
-      : M3_F64
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "n"(1));
-}
-#undef M3_D64
-#undef M3_F64
-#undef M3_F8
 
 // 2^x on the SFU (relative error ~2^-22, far below the bf16 rounding of P); 2^-inf = +0.
 __device__ __forceinline__ float ex2(float x) {
@@ -437,86 +335,13 @@ __global__ void __launch_bounds__(kThreads, 1)
 #endif
 }
 
-// Writes 1 when this build's code for the device has the sm_90a features (wgmma, setmaxnreg).
-__global__ void probe_kernel(int* flag) {
-#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-  *flag = 1;
-#else
-  *flag = 0;
-#endif
-}
-
-bool probe_device() {
-  int major = 0, minor = 0, dev = 0;
-  if (cudaGetDevice(&dev) != cudaSuccess || cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess ||
-      cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev) != cudaSuccess) {
-    cudaGetLastError();
-    return false;
-  }
-  if (major != 9 || minor != 0) return false;  // sm_90a code runs on compute capability 9.0 only
-  int* d = nullptr;
-  int flag = 0;
-  bool ok = cudaMalloc(&d, sizeof(int)) == cudaSuccess;
-  if (ok) {
-    probe_kernel<<<1, 1>>>(d);
-    ok = cudaGetLastError() == cudaSuccess && cudaMemcpy(&flag, d, sizeof(int), cudaMemcpyDeviceToHost) == cudaSuccess;
-  }
-  if (d) cudaFree(d);
-  cudaGetLastError();  // a failed probe (no image for this device) must not poison later calls
-  return ok && flag == 1;
-}
-
-// cuTensorMapEncodeTiled through the runtime's driver entry point (the library links cudart only).
-PFN_cuTensorMapEncodeTiled_v12000 encode_tiled() {
-  static const PFN_cuTensorMapEncodeTiled_v12000 fn = [] {
-    void* p = nullptr;
-    cudaDriverEntryPointQueryResult q{};
-    M3_CUDA_CHECK(cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &p, 12000, cudaEnableDefault, &q));
-    if (q != cudaDriverEntryPointSuccess || p == nullptr)
-      throw GpuError("sm90_attention_prefill: the driver has no cuTensorMapEncodeTiled (needs CUDA 12+)");
-    return reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(p);
-  }();
-  return fn;
-}
-
-// Row-major bf16 [rows, cols] in global memory, read as boxes of [box_rows, 64] with the 128-byte
-// swizzle; reads outside the matrix return zeros.
-CUtensorMap make_map(const bf16* p, int rows, int cols, int box_rows, const char* name) {
-  CUtensorMap map;
-  const cuuint64_t dims[2] = {static_cast<cuuint64_t>(cols), static_cast<cuuint64_t>(rows)};
-  const cuuint64_t strides[1] = {static_cast<cuuint64_t>(cols) * sizeof(bf16)};
-  const cuuint32_t box[2] = {static_cast<cuuint32_t>(kBoxCols), static_cast<cuuint32_t>(box_rows)};
-  const cuuint32_t elem_strides[2] = {1, 1};
-  const CUresult r = encode_tiled()(&map, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 2, const_cast<bf16*>(p), dims, strides,
-                                    box, elem_strides, CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
-                                    CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
-  if (r != CUDA_SUCCESS)
-    throw GpuError(std::string("sm90_attention_prefill: cuTensorMapEncodeTiled failed for ") + name + " (error " +
-                   std::to_string(static_cast<int>(r)) + ", " + std::to_string(rows) + " x " + std::to_string(cols) +
-                   ")");
-  return map;
-}
-
 std::string dims_note(const AttnDims& d) {
   return "Hq = " + std::to_string(d.Hq) + ", Hkv = " + std::to_string(d.Hkv) + ", D = " + std::to_string(d.D);
 }
 
-bool aligned16(const void* p) { return reinterpret_cast<std::uintptr_t>(p) % 16 == 0; }
-
 }  // namespace
 
-bool sm90_attention_prefill_available() {
-  constexpr int kMaxDevices = 64;
-  static std::once_flag once[kMaxDevices];
-  static bool result[kMaxDevices];
-  int dev = 0;
-  if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= kMaxDevices) {
-    cudaGetLastError();
-    return false;
-  }
-  std::call_once(once[dev], [dev] { result[dev] = probe_device(); });
-  return result[dev];
-}
+bool sm90_attention_prefill_available() { return sm90::available(); }
 
 void sm90_attention_prefill(const bf16* q, const bf16* k, const bf16* v, std::int64_t p0, int T, int N,
                             const AttnDims& dims, bf16* out, cudaStream_t s, CachePages pages) {
@@ -543,12 +368,12 @@ void sm90_attention_prefill(const bf16* q, const bf16* k, const bf16* v, std::in
   if (blocks > INT_MAX)
     throw GpuError(op + std::to_string(blocks) + " blocks (T = " + std::to_string(T) + ", Hq = " +
                    std::to_string(dims.Hq) + "), expected at most " + std::to_string(INT_MAX));
-  const CUtensorMap tm_q = make_map(q, T, dims.Hq * kD, kBlockM, "q");
+  const CUtensorMap tm_q = make_map(q, T, dims.Hq * kD, kBlockM, "sm90_attention_prefill", "q");
   // K and V end at the chunk's last position, not at N: rows past it may hold anything (NaN
   // included), and 0 * NaN in P V would leak into the output; TMA reads zeros past the end instead.
   const int kv_rows = static_cast<int>(p0) + T;
-  const CUtensorMap tm_k = make_map(k, kv_rows, dims.Hkv * kD, kBlockN, "k");
-  const CUtensorMap tm_v = make_map(v, kv_rows, dims.Hkv * kD, kBlockN, "v");
+  const CUtensorMap tm_k = make_map(k, kv_rows, dims.Hkv * kD, kBlockN, "sm90_attention_prefill", "k");
+  const CUtensorMap tm_v = make_map(v, kv_rows, dims.Hkv * kD, kBlockN, "sm90_attention_prefill", "v");
   // More than 48 KB of dynamic shared memory needs the opt-in (per device, so set at every call).
   M3_CUDA_CHECK(cudaFuncSetAttribute(sm90_prefill_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes));
   sm90_prefill_kernel<<<static_cast<unsigned>(blocks), kThreads, kSmemBytes, s>>>(tm_q, tm_k, tm_v, a);
