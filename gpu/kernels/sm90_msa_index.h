@@ -12,6 +12,8 @@
 // the block max is a row max of one accumulator tile), 4 consumer warpgroups (one head each) and a
 // TMA producer.
 //
+// Short chunks (few query tiles) split the key blocks over several CTAs: a block max needs no merge,
+// each CTA writes its own columns.
 // Measured (bench_gpu, H200): see reports/gpu/README.md.
 #pragma once
 

@@ -6,7 +6,8 @@
 // -inf (blocks past a query's own block, the extra columns up to NB) and NaN / +-inf must match
 // exactly. Index-K rows past the chunk (>= p0 + T) hold NaN: the kernel must not read them. Queries
 // sit at p0..p0+T-1 with p0 and T awkward (inside a block, tiles of 64 queries cut short, a CTA's
-// head group cut short for Hi = 5).
+// head group cut short for Hi = 5). Short chunks against long caches split the key blocks over
+// several CTAs (disjoint ranges of whole 8-block groups; the last group of a range cut short).
 #include "gpu/kernels/msa_index.h"
 #include "gpu/kernels/sm90_msa_index.h"
 #include "reference/ops/msa_index.h"
@@ -130,6 +131,16 @@ TEST(Sm90MsaIndex, AwkwardChunks_M3Heads) {
   run_case({130, 127, 1000});
   run_case({129, 128, 257});
   run_case({300, 1000, 2049});
+}
+
+// Few query tiles against many blocks: the launcher splits the blocks over CTAs (132 SMs: 2, 4, 17
+// and 31 splits below), the last range ending inside an 8-block group.
+TEST(Sm90MsaIndex, KeySplits_ShortChunkLongCache) {
+  M3_REQUIRE_SM90();
+  run_case({100, 9000, 9300});
+  run_case({64, 20000, 20100, 5});
+  run_case({1, 30000, 30001});
+  run_case({150, 12000, 12200, 4, 2, true});
 }
 
 TEST(Sm90MsaIndex, HeadGroups_CutShort) {
