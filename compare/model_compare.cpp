@@ -4,7 +4,9 @@
 
 #include "compare/tolerance.h"
 #include "reference/model.h"
+#include "reference/ops/attention_dense.h"
 #include "reference/ops/moe_experts.h"
+#include "reference/ops/msa_attention.h"
 #include "reference/ops/msa_select.h"
 
 #if M3_HAVE_GPU
@@ -285,6 +287,39 @@ MatF moe_rows_with_choice(const ModelConfig& cfg, const LayerWeights<float>& L, 
   return y;
 }
 
+// The attention output rows of `rows` (prompt positions) from the engine's own q, k, v and, on an
+// MSA layer, its own selection ([Hi*T, K_blk] head-major), through the reference op in fp32 with
+// the output rounded to bf16 once (the emulation's rounding): a token whose selection flipped at an
+// accepted near-tie is checked for the kernel, not for its choice. A selection the reference
+// refuses (an id out of range, a duplicate) gives NaN rows, which fail the check.
+MatF attn_rows_with_selection(const ModelConfig& cfg, bool msa, const MatF& q, const MatF& k, const MatF& v,
+                              const MatF* sel, std::int64_t T, const std::vector<Eigen::Index>& rows) {
+  const auto n = static_cast<Eigen::Index>(rows.size());
+  MatF qr(n, q.cols());  // [n, Hq*D]
+  std::vector<std::int64_t> pos(rows.size());  // [n]
+  for (Eigen::Index i = 0; i < n; ++i) {
+    qr.row(i) = q.row(rows[static_cast<std::size_t>(i)]);
+    pos[static_cast<std::size_t>(i)] = rows[static_cast<std::size_t>(i)];
+  }
+  MatF out;  // [n, Hq*D]
+  try {
+    if (msa) {
+      const Eigen::Index Hi = cfg.index_n_heads;
+      MatI s(Hi * n, sel->cols());  // [Hi*n, K_blk] head-major, the engine's rows
+      for (Eigen::Index h = 0; h < Hi; ++h)
+        for (Eigen::Index i = 0; i < n; ++i)
+          s.row(h * n + i) = sel->row(h * T + rows[static_cast<std::size_t>(i)]).cast<int>();
+      ref::msa_attention(qr, k, v, pos, s, cfg.index_block_size, cfg.attn_dims(), out);
+    } else {
+      ref::attention_dense(qr, k, v, pos, cfg.attn_dims(), out);
+    }
+  } catch (const std::exception&) {
+    out = MatF::Constant(n, q.cols(), std::numeric_limits<float>::quiet_NaN());
+  }
+  round_bf16_inplace(out);
+  return out;
+}
+
 // Softmax of a logits row in fp64 (max-subtracted).
 std::vector<double> softmax_row(const MatD& m, Eigen::Index r) {
   std::vector<double> p(static_cast<std::size_t>(m.cols()));
@@ -376,6 +411,13 @@ ModelComparison compare_runs(const ModelConfig& cfg, const ModelWeights<float>& 
         if (sel.rows() == own.rows() && sel.cols() == own.cols()) own = sel.cast<float>();
       }
       mc.tensors.push_back(check_index(name, it_t->second, r, sc.cast<double>(), score_noise[l], own));
+      // An accepted selection flip (rows head-major: row i*T + t is token t's) changes that token's
+      // attention output by a whole block: it is treated as an expert flip (below).
+      const TensorCheck& sel_check = mc.tensors.back();
+      if (sel_check.pass())
+        for (std::size_t i = 0; i < sel_check.ix.row_differs.size(); ++i)
+          if (sel_check.ix.row_differs[i] && i % static_cast<std::size_t>(T) < flipped.size())
+            flipped[i % static_cast<std::size_t>(T)] = 1;
     } else if (op == "experts") {
       const std::string ln = fmt::format("blk.{}.router_logits", l);
       const MatF& lg = ref.trace.at(ln);
@@ -409,10 +451,34 @@ ModelComparison compare_runs(const ModelConfig& cfg, const ModelWeights<float>& 
       // weights, so that only the kernel differs; the emulation rule alone (the fp64 truth chose
       // other experts there, or has another input).
       std::vector<Eigen::Index> rows;
-      if (token_rows && op == "moe_out")
+      if (token_rows && (op == "moe_out" || op == "attn_out"))
         for (Eigen::Index i = 0; i < T; ++i)
           if (flipped[static_cast<std::size_t>(i)]) rows.push_back(i);
-      if (!rows.empty()) {
+      if (!rows.empty() && op == "attn_out") {
+        // The same for attention: the engine's q, k, v and (MSA) selection through the reference op.
+        const bool msa = L.attn_type == AttnType::MSA;
+        const auto qi = test.trace.find(fmt::format("blk.{}.q", l)), ki = test.trace.find(fmt::format("blk.{}.k", l));
+        const auto vi = test.trace.find(fmt::format("blk.{}.v", l));
+        const auto si = test.trace.find(fmt::format("blk.{}.selection", l));
+        if (qi == test.trace.end() || ki == test.trace.end() || vi == test.trace.end() ||
+            (msa && (si == test.trace.end() || si->second.rows() != static_cast<Eigen::Index>(cfg.index_n_heads) * T))) {
+          tc.failures.push_back("choices flipped, but the engine's q, k, v or selection are not traced (whole): its "
+                                "attention rows cannot be re-run");
+        } else {
+          const MatF want = attn_rows_with_selection(cfg, msa, qi->second, ki->second, vi->second,
+                                                     msa ? &si->second : nullptr, T, rows);  // [rows, Hq*D]
+          MatF got(want.rows(), want.cols());                                                // [rows, Hq*D]
+          for (std::size_t i = 0; i < rows.size(); ++i) got.row(static_cast<Eigen::Index>(i)) = it_t->second.row(rows[i]);
+          const auto m = compare_float(flat(got), flat(want), {got.rows(), got.cols()}, kBf16.atol, kBf16.rtol);
+          tc.rows_rerun = static_cast<std::int64_t>(rows.size());
+          if (m.unexpected_nan || m.nonfinite_mismatches > 0 || !(m.rel_l2 <= kBf16.rel_l2))
+            tc.failures.push_back(fmt::format(
+                "{} rows of tokens whose selection or experts flipped: rel-L2 {:.3e} against the reference re-run on "
+                "the engine's q, k, v{} (> {:.0e}){}",
+                rows.size(), m.rel_l2, msa ? " and selection" : "", kBf16.rel_l2,
+                m.unexpected_nan || m.nonfinite_mismatches > 0 ? ", non-finite values differ" : ""));
+        }
+      } else if (!rows.empty()) {
         const auto xi = test.trace.find(fmt::format("blk.{}.ffn_norm", l));
         const auto ei = test.trace.find(fmt::format("blk.{}.experts", l));
         const auto wi = test.trace.find(fmt::format("blk.{}.expert_weights", l));

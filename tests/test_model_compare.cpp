@@ -6,6 +6,7 @@
 #include "compare/model_compare.h"
 #include "reference/model.h"
 #include "reference/ops/moe_experts.h"
+#include "reference/ops/msa_attention.h"
 #include "reference/weights.h"
 #include "tests/test_util.h"
 
@@ -237,6 +238,95 @@ TEST(ModelCompare, ExpertFlipDoesNotHideAWrongMoeRow) {
   ASSERT_NE(mo, nullptr);
   EXPECT_GE(mo->rows_rerun, 1);
   EXPECT_FALSE(mo->pass());
+  EXPECT_FALSE(mc.pass());
+}
+
+// An engine that selects another block for one (head, token) row of layer 1 (an MSA layer) where
+// the two blocks' scores tie exactly (set so in all three runs' block scores: a tie is what a GPU
+// may break the other way after rounding). `correct_kernel`: the token's attn_out row is the
+// reference's msa_attention on the engine's own q, k, v with the engine's selection; else 3x that.
+// The token's layer outputs and logits move by O(1), as a different block makes them.
+struct FlippedSelection {
+  EngineRun bad;
+  Eigen::Index t0 = -1;
+  FlippedSelection(Runs& r, bool correct_kernel) : bad(r.test) {  // r: its block scores get the tie
+    constexpr Eigen::Index T = 70;
+    const int blk = r.cfg.index_block_size, Hi = r.cfg.index_n_heads;
+    m3::MatF& sel = bad.trace.at("blk.1.selection");  // [Hi*T, K_blk] head-major
+    const m3::MatF& ref_sel = r.ref.trace.at("blk.1.selection");
+    Eigen::Index row = -1, slot = -1;
+    float unselected = -1;
+    // Head 0, a token of the last block (5 visible blocks, top-4: one is left out), whose selection
+    // the engine made as the reference did.
+    for (Eigen::Index t = T - 1; t >= 4 * blk && row < 0; --t) {
+      if (sel.row(t) != ref_sel.row(t)) continue;
+      for (int b = 0; b < 4 && unselected < 0; ++b) {
+        bool in = false;
+        for (Eigen::Index k = 0; k < sel.cols(); ++k) in |= std::lround(sel(t, k)) == b;
+        if (!in) unselected = static_cast<float>(b);
+      }
+      for (Eigen::Index k = 0; k < sel.cols() && slot < 0; ++k)
+        if (std::lround(sel(t, k)) != t / blk && sel(t, k) >= 0) slot = k;  // not the forced own block
+      if (unselected >= 0 && slot >= 0) row = t;
+      else unselected = -1, slot = -1;
+    }
+    if (row < 0) return;  // the caller asserts a row was found
+    t0 = row;
+    const auto s_blk = static_cast<Eigen::Index>(std::lround(sel(row, slot)));
+    for (EngineRun* run : {&bad, &r.ref, &r.truth}) {
+      m3::MatF& sc = run->trace.at("blk.1.block_scores");  // [Hi*T, NB]
+      sc(row, static_cast<Eigen::Index>(unselected)) = sc(row, s_blk);  // an exact tie
+    }
+    sel(row, slot) = unselected;
+    // The engine's attention row from its own q, k, v and selection (every head's row of token t0).
+    m3::MatI s(Hi, sel.cols());  // [Hi, K_blk]
+    for (int h = 0; h < Hi; ++h) s.row(h) = sel.row(h * T + t0).cast<int>();
+    const std::vector<std::int64_t> pos{t0};
+    m3::MatF y;  // [1, Hq*D]
+    m3::ref::msa_attention<float>(bad.trace.at("blk.1.q").row(t0), bad.trace.at("blk.1.k"), bad.trace.at("blk.1.v"), pos, s,
+                                  blk, r.cfg.attn_dims(), y);
+    m3::round_bf16_inplace(y);
+    bad.trace.at("blk.1.attn_out").row(t0) = correct_kernel ? y.row(0) : (3.0f * y.row(0)).eval();
+    // The token's layer outputs move by O(1), as a different block makes them (the inputs the
+    // re-runs read, q, k, v, ffn_norm, stay the engine's own and consistent).
+    for (int l = 1; l < r.cfg.num_hidden_layers; ++l) bad.trace.at("blk." + std::to_string(l) + ".out").row(t0).array() += 1.0f;
+    std::mt19937_64 g(static_cast<std::uint64_t>(t0));
+    bad.logits.row(t0).array() += m3::test::randn<double>(1, bad.logits.cols(), g).row(0).array();
+  }
+};
+
+TEST(ModelCompare, AcceptedSelectionFlipIsReRunAndItsTokenLeftOut) {
+  SCOPED_TRACE(m3::test::seed_note());
+  Runs r;
+  FlippedSelection f(r, /*correct_kernel=*/true);
+  ASSERT_GE(f.t0, 0) << "no token of the last block with the engine's selection equal to the reference's";
+  const auto mc = m3::cmp::compare_runs(r.cfg, r.w, 70, f.bad, r.ref, r.truth);
+  const auto* sel = find(mc, "blk.1.selection");
+  const auto* ao = find(mc, "blk.1.attn_out");
+  const auto* out = find(mc, "blk.3.out");
+  ASSERT_TRUE(sel && ao && out);
+  EXPECT_TRUE(sel->pass()) << (sel->failures.empty() ? "" : sel->failures[0]);
+  EXPECT_GE(sel->ix.rows_differ, 1);
+  EXPECT_GE(ao->rows_rerun, 1);
+  EXPECT_TRUE(ao->pass()) << (ao->failures.empty() ? "" : ao->failures[0]);
+  EXPECT_GE(out->rows_excluded, 1);
+  EXPECT_GE(mc.e2e.rows_flipped, 1);
+  for (const auto& fl : mc.failures) ADD_FAILURE() << fl;
+  for (const auto& t : mc.tensors)
+    if (!t.pass()) ADD_FAILURE() << t.name << ": " << (t.failures.empty() ? "" : t.failures[0]);
+}
+
+// The same flip with a wrong attention row: the re-run catches it.
+TEST(ModelCompare, SelectionFlipDoesNotHideAWrongAttentionRow) {
+  SCOPED_TRACE(m3::test::seed_note());
+  Runs r;
+  FlippedSelection f(r, /*correct_kernel=*/false);
+  ASSERT_GE(f.t0, 0);
+  const auto mc = m3::cmp::compare_runs(r.cfg, r.w, 70, f.bad, r.ref, r.truth);
+  const auto* ao = find(mc, "blk.1.attn_out");
+  ASSERT_NE(ao, nullptr);
+  EXPECT_GE(ao->rows_rerun, 1);
+  EXPECT_FALSE(ao->pass());
   EXPECT_FALSE(mc.pass());
 }
 
