@@ -41,7 +41,7 @@ def load(paths):
             die(f"{p}: {e}")
         if not isinstance(j, dict) or not any(k in j for k in ("cpu_decode", "quality", "gpu")):
             die(f"{p}: not `m3h study` JSON (expected one of the keys cpu_decode, quality, gpu)")
-        merged["sources"].append({"file": os.path.basename(p), **{k: j.get(k) for k in
+        merged["sources"].append({"file": os.path.basename(p), "has_gpu": "gpu" in j, **{k: j.get(k) for k in
                                   ("command", "build_commit", "date_utc", "cpu", "config", "seed")}})
         for k in ("cpu_decode", "quality"):
             if k in j:
@@ -127,7 +127,8 @@ def decode_section(g, figs):
           "Time is the median of CUDA-event timings with L2 flushed; `% copy` is the necessary bytes over "
           f"the time, as a fraction of the measured device copy ({copy:.0f} GB/s). The layer share is "
           "attention's part of the layer time (dense / MSA), the rest (norms, projections, router, "
-          "experts) measured for the same batch.",
+          "experts) measured for the same batch. Dense decode passes 100% of the copy figure at long context: "
+          "it only reads, and a read-only stream runs faster than a copy, which reads and writes.",
           "",
           table(["b", "n", "dense us", "MSA us", "speedup", "MSA fp8 us", "speedup fp8", "dense % copy",
                  "MSA % copy", "attention share of layer"], rows), ""]
@@ -142,10 +143,13 @@ def decode_section(g, figs):
                          f"{STRETCH['decode_fp8_1m']}x: {verdict(s8, STRETCH['decode_fp8_1m'])}).")
             # Which kernel holds MSA back, against the step's bandwidth roofline (GB/s * 1e3 = bytes/us).
             roof = r["msa_bytes"] / (copy * 1e3)
+            idx_roof = b * r["context"] * 128 * 2 / (copy * 1e3)  # the index-K read alone (Di 128, bf16)
             lines.append(f"  Of the MSA step's {r['msa_us']:.1f} us (its necessary bytes at the copy bandwidth: "
-                         f"{roof:.1f} us), index scoring takes {r['index_us']:.1f} us, selection "
-                         f"{r['select_us']:.1f} us and the sparse attention {r['sparse_us']:.1f} us, the last two "
-                         "independent of n: at b = 1 they are fixed latency that no bandwidth hides.")
+                         f"{roof:.1f} us), index scoring takes {r['index_us']:.1f} us (its index-K read at the "
+                         f"copy bandwidth: {idx_roof:.1f} us), selection {r['select_us']:.1f} us and the sparse "
+                         f"attention {r['sparse_us']:.1f} us; the last two hardly grow with n: "
+                         f"{r['select_us'] + r['sparse_us']:.1f} us of latency that no bandwidth hides, "
+                         f"{100 * (r['select_us'] + r['sparse_us']) / r['msa_us']:.0f}% of the step.")
     md += lines + [""]
     if figs.plt:
         plt = figs.plt
@@ -186,7 +190,8 @@ def prefill_section(g, figs):
     rows = []
     for r in pre:
         msa_fl = r["index_flops"] + r["sparse_flops"]
-        rows.append([ctx(r["context"]), r["dense_kernel"], f"{r['dense_ms']:.2f}", f"{r['index_ms']:.2f}",
+        rows.append([ctx(r["context"]), r["dense_kernel"], r.get("index_kernel", "mma_sync"), f"{r['dense_ms']:.2f}",
+                     f"{r['index_ms']:.2f}",
                      f"{r['select_ms']:.2f}", f"{r['sparse_ms']:.2f}", f"{r['msa_ms']:.2f}",
                      f"{r['dense_ms'] / r['msa_ms']:.2f}x",
                      f"{100 * r['dense_flops'] / (r['dense_ms'] * 1e9) / peak:.0f}%",
@@ -197,7 +202,7 @@ def prefill_section(g, figs):
           f"Chunks of queries; `timed` < `chunks` means an even sample of chunks was timed and the rest "
           f"extrapolated. `% peak` is achieved TFLOP/s over the measured bf16 GEMM peak ({peak:.0f} TFLOP/s).",
           "",
-          table(["n", "dense kernel", "dense ms", "index ms", "select ms", "sparse ms", "MSA ms", "speedup",
+          table(["n", "dense kernel", "index kernel", "dense ms", "index ms", "select ms", "sparse ms", "MSA ms", "speedup",
                  "dense % peak", "MSA % peak", "timed"], rows), ""]
     r = at(pre, ONE_M)
     if r:
@@ -208,6 +213,18 @@ def prefill_section(g, figs):
                   f"sparse attention {100 * r['sparse_ms'] / r['msa_ms']:.0f}%; the sparse kernel runs at "
                   f"{r['sparse_flops'] / (r['sparse_ms'] * 1e9):.0f} TFLOP/s against the dense kernel's "
                   f"{r['dense_flops'] / (r['dense_ms'] * 1e9):.0f}.")
+        # Which kernel holds MSA back, against the rate the dense kernel reaches on the same card.
+        dense_tf = r["dense_flops"] / (r["dense_ms"] * 1e9)
+        idx_tf, sp_tf = r["index_flops"] / (r["index_ms"] * 1e9), r["sparse_flops"] / (r["sparse_ms"] * 1e9)
+        idx_at, sp_at = r["index_flops"] / (dense_tf * 1e9), r["sparse_flops"] / (dense_tf * 1e9)
+        best = idx_at + r["select_ms"] + sp_at
+        md.append(f"- Against that rate ({dense_tf:.0f} TFLOP/s, {100 * dense_tf / peak:.0f}% of the GEMM peak): the "
+                  f"index scoring ({r.get('index_kernel', 'mma_sync')}) runs at {idx_tf:.0f} TFLOP/s and takes "
+                  f"{r['index_ms']:.0f} ms where {idx_at:.0f} ms would do ({r['index_ms'] / idx_at:.1f}x over); the "
+                  f"sparse attention (msa_attention_prefill, KV-block-outer with fp32 partials per query, head and "
+                  f"slot) runs at {sp_tf:.0f} TFLOP/s and takes {r['sparse_ms']:.0f} ms where {sp_at:.0f} ms would "
+                  f"do ({r['sparse_ms'] / sp_at:.1f}x over). With both at the dense kernel's rate and selection as "
+                  f"measured, MSA would take {best:.0f} ms: {r['dense_ms'] / best:.1f}x.")
         md.append("")
     if figs.plt:
         plt = figs.plt
@@ -217,7 +234,51 @@ def prefill_section(g, figs):
         ax.scatter([ONE_M], [PAPER["prefill_1m"]], marker="*", s=150, c="k", zorder=5, label="paper (H800)")
         figs.context_axes(ax, "dense time / MSA time", "Prefill speedup, one layer")
         md.append(figs.save(fig, "prefill_speedup.png"))
+        fig, ax = plt.subplots(figsize=(6.5, 4))
+        labels = [ctx(r["context"]) for r in pts]
+        xs = range(len(pts))
+        bottom = [0.0] * len(pts)
+        for key, name in (("index_ms", "index"), ("select_ms", "select"), ("sparse_ms", "sparse attention")):
+            vals = [r[key] for r in pts]
+            ax.bar(xs, vals, bottom=bottom, label=f"MSA {name}")
+            bottom = [a + v for a, v in zip(bottom, vals)]
+        ax.plot(xs, [r["dense_ms"] for r in pts], "k^-", label="dense")
+        ax.set_yscale("log")
+        ax.set_xticks(list(xs))
+        ax.set_xticklabels(labels)
+        ax.set_ylabel("ms")
+        ax.set_title("Prefill time breakdown, one layer")
+        ax.legend(fontsize=8)
+        md.append(figs.save(fig, "prefill_breakdown.png"))
     return "\n".join(md) + "\n"
+
+
+def peak_section(g, figs):
+    """Achieved vs peak: decode as a fraction of the copy bandwidth, prefill of the GEMM rate."""
+    dec, pre = g.get("decode") or [], g.get("prefill") or []
+    if not figs.plt or not (dec or pre):
+        return ""
+    plt = figs.plt
+    copy, peak = g["peaks"]["copy_gbps"], g["peaks"]["gemm_tflops"]
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
+    for b in sorted({r["batch"] for r in dec}):
+        pts = sorted((r for r in dec if r["batch"] == b), key=lambda r: r["context"])
+        x = [r["context"] for r in pts]
+        dense_style = "k^-" if b == min(r["batch"] for r in dec) else "kv:"
+        a1.plot(x, [100 * r["dense_bytes"] / (r["dense_us"] * 1e3) / copy for r in pts], dense_style, label=f"dense b={b}")
+        a1.plot(x, [100 * r["msa_bytes"] / (r["msa_us"] * 1e3) / copy for r in pts], "o-", label=f"MSA b={b}")
+        a1.plot(x, [100 * r["msa_fp8_bytes"] / (r["msa_fp8_us"] * 1e3) / copy for r in pts], "s--",
+                label=f"MSA fp8 b={b}")
+    figs.context_axes(a1, f"% of copy bandwidth ({copy:.0f} GB/s)", "Decode: bytes / time")
+    a1.set_yscale("linear")
+    pts = sorted(pre, key=lambda r: r["context"])
+    x = [r["context"] for r in pts]
+    a2.plot(x, [100 * r["dense_flops"] / (r["dense_ms"] * 1e9) / peak for r in pts], "k^-", label="dense")
+    a2.plot(x, [100 * r["index_flops"] / (r["index_ms"] * 1e9) / peak for r in pts], "o-", label="MSA index")
+    a2.plot(x, [100 * r["sparse_flops"] / (r["sparse_ms"] * 1e9) / peak for r in pts], "s-", label="MSA sparse")
+    figs.context_axes(a2, f"% of bf16 GEMM peak ({peak:.0f} TFLOP/s)", "Prefill: FLOPs / time")
+    a2.set_yscale("linear")
+    return "## Achieved vs peak\n\n" + figs.save(fig, "achieved_vs_peak.png") + "\n"
 
 
 def ratios_section(merged, cost, figs):
@@ -308,7 +369,9 @@ def main():
     ap.add_argument("--cost", help="`m3h cost --preset m3 --sweep --format json` output (whole-model view)")
     ap.add_argument("--out-dir", default="reports", help="where REPORT.md and figures/ go (default: reports)")
     ap.add_argument("--driver", default="", help="GPU driver version to print (the study JSON does not record it)")
-    ap.add_argument("--commit", default="", help="commit of the measured tree when the binary's stamp is not it")
+    ap.add_argument("--commit", default="",
+                    help="commit of the tree the GPU study ran, when the binary's stamp is not it (a device that "
+                         "runs a copy of the working tree stamps its own checkout); the CPU inputs keep theirs")
     ap.add_argument("--no-figures", action="store_true", help="tables only")
     a = ap.parse_args()
     merged = load(a.inputs)
@@ -334,7 +397,7 @@ def main():
     head.append("")
     head.append("Inputs:")
     for s in merged["sources"]:
-        commit = a.commit or s.get("build_commit") or "unknown"
+        commit = (a.commit if a.commit and s.get("has_gpu") else "") or s.get("build_commit") or "unknown"
         head.append(f"- `{s['file']}`: `{s.get('command')}` on {s.get('date_utc') or 'an unrecorded date'} "
                     f"(commit {commit}; host {s.get('cpu')})")
     if cost:
@@ -343,6 +406,7 @@ def main():
         head += ["", f"Note: {figs.note}."]
     body = [decode_section(g, figs) if g else "## Decode\n\nNo GPU part in the inputs.\n",
             prefill_section(g, figs) if g else "## Prefill\n\nNo GPU part in the inputs.\n",
+            peak_section(g, figs) if g else "",
             ratios_section(merged, cost, figs),
             quality_section(merged, figs)]
     with open(os.path.join(a.out_dir, "REPORT.md"), "w") as f:
