@@ -275,10 +275,13 @@ GpuStudy run_gpu_study(const ModelConfig& cfg, const GpuStudyOptions& o,
         std::vector<std::int64_t> hp(Tc);
         for (int i = 0; i < Tc; ++i) hp[i] = p0 + i;
         pos.upload(hp);
-        need_ws(gpu::msa_attention_prefill_workspace_bytes(Tc, Nc, BLK, Kb, ad));
+        need_ws(std::max(gpu::msa_attention_prefill_workspace_bytes(Tc, Nc, BLK, Kb, ad),
+                         D == 128 ? std::size_t{0} : gpu::attention_dense_workspace_bytes(Tc, Nc, ad)));
         td.push_back(tm.us([&](cudaStream_t s) {
           if (sm90) gpu::sm90_attention_prefill(q.data(), k.data(), v.data(), p0, Tc, Nc, ad, out.data(), s);
-          else gpu::attention_dense_prefill(q.data(), k.data(), v.data(), p0, Tc, Nc, ad, out.data(), s);
+          else if (D == 128) gpu::attention_dense_prefill(q.data(), k.data(), v.data(), p0, Tc, Nc, ad, out.data(), s);
+          else  // the prefill kernels are built for D = 128 only (tiny, small head dims): the split-K kernel
+            gpu::attention_dense(q.data(), k.data(), v.data(), pos.data(), Tc, Nc, ad, out.data(), s, ws.data(), ws.size());
         }, 1, false));
         ti.push_back(tm.us([&](cudaStream_t s) {
           if (sm90_index) gpu::sm90_msa_index(iq.data(), ik.data(), p0, Tc, Nc, nb, md, scores.data(), s);
@@ -295,7 +298,7 @@ GpuStudy run_gpu_study(const ModelConfig& cfg, const GpuStudyOptions& o,
       r.chunk = C;
       r.chunks = chunks;
       r.chunks_timed = static_cast<int>(idx.size());
-      r.dense_kernel = sm90 ? "sm90_wgmma" : "mma_sync";
+      r.dense_kernel = sm90 ? "sm90_wgmma" : D == 128 ? "mma_sync" : "split_k";
       r.index_kernel = sm90_index ? "sm90_wgmma" : "mma_sync";
       r.dense_ms = extrapolate(idx, td, chunks) * 1e-3;
       r.index_ms = extrapolate(idx, ti, chunks) * 1e-3;

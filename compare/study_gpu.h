@@ -40,7 +40,7 @@ struct GpuDecodePoint {
 struct GpuPrefillPoint {
   std::int64_t context = 0;
   int chunk = 0, chunks = 0, chunks_timed = 0;  // chunks_timed < chunks: the rest extrapolated
-  std::string dense_kernel;                      // "sm90_wgmma" or "mma_sync"
+  std::string dense_kernel;                      // "sm90_wgmma", "mma_sync" or "split_k" (D != 128)
   std::string index_kernel;                      // "sm90_wgmma" (sm90_msa_index) or "mma_sync" (msa_index)
   double dense_ms = 0;
   double index_ms = 0, select_ms = 0, sparse_ms = 0, msa_ms = 0;
