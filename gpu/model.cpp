@@ -186,6 +186,8 @@ Model::Model(ModelConfig cfg, const ModelWeights<float>& w, ModelOptions opt) : 
   if (static_cast<int>(w.layers.size()) != cfg.num_hidden_layers)
     throw std::invalid_argument(fmt::format("gpu::Model: weights have {} layers, expected num_hidden_layers = {}",
                                             w.layers.size(), cfg.num_hidden_layers));
+  if (w.mtp_in)  // it would silently run from the token embeddings instead of eh_proj([e ; h])
+    throw std::invalid_argument("gpu::Model: an MTP module's weights (mtp_in): the GPU path has no MTP input yet");
   Impl& P = *p_;
   P.cfg = cfg;
   P.opt = opt;

@@ -208,6 +208,16 @@ ModelConfig preset(std::string_view name) {
   return c;
 }
 
+ModelConfig mtp_module_config(const ModelConfig& cfg) {
+  ModelConfig c = cfg;
+  c.name = cfg.name + "-mtp";
+  c.num_hidden_layers = 1;
+  c.num_mtp_modules = 0;
+  set_layer_types(c, 0);  // MSA + MoE
+  c.validate();
+  return c;
+}
+
 // ---------------------------------------------------------------------------------------------
 // config.json
 

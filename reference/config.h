@@ -59,7 +59,7 @@ struct ModelConfig {
   int index_local_blocks = 1;
   int index_init_blocks = 0;
 
-  int num_mtp_modules = 0;             // MTP count (spec §7); weights not generated yet
+  int num_mtp_modules = 0;             // MTP count (spec §7): mtp_module_config, generate_mtp_module
 
   std::vector<AttnType> layer_types;   // per layer
   std::vector<MlpType> mlp_layer_types;  // per layer
@@ -87,6 +87,10 @@ struct ConfigError : std::runtime_error {
 const std::vector<std::string>& preset_names();
 // Throws ConfigError naming the known presets when `name` is not one.
 ModelConfig preset(std::string_view name);
+
+// The one-layer model an MTP module runs (spec §7): cfg's dimensions, one MSA + MoE decoder layer
+// (forced, whatever cfg's layer types), no MTP of its own; named "<cfg.name>-mtp".
+ModelConfig mtp_module_config(const ModelConfig& cfg);
 
 // Parses a config.json text in either spelling: the official nested `sparse_attention_config` +
 // `moe_layer_freq`, or the flat transformers fields (`layer_types`, `mlp_layer_types`, `index_*`),

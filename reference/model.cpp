@@ -207,10 +207,35 @@ struct Forward {
     emit(b, blk + "moe_out", out);
   }
 
-  std::vector<MatD> run(const Batch& b, const std::vector<std::int32_t>& tokens) {
+  // h_in (an MTP module's model only): per sequence, the previous hidden states [T_s, H].
+  // hidden_out (optional): per sequence, the residual stream after the last layer [T_s, H].
+  std::vector<MatD> run(const Batch& b, const std::vector<std::int32_t>& tokens, std::span<const MatD* const> h_in,
+                        std::vector<MatD>* hidden_out) {
     const double eps = cfg.rms_norm_eps;
     Mat<T> h;  // [T, H] residual stream
-    ref::embedding(w.embed_tokens, tokens, h);
+    if (w.mtp_in) {
+      // Spec §7: x = eh_proj([enorm(Embed(next token)) ; hnorm(h_prev)]), the embedding zeroed at
+      // position 0 (Gemma RMSNorm maps a zero row to zero, so before or after the norm is one).
+      const MtpInputWeights<T>& m = *w.mtp_in;
+      const Eigen::Index n = static_cast<Eigen::Index>(tokens.size()), H = cfg.hidden_size;
+      Mat<T> e, en, hp(n, H), hn;  // [T, H] each
+      ref::embedding(w.embed_tokens, tokens, e);
+      for (std::size_t s = 0; s < b.caches.size(); ++s) {
+        for (Eigen::Index i = 0; i < b.rows[s]; ++i)
+          if (b.pos[s][static_cast<std::size_t>(i)] == 0) e.row(b.row0[s] + i).setZero();
+        hp.middleRows(b.row0[s], b.rows[s]) = h_in[s]->template cast<T>();
+      }
+      ref::rms_norm(e, m.enorm, eps, en); rnd(en);
+      ref::rms_norm(hp, m.hnorm, eps, hn); rnd(hn);
+      Mat<T> cat(n, 2 * H);  // [T, 2H] embedding half first
+      cat << en, hn;
+      ref::linear(cat, m.eh_proj, h); rnd(h);
+      emit(b, "mtp.enorm", en);
+      emit(b, "mtp.hnorm", hn);
+      emit(b, "mtp.x", h);
+    } else {
+      ref::embedding(w.embed_tokens, tokens, h);
+    }
     for (int l = 0; l < cfg.num_hidden_layers; ++l) {
       const LayerWeights<T>& L = w.layers[l];
       const std::string blk = fmt::format("blk.{}.", l);
@@ -229,6 +254,11 @@ struct Forward {
     Mat<T> logits;  // [T, V]; fp32 on the GPU path too (cuBLAS writes fp32), so never rounded
     ref::lm_head(h, w.norm, eps, w.lm_head, logits);
     emit(b, "logits", logits);
+    if (hidden_out) {
+      hidden_out->clear();
+      for (std::size_t s = 0; s < b.caches.size(); ++s)
+        hidden_out->push_back(h.middleRows(b.row0[s], b.rows[s]).template cast<double>());
+    }
     std::vector<MatD> out;
     for (std::size_t s = 0; s < b.caches.size(); ++s)
       out.push_back(logits.middleRows(b.row0[s], b.rows[s]).template cast<double>());
@@ -242,6 +272,7 @@ struct Model::Impl {
   ReferenceOptions opt;
   std::variant<ModelWeights<float>, ModelWeights<double>> w;
   ForwardStats stats;
+  bool mtp = false;  // an MTP module's model: forward takes the previous hidden states
 };
 
 namespace {
@@ -276,6 +307,11 @@ void check_weights(const ModelConfig& c, const ModelWeights<float>& w) {
       throw std::invalid_argument(fmt::format("{}{} experts, expected num_local_experts = {}", p, L.experts.size(),
                                               c.num_local_experts));
   }
+  if (w.mtp_in) {
+    check_shape("mtp enorm.weight", w.mtp_in->enorm.rows(), 1, H, 1);
+    check_shape("mtp hnorm.weight", w.mtp_in->hnorm.rows(), 1, H, 1);
+    check_shape("mtp eh_proj.weight", w.mtp_in->eh_proj.rows(), w.mtp_in->eh_proj.cols(), H, 2 * H);
+  }
 }
 
 template <class T>
@@ -302,6 +338,7 @@ Model::Model(ModelConfig cfg, const ModelWeights<float>& weights, Precision prec
   check_weights(cfg, weights);
   p_->cfg = std::move(cfg);
   p_->precision = precision;
+  p_->mtp = weights.mtp_in.has_value();
   if (precision == Precision::FP64) p_->w = convert_weights<double>(weights, precision);
   else p_->w = convert_weights<float>(weights, precision);
 }
@@ -325,9 +362,27 @@ Sequence Model::new_sequence() const {
 
 std::vector<MatD> Model::forward(std::span<Sequence* const> seqs,
                                  std::span<const std::span<const std::int32_t>> tokens, const TraceFn& trace) {
+  return forward(seqs, tokens, trace, {}, nullptr);
+}
+
+std::vector<MatD> Model::forward(std::span<Sequence* const> seqs,
+                                 std::span<const std::span<const std::int32_t>> tokens, const TraceFn& trace,
+                                 std::span<const MatD* const> h_in, std::vector<MatD>* hidden_out) {
   const ModelConfig& c = p_->cfg;
   if (seqs.size() != tokens.size())
     throw std::invalid_argument(fmt::format("forward: {} sequences but {} token lists", seqs.size(), tokens.size()));
+  if (!p_->mtp && !h_in.empty())
+    throw std::invalid_argument("forward: previous hidden states given to a model without MTP input weights");
+  if (p_->mtp && h_in.size() != seqs.size())
+    throw std::invalid_argument(fmt::format("forward: an MTP module's model needs the previous hidden states of every "
+                                            "sequence, got {} for {} sequences",
+                                            h_in.size(), seqs.size()));
+  for (std::size_t s = 0; s < h_in.size(); ++s)
+    if (!h_in[s] || h_in[s]->rows() != static_cast<Eigen::Index>(tokens[s].size()) || h_in[s]->cols() != c.hidden_size)
+      throw std::invalid_argument(fmt::format(
+          "forward: sequence {}: previous hidden states {}, expected [{}, {}] (one row per token, hidden_size)", s,
+          h_in[s] ? fmt::format("[{}, {}]", h_in[s]->rows(), h_in[s]->cols()) : std::string("missing"),
+          tokens[s].size(), c.hidden_size));
   // Validate everything before touching any cache, so a bad request changes nothing.
   std::vector<std::int32_t> all;
   for (std::size_t s = 0; s < seqs.size(); ++s) {
@@ -362,7 +417,7 @@ std::vector<MatD> Model::forward(std::span<Sequence* const> seqs,
       row += b.rows.back();
     }
     Forward<T> f{c, weights, p_->precision == Precision::BF16, p_->stats, trace, p_->opt.fp8_index_cache};
-    auto out = f.run(b, all);
+    auto out = f.run(b, all, h_in, hidden_out);
     for (std::size_t s = 0; s < seqs.size(); ++s) seqs[s]->s_->len += static_cast<std::int64_t>(tokens[s].size());
     return out;
   };

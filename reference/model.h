@@ -98,6 +98,18 @@ class Model {
   std::vector<MatD> forward(std::span<Sequence* const> seqs,
                             std::span<const std::span<const std::int32_t>> tokens,
                             const TraceFn& trace = {});
+  // The same, with
+  //   h_in: an MTP module's model (weights with mtp_in, generate_mtp_module) needs, per sequence,
+  //         the previous hidden states [T_s, H] (the main model's, or the previous draft step's), and
+  //         tokens[s] are the NEXT tokens (position p takes token p+1); other models take none.
+  //         Traces mtp.enorm, mtp.hnorm, mtp.x [T, H] before the layer.
+  //   hidden_out (optional): per sequence, the residual stream after the last layer [T_s, H] (before
+  //         the final norm): what an MTP module takes as h_prev.
+  // Throws std::invalid_argument for h_in given to a model without MTP input, missing for one with
+  // it, or of the wrong shape, before any cache is changed.
+  std::vector<MatD> forward(std::span<Sequence* const> seqs,
+                            std::span<const std::span<const std::int32_t>> tokens, const TraceFn& trace,
+                            std::span<const MatD* const> h_in, std::vector<MatD>* hidden_out);
 
   MatD prefill(Sequence& seq, std::span<const std::int32_t> tokens, const TraceFn& trace = {});
   MatD decode(Sequence& seq, std::int32_t token, const TraceFn& trace = {});

@@ -84,16 +84,16 @@ std::uint64_t weights_param_count(const ModelConfig& c) {
   return n;
 }
 
-LayerWeights<float> generate_layer(const ModelConfig& c, int l, std::uint64_t seed, bool with_experts) {
-  if (l < 0 || l >= c.num_hidden_layers)
-    throw std::out_of_range(fmt::format("generate_layer: layer {} outside [0, {})", l, c.num_hidden_layers));
+namespace {
+
+// A decoder layer of the given types under the name prefix p ("model.layers.{l}." or
+// "mtp.layers.{i}."); out_scale multiplies the output projections.
+LayerWeights<float> generate_layer_at(const ModelConfig& c, AttnType attn, MlpType mlp, const std::string& p,
+                                      std::uint64_t seed, bool with_experts, double out_scale) {
   const int H = c.hidden_size, D = c.head_dim, Hq = c.num_attention_heads, Hkv = c.num_key_value_heads;
-  // Output projections carry 1/sqrt(2 L): 2 L residual branches then add up to O(1) in total.
-  const double out_scale = 1.0 / std::sqrt(2.0 * c.num_hidden_layers);
-  const std::string p = layer_prefix(l);
   LayerWeights<float> w;
-  w.attn_type = c.layer_types[l];
-  w.mlp_type = c.mlp_layer_types[l];
+  w.attn_type = attn;
+  w.mlp_type = mlp;
   w.input_layernorm = gen_vec(H, seed, p + "input_layernorm.weight", kNormScale);
   w.post_attention_layernorm = gen_vec(H, seed, p + "post_attention_layernorm.weight", kNormScale);
   auto& a = w.attn;
@@ -128,6 +128,42 @@ LayerWeights<float> generate_layer(const ModelConfig& c, int l, std::uint64_t se
       w.shared = gen_mlp(m + "shared_experts.", "gate_proj.weight", "up_proj.weight", "down_proj.weight",
                          H, c.shared_intermediate_size, seed, out_scale);
   }
+  return w;
+}
+
+}  // namespace
+
+LayerWeights<float> generate_layer(const ModelConfig& c, int l, std::uint64_t seed, bool with_experts) {
+  if (l < 0 || l >= c.num_hidden_layers)
+    throw std::out_of_range(fmt::format("generate_layer: layer {} outside [0, {})", l, c.num_hidden_layers));
+  // Output projections carry 1/sqrt(2 L): 2 L residual branches then add up to O(1) in total.
+  return generate_layer_at(c, c.layer_types[l], c.mlp_layer_types[l], layer_prefix(l), seed, with_experts,
+                           1.0 / std::sqrt(2.0 * c.num_hidden_layers));
+}
+
+ModelWeights<float> generate_mtp_module(const ModelConfig& cfg, int i, std::uint64_t seed,
+                                        const ModelWeights<float>& main) {
+  if (i < 0 || i >= cfg.num_mtp_modules)
+    throw std::out_of_range(fmt::format("generate_mtp_module: module {} outside [0, {}) (num_mtp_modules of '{}')", i,
+                                        cfg.num_mtp_modules, cfg.name));
+  const int H = cfg.hidden_size, V = cfg.vocab_size;
+  if (main.embed_tokens.rows() != V || main.embed_tokens.cols() != H || main.lm_head.rows() != V ||
+      main.lm_head.cols() != H)
+    throw std::invalid_argument(fmt::format(
+        "generate_mtp_module: the main model's embed_tokens {}x{} and lm_head {}x{}, expected {}x{} ('{}')",
+        main.embed_tokens.rows(), main.embed_tokens.cols(), main.lm_head.rows(), main.lm_head.cols(), V, H, cfg.name));
+  const std::string p = fmt::format("mtp.layers.{}.", i);
+  ModelWeights<float> w;
+  w.embed_tokens = main.embed_tokens;
+  w.lm_head = main.lm_head;
+  // One residual pair: out_scale 1/sqrt(2), as a one-layer model's.
+  w.layers.push_back(generate_layer_at(cfg, AttnType::MSA, MlpType::MOE, p, seed, true, 1.0 / std::sqrt(2.0)));
+  w.norm = gen_vec(H, seed, p + "final_layernorm.weight", kNormScale);
+  MtpInputWeights<float> m;
+  m.enorm = gen_vec(H, seed, p + "enorm.weight", kNormScale);
+  m.hnorm = gen_vec(H, seed, p + "hnorm.weight", kNormScale);
+  m.eh_proj = gen_mat(H, 2 * H, seed, p + "eh_proj.weight", 1.0 / std::sqrt(2.0 * H));
+  w.mtp_in = std::move(m);
   return w;
 }
 
@@ -196,6 +232,9 @@ ModelWeights<To> convert_weights(const ModelWeights<float>& w, Precision p) {
   for (const auto& l : w.layers) o.layers.push_back(convert_layer<To>(l, p));
   o.norm = convert<To>(w.norm, b);
   o.lm_head = convert<To>(w.lm_head, b);
+  if (w.mtp_in)
+    o.mtp_in = MtpInputWeights<To>{convert<To>(w.mtp_in->enorm, b), convert<To>(w.mtp_in->hnorm, b),
+                                   convert<To>(w.mtp_in->eh_proj, b)};
   return o;
 }
 

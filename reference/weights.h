@@ -13,6 +13,7 @@
 
 #include <cstdint>
 #include <functional>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -47,12 +48,24 @@ struct LayerWeights {
   ref::MlpWeights<T> shared;               // gate, up [I_s, H], down [H, I_s]
 };
 
+// The input of an MTP module (spec §7): x = eh_proj([enorm(Embed(next token)) ; hnorm(h_prev)]),
+// the embedding half first; the embedding is zeroed at position 0.
+template <class T>
+struct MtpInputWeights {
+  Vec<T> enorm;    // [H] Gemma RMSNorm of the next token's embedding
+  Vec<T> hnorm;    // [H] Gemma RMSNorm of the previous hidden state
+  Mat<T> eh_proj;  // [H, 2H]
+};
+
 template <class T>
 struct ModelWeights {
   Mat<T> embed_tokens;  // [V, H]
   std::vector<LayerWeights<T>> layers;
   Vec<T> norm;          // [H] final norm
   Mat<T> lm_head;       // [V, H]
+  // Set on an MTP module's one-layer model only (generate_mtp_module): its forward starts from
+  // eh_proj of the next token's embedding and the previous hidden state instead of the embedding.
+  std::optional<MtpInputWeights<T>> mtp_in;
 };
 
 // Parameters the config implies (text backbone, no MTP / vision).
@@ -67,6 +80,15 @@ ModelWeights<float> generate_weights(const ModelConfig& cfg, std::uint64_t seed,
 // routed experts (attention-only work at real dimensions, where 128 experts need 29 GB).
 LayerWeights<float> generate_layer(const ModelConfig& cfg, int layer, std::uint64_t seed,
                                    bool with_experts = true);
+
+// MTP module i of cfg (0 <= i < cfg.num_mtp_modules) as the weights of a mtp_module_config(cfg)
+// model: its layer, enorm, hnorm, eh_proj and final norm generated under the names
+// mtp.layers.{i}.* (the decoder layer's tensors as a main layer's; final_layernorm.weight: our
+// reading of spec §7, not yet checked against a released checkpoint), the embedding and LM head
+// copied from `main` (shared with the main model). Throws std::out_of_range for i out of range,
+// std::invalid_argument when main's shapes are not cfg's.
+ModelWeights<float> generate_mtp_module(const ModelConfig& cfg, int i, std::uint64_t seed,
+                                        const ModelWeights<float>& main);
 
 // Converts to the storage of a precision: FP64 widens exactly; BF16 rounds every tensor to bf16
 // except the router and its bias, which the checkpoint and the GPU path keep in fp32.

@@ -1,0 +1,224 @@
+// An MTP module of the reference (spec §7) as a one-layer model with an MTP input:
+//   x = eh_proj([enorm(Embed(next token)) ; hnorm(h_prev)])  (embedding zeroed at position 0),
+//   one MSA + MoE layer, the module's final norm, the shared LM head.
+// Checked against the same layer run as a plain one-layer model whose "embedding table" holds the
+// x rows computed here from the ops (so the module's input path and its sharing of the layer path
+// are what is tested), decode = prefill, position 0 ignoring its token, the main model's hidden
+// states as h_prev, weights deterministic and distinct per module, bad requests refused.
+#include "reference/model.h"
+#include "reference/ops/embedding.h"
+#include "reference/ops/linear.h"
+#include "reference/ops/rms_norm.h"
+#include "tests/test_util.h"
+
+#include <gtest/gtest.h>
+
+#include <map>
+#include <string>
+#include <vector>
+
+namespace {
+
+using m3::MatD;
+
+struct TinyMtp {
+  m3::ModelConfig cfg = m3::preset("tiny");
+  m3::ModelWeights<float> main;
+  m3::ModelWeights<float> mod;  // module 1 of 2
+  explicit TinyMtp(std::uint64_t seed) {
+    cfg.num_mtp_modules = 2;
+    main = m3::generate_weights(cfg, seed);
+    mod = m3::generate_mtp_module(cfg, 1, seed, main);
+  }
+};
+
+std::vector<std::int32_t> random_tokens(int n, int vocab, std::mt19937_64& g) {
+  std::uniform_int_distribution<int> d(0, vocab - 1);
+  std::vector<std::int32_t> t(n);
+  for (auto& x : t) x = d(g);
+  return t;
+}
+
+// 70 tokens: past K_blk * BLK = 64, so the module's MSA layer really selects.
+constexpr int kLen = 70;
+
+}  // namespace
+
+TEST(Mtp, ModuleEqualsItsLayerFedTheOpsInput) {
+  auto g = m3::test::test_rng();
+  SCOPED_TRACE(m3::test::seed_note());
+  TinyMtp t(g());
+  const m3::ModelConfig mc = m3::mtp_module_config(t.cfg);
+  ASSERT_EQ(mc.num_hidden_layers, 1);
+  ASSERT_EQ(mc.layer_types[0], m3::AttnType::MSA);
+  ASSERT_EQ(mc.mlp_layer_types[0], m3::MlpType::MOE);
+  const auto next = random_tokens(kLen, t.cfg.vocab_size, g);
+  const MatD h_prev = m3::test::randn<double>(kLen, t.cfg.hidden_size, g);  // [T, H]
+
+  m3::Model module(mc, t.mod, m3::Precision::FP64);
+  m3::Sequence s = module.new_sequence();
+  m3::Sequence* seqs[] = {&s};
+  std::span<const std::int32_t> toks[] = {next};
+  const MatD* hin[] = {&h_prev};
+  std::vector<MatD> hidden;
+  const MatD got = module.forward(seqs, toks, {}, hin, &hidden)[0];  // [T, V]
+
+  // The same input from the ops, in fp64.
+  const double eps = t.cfg.rms_norm_eps;
+  const auto& mi = *t.mod.mtp_in;
+  m3::MatD e, en, hn, x;  // [T, H]
+  m3::ref::embedding(m3::MatD(t.main.embed_tokens.cast<double>()), next, e);
+  e.row(0).setZero();  // position 0
+  m3::ref::rms_norm(e, m3::Vec<double>(mi.enorm.cast<double>()), eps, en);
+  m3::ref::rms_norm(h_prev, m3::Vec<double>(mi.hnorm.cast<double>()), eps, hn);
+  m3::MatD cat(kLen, 2 * t.cfg.hidden_size);  // [T, 2H]
+  cat << en, hn;
+  m3::ref::linear(cat, m3::MatD(mi.eh_proj.cast<double>()), x);
+  std::map<std::string, MatD> tr;
+  m3::Sequence s2 = module.new_sequence();
+  m3::Sequence* seqs2[] = {&s2};
+  module.forward(seqs2, toks, [&](int, const std::string& n, const m3::TraceView& v) {
+    MatD m(v.rows, v.cols);
+    for (std::int64_t r = 0; r < v.rows; ++r)
+      for (std::int64_t c = 0; c < v.cols; ++c) m(r, c) = v.at(r, c);
+    tr[n] = m;
+  }, hin, nullptr);
+  ASSERT_TRUE(tr.count("mtp.x") && tr.count("mtp.enorm") && tr.count("mtp.hnorm") && tr.count("blk.0.out"));
+  EXPECT_LE((tr["mtp.x"] - x).cwiseAbs().maxCoeff(), 1e-12 * x.cwiseAbs().maxCoeff()) << "eh_proj input";
+  EXPECT_EQ(tr["mtp.enorm"].row(0).cwiseAbs().maxCoeff(), 0.0) << "position 0's embedding must be zeroed";
+  ASSERT_EQ(hidden.size(), 1u);
+  EXPECT_EQ((hidden[0] - tr["blk.0.out"]).cwiseAbs().maxCoeff(), 0.0) << "hidden_out is the last layer's output";
+  EXPECT_EQ(got.rows(), kLen);
+  EXPECT_EQ(got.cols(), t.cfg.vocab_size);
+
+  // The layer path is the plain model's: a one-layer model with the module's layer, norm and head
+  // and no MTP input, whose embedding row i is x_i, fed tokens 0..T-1. Its table is fp32
+  // (ModelWeights<float>), so it sees x rounded to fp32 (2^-24 relative): the outputs agree to that
+  // rounding carried through one layer (1e-4 of the largest value leaves a wide margin; an input
+  // path that differed would be off by O(1)).
+  m3::ModelConfig pc = mc;
+  pc.vocab_size = kLen;
+  m3::ModelWeights<float> pw;
+  pw.embed_tokens = x.cast<float>();
+  pw.layers = t.mod.layers;
+  pw.norm = t.mod.norm;
+  pw.lm_head = t.mod.lm_head.topRows(kLen);
+  m3::Model plain(pc, pw, m3::Precision::FP64);
+  std::vector<std::int32_t> ids(kLen);
+  for (int i = 0; i < kLen; ++i) ids[static_cast<std::size_t>(i)] = i;
+  m3::Sequence ps = plain.new_sequence();
+  std::vector<MatD> phidden;
+  m3::Sequence* pseqs[] = {&ps};
+  std::span<const std::int32_t> ptoks[] = {ids};
+  plain.forward(pseqs, ptoks, {}, {}, &phidden);
+  EXPECT_LE((hidden[0] - phidden[0]).cwiseAbs().maxCoeff(), 1e-4 * phidden[0].cwiseAbs().maxCoeff());
+}
+
+TEST(Mtp, DecodeEqualsPrefillAndPositionZeroIgnoresItsToken) {
+  auto g = m3::test::test_rng();
+  SCOPED_TRACE(m3::test::seed_note());
+  TinyMtp t(g());
+  m3::Model module(m3::mtp_module_config(t.cfg), t.mod, m3::Precision::FP64);
+  const auto next = random_tokens(kLen, t.cfg.vocab_size, g);
+  const MatD h_prev = m3::test::randn<double>(kLen, t.cfg.hidden_size, g);
+  auto run = [&](std::span<const std::int32_t> tok, const MatD& h, m3::Sequence& s) {
+    m3::Sequence* seqs[] = {&s};
+    std::span<const std::int32_t> toks[] = {tok};
+    const MatD* hin[] = {&h};
+    return module.forward(seqs, toks, {}, hin, nullptr)[0];
+  };
+  m3::Sequence whole = module.new_sequence();
+  const MatD all = run(next, h_prev, whole);
+  m3::Sequence step = module.new_sequence();
+  MatD rows(kLen, t.cfg.vocab_size);
+  for (int i = 0; i < kLen; ++i) {
+    const MatD hi = h_prev.row(i);
+    rows.row(i) = run(std::span<const std::int32_t>(&next[static_cast<std::size_t>(i)], 1), hi, step).row(0);
+  }
+  EXPECT_LE((all - rows).cwiseAbs().maxCoeff(), 1e-9 * all.cwiseAbs().maxCoeff());
+  // Position 0's token does not matter (its embedding is zeroed); position 1's does.
+  auto other = next;
+  other[0] = (next[0] + 1) % t.cfg.vocab_size;
+  other[1] = (next[1] + 1) % t.cfg.vocab_size;
+  m3::Sequence s3 = module.new_sequence();
+  const MatD alt = run(other, h_prev, s3);
+  EXPECT_EQ((alt.row(0) - all.row(0)).cwiseAbs().maxCoeff(), 0.0);
+  EXPECT_GT((alt.row(1) - all.row(1)).cwiseAbs().maxCoeff(), 0.0);
+}
+
+TEST(Mtp, TakesTheMainModelsHiddenStatesInEveryPrecision) {
+  auto g = m3::test::test_rng();
+  SCOPED_TRACE(m3::test::seed_note());
+  TinyMtp t(g());
+  const auto prompt = random_tokens(kLen + 1, t.cfg.vocab_size, g);
+  std::vector<MatD> logits;
+  for (m3::Precision p : {m3::Precision::FP64, m3::Precision::FP32, m3::Precision::BF16}) {
+    m3::Model main(t.cfg, t.main, p);
+    m3::Sequence ms = main.new_sequence();
+    m3::Sequence* mseqs[] = {&ms};
+    const std::span<const std::int32_t> head(prompt.data(), kLen);
+    std::span<const std::int32_t> mtoks[] = {head};
+    std::vector<MatD> hidden;
+    main.forward(mseqs, mtoks, {}, {}, &hidden);
+    ASSERT_EQ(hidden.size(), 1u);
+    ASSERT_EQ(hidden[0].rows(), kLen);
+    // Module input at position p: token p+1 with the main model's hidden state at p.
+    m3::Model module(m3::mtp_module_config(t.cfg), t.mod, p);
+    m3::Sequence s = module.new_sequence();
+    m3::Sequence* seqs[] = {&s};
+    const std::span<const std::int32_t> shifted(prompt.data() + 1, kLen);
+    std::span<const std::int32_t> toks[] = {shifted};
+    const MatD* hin[] = {&hidden[0]};
+    logits.push_back(module.forward(seqs, toks, {}, hin, nullptr)[0]);
+    ASSERT_TRUE(logits.back().allFinite());
+  }
+  // fp32 and bf16 against fp64: fp32 to ~1e-5 relative; bf16 within the bf16 gate (1e-2) with
+  // margin for two models' rounding (the main model's hidden states enter the module).
+  const double n64 = logits[0].norm();
+  EXPECT_LE((logits[1] - logits[0]).norm() / n64, 1e-5);
+  EXPECT_LE((logits[2] - logits[0]).norm() / n64, 5e-2);
+  EXPECT_GT((logits[2] - logits[0]).norm() / n64, 0.0) << "bf16 should round somewhere";
+}
+
+TEST(Mtp, WeightsAreDeterministicAndDistinctPerModule) {
+  auto g = m3::test::test_rng();
+  const std::uint64_t seed = g();
+  SCOPED_TRACE(m3::test::seed_note());
+  TinyMtp t(seed);
+  const auto again = m3::generate_mtp_module(t.cfg, 1, seed, t.main);
+  const auto other = m3::generate_mtp_module(t.cfg, 0, seed, t.main);
+  EXPECT_EQ(again.mtp_in->eh_proj, t.mod.mtp_in->eh_proj);
+  EXPECT_EQ(again.layers[0].attn.q_proj, t.mod.layers[0].attn.q_proj);
+  EXPECT_NE(other.mtp_in->eh_proj, t.mod.mtp_in->eh_proj);
+  EXPECT_NE(other.layers[0].attn.q_proj, t.mod.layers[0].attn.q_proj);
+  // Not the main model's layers either (other name streams), and the head and embedding shared.
+  EXPECT_NE(t.mod.layers[0].attn.q_proj, t.main.layers[1].attn.q_proj);
+  EXPECT_EQ(t.mod.embed_tokens, t.main.embed_tokens);
+  EXPECT_EQ(t.mod.lm_head, t.main.lm_head);
+}
+
+TEST(Mtp, BadRequestsAreRefused) {
+  auto g = m3::test::test_rng();
+  SCOPED_TRACE(m3::test::seed_note());
+  TinyMtp t(g());
+  EXPECT_THROW(m3::generate_mtp_module(t.cfg, 2, 1, t.main), std::out_of_range);
+  EXPECT_THROW(m3::generate_mtp_module(t.cfg, -1, 1, t.main), std::out_of_range);
+  m3::ModelConfig none = t.cfg;
+  none.num_mtp_modules = 0;
+  EXPECT_THROW(m3::generate_mtp_module(none, 0, 1, t.main), std::out_of_range);
+  m3::Model module(m3::mtp_module_config(t.cfg), t.mod, m3::Precision::FP32);
+  m3::Model main(t.cfg, t.main, m3::Precision::FP32);
+  const std::vector<std::int32_t> tok{3, 4, 5};
+  const MatD h = MatD::Zero(3, t.cfg.hidden_size), bad = MatD::Zero(2, t.cfg.hidden_size);
+  m3::Sequence s = module.new_sequence();
+  EXPECT_THROW(module.prefill(s, tok), std::invalid_argument);  // no hidden states
+  m3::Sequence* seqs[] = {&s};
+  std::span<const std::int32_t> toks[] = {tok};
+  const MatD* wrong[] = {&bad};
+  EXPECT_THROW(module.forward(seqs, toks, {}, wrong, nullptr), std::invalid_argument);
+  EXPECT_EQ(s.length(), 0) << "a refused request must not touch the cache";
+  m3::Sequence ms = main.new_sequence();
+  m3::Sequence* mseqs[] = {&ms};
+  const MatD* right[] = {&h};
+  EXPECT_THROW(main.forward(mseqs, toks, {}, right, nullptr), std::invalid_argument);  // main takes none
+}
