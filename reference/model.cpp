@@ -65,6 +65,13 @@ Sequence::~Sequence() = default;
 Sequence::Sequence(Sequence&&) noexcept = default;
 Sequence& Sequence::operator=(Sequence&&) noexcept = default;
 std::int64_t Sequence::length() const { return s_ ? s_->len : 0; }
+void Sequence::truncate(std::int64_t n) {
+  if (n < 0 || n > length())
+    throw std::out_of_range(fmt::format("Sequence::truncate: {} tokens, expected 0..{} (the current length)", n, length()));
+  // Cache rows past len are never read (every op bounds its keys by the query positions) and the
+  // next append overwrites them.
+  if (s_) s_->len = n;
+}
 
 // ---------------------------------------------------------------------------------------------
 
@@ -348,6 +355,7 @@ Model& Model::operator=(Model&&) noexcept = default;
 
 const ModelConfig& Model::config() const { return p_->cfg; }
 Precision Model::precision() const { return p_->precision; }
+bool Model::takes_hidden_states() const { return p_->mtp; }
 const ForwardStats& Model::stats() const { return p_->stats; }
 void Model::reset_stats() { p_->stats = {}; }
 

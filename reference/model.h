@@ -62,6 +62,9 @@ class Sequence {
   Sequence(Sequence&&) noexcept;
   Sequence& operator=(Sequence&&) noexcept;
   std::int64_t length() const;  // tokens already in the caches = position of the next token
+  // Forgets the tokens past the first n (rejected draft tokens); std::out_of_range unless
+  // 0 <= n <= length().
+  void truncate(std::int64_t n);
 
  private:
   friend class Model;
@@ -88,6 +91,8 @@ class Model {
 
   const ModelConfig& config() const;
   Precision precision() const;
+  // True for an MTP module's model (weights with mtp_in): forward needs previous hidden states.
+  bool takes_hidden_states() const;
 
   Sequence new_sequence() const;
 

@@ -6,6 +6,7 @@
 // are what is tested), decode = prefill, position 0 ignoring its token, the main model's hidden
 // states as h_prev, weights deterministic and distinct per module, bad requests refused.
 #include "reference/model.h"
+#include "reference/mtp.h"
 #include "reference/ops/embedding.h"
 #include "reference/ops/linear.h"
 #include "reference/ops/rms_norm.h"
@@ -13,6 +14,7 @@
 
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <map>
 #include <string>
 #include <vector>
@@ -172,12 +174,19 @@ TEST(Mtp, TakesTheMainModelsHiddenStatesInEveryPrecision) {
     logits.push_back(module.forward(seqs, toks, {}, hin, nullptr)[0]);
     ASSERT_TRUE(logits.back().allFinite());
   }
-  // fp32 and bf16 against fp64: fp32 to ~1e-5 relative; bf16 within the bf16 gate (1e-2) with
-  // margin for two models' rounding (the main model's hidden states enter the module).
-  const double n64 = logits[0].norm();
-  EXPECT_LE((logits[1] - logits[0]).norm() / n64, 1e-5);
-  EXPECT_LE((logits[2] - logits[0]).norm() / n64, 5e-2);
-  EXPECT_GT((logits[2] - logits[0]).norm() / n64, 0.0) << "bf16 should round somewhere";
+  // Against fp64, row by row (a selection or expert choice that flips at a near-tie moves a whole
+  // row, in the main model or the module, so the median row is the measure of rounding): fp32 to
+  // 1e-5, bf16 to 4e-2 (about 4e-3 per bf16 op through the main model's layers and the module's;
+  // measured 4e-7 and 8e-3 to 1.9e-2 over 15 seeds).
+  auto median_row_err = [&](const MatD& a) {
+    std::vector<double> e;
+    for (Eigen::Index r = 0; r < a.rows(); ++r) e.push_back((a.row(r) - logits[0].row(r)).norm() / logits[0].row(r).norm());
+    std::nth_element(e.begin(), e.begin() + static_cast<std::ptrdiff_t>(e.size() / 2), e.end());
+    return e[e.size() / 2];
+  };
+  EXPECT_LE(median_row_err(logits[1]), 1e-5);
+  EXPECT_LE(median_row_err(logits[2]), 4e-2);
+  EXPECT_GT(median_row_err(logits[2]), 0.0) << "bf16 should round somewhere";
 }
 
 TEST(Mtp, WeightsAreDeterministicAndDistinctPerModule) {
@@ -221,4 +230,79 @@ TEST(Mtp, BadRequestsAreRefused) {
   m3::Sequence* mseqs[] = {&ms};
   const MatD* right[] = {&h};
   EXPECT_THROW(main.forward(mseqs, toks, {}, right, nullptr), std::invalid_argument);  // main takes none
+}
+
+// Draft-and-check decoding gives the main model's greedy tokens whatever the drafts, and its
+// accounting adds up: every round yields its accepted drafts plus the main model's own token.
+TEST(Mtp, DraftAndCheckKeepsTheGreedyTokens) {
+  auto g = m3::test::test_rng();
+  SCOPED_TRACE(m3::test::seed_note());
+  TinyMtp t(g());
+  const auto prompt = random_tokens(40, t.cfg.vocab_size, g);  // decode runs past 64: MSA selects
+  constexpr int kSteps = 40;
+  m3::Model main(t.cfg, t.main, m3::Precision::FP64);
+  const auto want = m3::generate_greedy(main, prompt, kSteps);
+  const m3::ModelConfig mc = m3::mtp_module_config(t.cfg);
+  m3::Model m0(mc, m3::generate_mtp_module(t.cfg, 0, 7, t.main), m3::Precision::FP64);
+  m3::Model m1(mc, t.mod, m3::Precision::FP64);
+  for (int count : {1, 2})
+    for (int k : {1, 2, 5}) {
+      SCOPED_TRACE("modules " + std::to_string(count) + ", k " + std::to_string(k));
+      m3::Model* mods[] = {&m0, &m1};
+      m3::MtpStats st;
+      const auto got = m3::generate_mtp(main, std::span<m3::Model* const>(mods, count), prompt, kSteps, k, &st);
+      EXPECT_EQ(got, want);
+      EXPECT_LE(st.accepted, st.drafted);
+      EXPECT_GE(1 + st.rounds + st.accepted, kSteps) << "a round yields its accepted drafts + one token";
+      EXPECT_LE(st.rounds, kSteps - 1);
+      ASSERT_EQ(st.accepted_at.size(), static_cast<std::size_t>(k));
+      for (int j = 0; j + 1 < k; ++j) EXPECT_GE(st.accepted_at[j], st.accepted_at[j + 1]) << "draft j+1 needs draft j";
+      std::int64_t sum = 0;
+      for (auto v : st.accepted_at) sum += v;
+      EXPECT_EQ(sum, st.accepted);
+    }
+}
+
+// A main model whose LM head is zero gives all-zero logits, so its greedy token is always 0 (ties
+// go to the lowest id), and so are the drafts of a module sharing that head: every draft is
+// accepted, and each round must then yield k drafts plus the main model's token.
+TEST(Mtp, AcceptedDraftsSaveMainForwards) {
+  auto g = m3::test::test_rng();
+  SCOPED_TRACE(m3::test::seed_note());
+  TinyMtp t(g());
+  t.main.lm_head.setZero();
+  const auto mw = m3::generate_mtp_module(t.cfg, 0, 3, t.main);
+  m3::Model main(t.cfg, t.main, m3::Precision::FP32);
+  m3::Model mod(m3::mtp_module_config(t.cfg), mw, m3::Precision::FP32);
+  const auto prompt = random_tokens(20, t.cfg.vocab_size, g);
+  constexpr int kSteps = 30, kDraft = 3;
+  m3::Model* mods[] = {&mod};
+  m3::MtpStats st;
+  const auto got = m3::generate_mtp(main, mods, prompt, kSteps, kDraft, &st);
+  EXPECT_EQ(got, std::vector<std::int32_t>(kSteps, 0));
+  EXPECT_EQ(got, m3::generate_greedy(main, prompt, kSteps));
+  EXPECT_EQ(st.accepted, st.drafted) << "every draft is the main model's own token";
+  // The first token comes from the prefill; each round then yields kDraft + 1 tokens (the last
+  // round fewer drafts, as only the tokens still wanted are drafted): ceil(29 / 4) = 8 rounds.
+  EXPECT_EQ(st.rounds, (kSteps - 1 + kDraft) / (kDraft + 1));
+  EXPECT_EQ(st.accepted, kSteps - 1 - (st.rounds - 1));
+}
+
+TEST(Mtp, GenerateRefusesBadArguments) {
+  auto g = m3::test::test_rng();
+  SCOPED_TRACE(m3::test::seed_note());
+  TinyMtp t(g());
+  m3::Model main(t.cfg, t.main, m3::Precision::FP32);
+  m3::Model mod(m3::mtp_module_config(t.cfg), t.mod, m3::Precision::FP32);
+  m3::Model mod64(m3::mtp_module_config(t.cfg), t.mod, m3::Precision::FP64);
+  const std::vector<std::int32_t> prompt{5, 6, 7};
+  m3::Model* ok[] = {&mod};
+  m3::Model* not_mtp[] = {&main};
+  m3::Model* other_precision[] = {&mod64};
+  EXPECT_THROW(m3::generate_mtp(main, {}, prompt, 4, 2), std::invalid_argument);
+  EXPECT_THROW(m3::generate_mtp(main, not_mtp, prompt, 4, 2), std::invalid_argument);
+  EXPECT_THROW(m3::generate_mtp(main, other_precision, prompt, 4, 2), std::invalid_argument);
+  EXPECT_THROW(m3::generate_mtp(main, ok, prompt, 4, 0), std::invalid_argument);
+  EXPECT_THROW(m3::generate_mtp(main, ok, prompt, -1, 2), std::invalid_argument);
+  EXPECT_TRUE(m3::generate_mtp(main, ok, prompt, 0, 2).empty());
 }

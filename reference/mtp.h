@@ -1,0 +1,47 @@
+// Greedy decoding with MTP drafts (spec §7): the modules propose k tokens, the main model checks
+// them in one forward and keeps the longest prefix it agrees with, plus its own next token. The
+// output is the main model's greedy sequence whatever the drafts are (a draft only saves main
+// forwards when it is right); acceptance measures the modules.
+//
+//   m3::Model main(cfg, w, p);
+//   m3::Model mtp0(m3::mtp_module_config(cfg), m3::generate_mtp_module(cfg, 0, seed, w), p);
+//   m3::Model* mods[] = {&mtp0};
+//   m3::MtpStats st;
+//   auto toks = m3::generate_mtp(main, mods, prompt, 64, 2, &st);   // == generate_greedy's tokens
+//
+// The schedule (our choice where spec §7 says only "module i for draft step i, mod count"):
+// with n tokens in the main cache, x_n its greedy next token and h_p the main model's hidden state
+// (the residual stream after its last layer) at position p,
+//   draft step 0 at position n-1 takes (x_n, h_{n-1});
+//   draft step j >= 1 at position n-1+j takes (d_j, the hidden state draft step j-1 returned);
+//   draft step j's token d_{j+1} is the greedy choice of module j mod count.
+// Every module processes every step's input, so each module's cache is contiguous in positions;
+// after the check, the module caches are cut back to the checked history and fed (x_{p+1}, h_p) for
+// the newly accepted positions, so drafts always start from the main model's own hidden states.
+#pragma once
+
+#include "reference/model.h"
+
+#include <cstdint>
+#include <span>
+#include <vector>
+
+namespace m3 {
+
+struct MtpStats {
+  int rounds = 0;               // draft-and-check rounds (= main forwards after the prefill)
+  std::int64_t drafted = 0;     // draft tokens proposed
+  std::int64_t accepted = 0;    // draft tokens the main model agreed with
+  std::vector<std::int64_t> accepted_at;  // [k]: rounds whose draft j was accepted (j = 0..k-1)
+};
+
+// Prefill `prompt` on `main`, then produce `steps` tokens with k >= 1 drafts a round from
+// `modules` (each a model of mtp_module_config(main.config()) with MTP input weights, one
+// precision with main). Returns the tokens, identical to generate_greedy(main, prompt, steps)
+// up to ties the batched check may break differently in the last bit. Throws std::invalid_argument
+// for no modules, a module that is not an MTP module's model, k < 1 or steps < 0.
+std::vector<std::int32_t> generate_mtp(Model& main, std::span<Model* const> modules,
+                                       std::span<const std::int32_t> prompt, int steps, int k,
+                                       MtpStats* stats = nullptr);
+
+}  // namespace m3
