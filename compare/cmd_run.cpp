@@ -6,6 +6,7 @@
 #include "datasets/checkpoint.h"
 #include "datasets/golden.h"
 #include "reference/model.h"
+#include "reference/mtp.h"
 #include "reference/rng.h"
 #if M3_HAVE_GPU
 #include "gpu/model.h"
@@ -38,8 +39,55 @@ struct RunArgs {
   std::uint64_t seed = 0;
   std::string out;
   std::string checkpoint;
+  int mtp = 0;          // draft tokens a round with MTP modules (0: plain greedy decode)
+  int mtp_modules = 0;  // modules to generate (0: the config's num_mtp_modules, at least 1)
   Format format = Format::TABLE;
 };
+
+// --mtp K: the decode steps drafted by seeded MTP modules and checked by the model (generate_mtp,
+// reference/mtp.h); prints the tokens (the same as plain greedy decode) and the acceptance.
+int run_mtp(const RunArgs& a, const ModelConfig& cfg0, Precision prec, const std::string& prec_name,
+            const std::vector<std::int32_t>& prompt) {
+  ModelConfig cfg = cfg0;
+  cfg.num_mtp_modules = a.mtp_modules > 0 ? a.mtp_modules : std::max(1, cfg0.num_mtp_modules);
+  const ModelWeights<float> w = generate_weights(cfg, a.seed);
+  Model main(cfg, w, prec);
+  const ModelConfig mc = mtp_module_config(cfg);
+  std::vector<Model> mods;
+  for (int i = 0; i < cfg.num_mtp_modules; ++i) mods.emplace_back(mc, generate_mtp_module(cfg, i, a.seed, w), prec);
+  std::vector<Model*> ptrs;
+  for (auto& m : mods) ptrs.push_back(&m);
+  MtpStats st;
+  const auto t0 = std::chrono::steady_clock::now();
+  const auto toks = generate_mtp(main, ptrs, prompt, a.decode, a.mtp, &st);
+  const double ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
+  const double rate = st.drafted > 0 ? static_cast<double>(st.accepted) / st.drafted : 0.0;
+  if (a.format == Format::JSON) {
+    nlohmann::json j;
+    j["command"] = command_line();
+    j["config"] = cfg.name;
+    j["precision"] = prec_name;
+    j["seed"] = a.seed;
+    j["prompt_tokens"] = prompt.size();
+    j["decode_steps"] = a.decode;
+    j["mtp"] = {{"modules", cfg.num_mtp_modules}, {"drafts_per_round", a.mtp}, {"rounds", st.rounds},
+                {"drafted", st.drafted}, {"accepted", st.accepted}, {"accepted_at", st.accepted_at},
+                {"acceptance", rate}};
+    j["ms"] = ms;
+    j["greedy_tokens"] = toks;
+    fmt::print("{}\n", j.dump(2));
+    return kExitOk;
+  }
+  fmt::print("# {}\n# {}\n", command_line(), cpu_description());
+  fmt::print("config {} ({} layers, H {}, V {}), precision {}, seed {}; {} MTP module(s), {} drafts a round\n", cfg.name,
+             cfg.num_hidden_layers, cfg.hidden_size, cfg.vocab_size, prec_name, a.seed, cfg.num_mtp_modules, a.mtp);
+  fmt::print("prefill + {} tokens in {:.1f} ms: {} checking forwards, {} of {} drafts accepted ({:.1f}%), by slot: {}\n",
+             a.decode, ms, st.rounds, st.accepted, st.drafted, 100 * rate, fmt::join(st.accepted_at, " "));
+  fmt::print("(seeded weights: the modules were never trained, so acceptance is chance; the tokens are the\n"
+             " model's greedy tokens, as without drafts)\n");
+  if (!toks.empty()) fmt::print("greedy tokens: {}\n", fmt::join(toks, " "));
+  return kExitOk;
+}
 
 std::uint64_t logits_hash(const MatD& l) {
   std::uint64_t h = fnv1a64("");
@@ -75,6 +123,13 @@ int run(const RunArgs& a) {
     throw std::out_of_range(fmt::format("prompt {} + decode {} tokens exceed max_position_embeddings = {}",
                                         prompt.size(), a.decode, cfg.max_position_embeddings));
 
+  if (a.mtp < 0) throw std::invalid_argument(fmt::format("--mtp {}: expected >= 1 draft tokens a round (0: off)", a.mtp));
+  if (a.mtp > 0) {
+    if (a.device != "cpu") throw std::invalid_argument("--mtp: MTP drafting runs on the CPU reference only (issue 7)");
+    if (ck) throw std::invalid_argument("--mtp: a checkpoint's MTP tensors are not imported yet; use a preset");
+    if (!a.out.empty()) throw std::invalid_argument("--mtp: --out is not written for drafted runs");
+    return run_mtp(a, cfg, prec, prec_name, prompt);
+  }
   using clock = std::chrono::steady_clock;
   auto ms = [](auto d) { return std::chrono::duration<double, std::milli>(d).count(); };
   const auto T = static_cast<std::int64_t>(prompt.size());
@@ -231,6 +286,13 @@ CLI::App* register_run(CLI::App& app, int* exit_code) {
   cmd->add_option("--out", args->out, "Write an HDF5 file in the golden layout (datasets/golden.h): prompt, /logits [T, V], "
                   "/decode/tokens and /decode/logits, and the prefill's trace under /trace/blk.{l}.<name>, "
                   "selection as [Hi, T, K_blk] int32 (-1 padded); float32, float64 in fp64 runs");
+  cmd->add_option("--mtp", args->mtp,
+                  "Draft this many tokens a round with MTP modules (spec §7) and check them with the model: the "
+                  "same greedy tokens, fewer model forwards when drafts are right; prints the acceptance (CPU, "
+                  "seeded weights)")
+      ->capture_default_str();
+  cmd->add_option("--mtp-modules", args->mtp_modules,
+                  "MTP modules to generate for --mtp (default: the config's num_mtp_modules, at least 1)");
   add_format_option(cmd, &args->format);
   cmd->callback([args, exit_code] { *exit_code = run(*args); });
   return cmd;

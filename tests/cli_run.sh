@@ -47,4 +47,15 @@ d=$("$m3h" run --checkpoint "$tmp/ck_official" --tokens 100 --decode 8 --format 
 rm "$tmp/ck_hf/"model-00002-of-00003.safetensors
 if "$m3h" run --checkpoint "$tmp/ck_hf" --tokens 4 >"$tmp/err" 2>&1; then echo "FAIL: missing shard accepted"; exit 1; fi
 grep -q "model-00002-of-00003" "$tmp/err" || { echo "FAIL: missing shard not named:"; cat "$tmp/err"; exit 1; }
+# --mtp: drafted decoding gives the plain greedy tokens (fp64), reports its acceptance, and refuses
+# what it does not do (a negative count, --out) with exit 2.
+p=$("$m3h" run --preset tiny --tokens 100 --decode 12 --precision fp64 --format json)
+m=$("$m3h" run --preset tiny --tokens 100 --decode 12 --precision fp64 --mtp 3 --mtp-modules 2 --format json)
+[ "$(field "$p" greedy_tokens)" = "$(field "$m" greedy_tokens)" ] || { echo "FAIL: --mtp changed the greedy tokens"; exit 1; }
+python3 -c "import json,sys; j=json.loads(sys.argv[1])['mtp']; assert j['modules']==2 and j['drafts_per_round']==3 and 0<=j['accepted']<=j['drafted'] and j['rounds']>=1, j" "$m" \
+  || { echo "FAIL: --mtp stats"; exit 1; }
+for bad in "--mtp -1" "--mtp 2 --out $tmp/x.h5"; do
+  set +e; "$m3h" run --preset tiny --tokens 10 --decode 2 $bad >"$tmp/o" 2>&1; code=$?; set -e
+  [ $code -eq 2 ] || { echo "FAIL: run $bad -> exit $code, want 2: $(cat "$tmp/o")"; exit 1; }
+done
 echo "cli_run: OK ($ha)"
