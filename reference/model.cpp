@@ -216,11 +216,16 @@ struct Forward {
 
   // h_in (an MTP module's model only): per sequence, the previous hidden states [T_s, H].
   // hidden_out (optional): per sequence, the residual stream after the last layer [T_s, H].
+  // x_in (optional): per sequence, the input rows [T_s, H] in place of the token embeddings.
   std::vector<MatD> run(const Batch& b, const std::vector<std::int32_t>& tokens, std::span<const MatD* const> h_in,
-                        std::vector<MatD>* hidden_out) {
+                        std::vector<MatD>* hidden_out, std::span<const MatD* const> x_in = {}) {
     const double eps = cfg.rms_norm_eps;
     Mat<T> h;  // [T, H] residual stream
-    if (w.mtp_in) {
+    if (!x_in.empty()) {
+      h.resize(static_cast<Eigen::Index>(tokens.size()), cfg.hidden_size);
+      for (std::size_t s = 0; s < b.caches.size(); ++s) h.middleRows(b.row0[s], b.rows[s]) = x_in[s]->template cast<T>();
+      rnd(h);  // the embedding table is bf16 in that mode: so are its rows and the features placed among them
+    } else if (w.mtp_in) {
       // Spec §7: x = eh_proj([enorm(Embed(next token)) ; hnorm(h_prev)]), the embedding zeroed at
       // position 0 (Gemma RMSNorm maps a zero row to zero, so before or after the norm is one).
       const MtpInputWeights<T>& m = *w.mtp_in;
@@ -376,6 +381,24 @@ std::vector<MatD> Model::forward(std::span<Sequence* const> seqs,
 std::vector<MatD> Model::forward(std::span<Sequence* const> seqs,
                                  std::span<const std::span<const std::int32_t>> tokens, const TraceFn& trace,
                                  std::span<const MatD* const> h_in, std::vector<MatD>* hidden_out) {
+  return forward_impl(seqs, tokens, trace, h_in, hidden_out, {});
+}
+
+MatD Model::prefill_embeds(Sequence& seq, std::span<const std::int32_t> tokens, const MatD& x, const TraceFn& trace) {
+  if (p_->mtp) throw std::invalid_argument("prefill_embeds: an MTP module's model takes forward with hidden states");
+  if (x.rows() != static_cast<Eigen::Index>(tokens.size()) || x.cols() != p_->cfg.hidden_size)
+    throw std::invalid_argument(fmt::format("prefill_embeds: input rows [{}, {}], expected [{}, {}] (tokens, hidden_size)",
+                                            x.rows(), x.cols(), tokens.size(), p_->cfg.hidden_size));
+  Sequence* s[] = {&seq};
+  std::span<const std::int32_t> t[] = {tokens};
+  const MatD* xi[] = {&x};
+  return std::move(forward_impl(s, t, trace, {}, nullptr, xi)[0]);
+}
+
+std::vector<MatD> Model::forward_impl(std::span<Sequence* const> seqs,
+                                      std::span<const std::span<const std::int32_t>> tokens, const TraceFn& trace,
+                                      std::span<const MatD* const> h_in, std::vector<MatD>* hidden_out,
+                                      std::span<const MatD* const> x_in) {
   const ModelConfig& c = p_->cfg;
   if (seqs.size() != tokens.size())
     throw std::invalid_argument(fmt::format("forward: {} sequences but {} token lists", seqs.size(), tokens.size()));
@@ -425,7 +448,7 @@ std::vector<MatD> Model::forward(std::span<Sequence* const> seqs,
       row += b.rows.back();
     }
     Forward<T> f{c, weights, p_->precision == Precision::BF16, p_->stats, trace, p_->opt.fp8_index_cache};
-    auto out = f.run(b, all, h_in, hidden_out);
+    auto out = f.run(b, all, h_in, hidden_out, x_in);
     for (std::size_t s = 0; s < seqs.size(); ++s) seqs[s]->s_->len += static_cast<std::int64_t>(tokens[s].size());
     return out;
   };

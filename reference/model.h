@@ -117,6 +117,10 @@ class Model {
                             std::span<const MatD* const> h_in, std::vector<MatD>* hidden_out);
 
   MatD prefill(Sequence& seq, std::span<const std::int32_t> tokens, const TraceFn& trace = {});
+  // A prefill from input rows x [T, H] instead of the token embeddings: a prompt with image features
+  // placed at its image-placeholder tokens (vision.h place_image_features). `tokens` (the same T ids)
+  // are validated as in forward. Not for an MTP module's model.
+  MatD prefill_embeds(Sequence& seq, std::span<const std::int32_t> tokens, const MatD& x, const TraceFn& trace = {});
   MatD decode(Sequence& seq, std::int32_t token, const TraceFn& trace = {});
 
   // Attention work since construction or the last reset_stats().
@@ -124,6 +128,9 @@ class Model {
   void reset_stats();
 
  private:
+  std::vector<MatD> forward_impl(std::span<Sequence* const> seqs, std::span<const std::span<const std::int32_t>> tokens,
+                                 const TraceFn& trace, std::span<const MatD* const> h_in, std::vector<MatD>* hidden_out,
+                                 std::span<const MatD* const> x_in);
   struct Impl;
   std::unique_ptr<Impl> p_;
 };

@@ -1,0 +1,122 @@
+// The vision part of M3 (spec §8), reference in fp64: an image becomes text-model input rows.
+//   pixels [C, Hpx, Wpx] (normalized), duplicated to temporal_patch frames
+//   -> patches of temporal_patch x patch x patch, in 2x2 merge-window order     [P, C*tp*p*p]
+//   -> Conv3d patch embedding (a linear map: stride = kernel, no bias)          [P, Hv]
+//   -> pre_layrnorm (LayerNorm), then `layers` pre-LN ViT blocks:
+//        x += out(attn(LN1(x)))   full (bidirectional) attention, qkv and out with biases,
+//                                 3-D RoPE over (t, h, w) on q and k
+//        x += fc2(GELU(fc1(LN2(x))))
+//      (no post-norm: the last hidden state is taken)                           [P, Hv]
+//   -> per-patch projector: proj2(GELU(proj1(x)))                               [P, H]
+//   -> 2x2 patch merger: the 4 patches of a window concatenated,
+//      merge2(GELU(merge1([y0 y1 y2 y3])))                                      [P/4, H]
+//   -> the rows replace the image-placeholder tokens' embeddings, in order.
+// Where spec §8 leaves a choice open, ours (to confirm against a released checkpoint):
+//   - 3-D RoPE: the first 3 * rope_dims of a head's dims rotated, rope_dims each for t, h, w (M3:
+//     26, 26, 26 of 80, vLLM's split; the last 2 pass through), NeoX pairs (i, i + rope_dims/2)
+//     inside each axis' section, angle = pos_axis * theta^(-2i/rope_dims);
+//   - GELU is the exact (erf) form; the projector and merger linears carry biases;
+//   - patch order: windows row-major, the 4 patches of a window row-major inside it; positions are
+//     each patch's own (t = 0, h, w) grid coordinates.
+#pragma once
+
+#include "reference/tensor.h"
+
+#include <array>
+#include <cstdint>
+#include <span>
+#include <utility>
+#include <string>
+#include <vector>
+
+namespace m3 {
+
+struct VisionConfig {
+  std::string name = "m3-vision";
+  int hidden = 1280;           // Hv
+  int layers = 32;
+  int heads = 16;
+  int head_dim = 80;
+  int mlp = 5120;
+  int channels = 3;
+  int patch = 14;              // pixels a patch side
+  int temporal_patch = 2;      // frames a patch (an image is duplicated to 2 frames)
+  int merge = 2;               // merge window side (2x2 patches -> one text token)
+  int rope_dims = 26;          // rotated dims a RoPE axis (3 axes)
+  double rope_theta = 1e4;
+  double ln_eps = 1e-5;
+  int max_image = 2016;        // pixels a side at most
+  int text_hidden = 6144;      // H of the text model the features feed
+  std::int32_t image_token_id = 200025;
+  // Throws std::invalid_argument naming the field when the fields do not fit together.
+  void validate() const;
+};
+
+// "m3" (spec §8), "small" (text H 512) and "tiny" (text H 64): the text preset of the same name.
+VisionConfig vision_preset(const std::string& text_preset);
+
+template <class T>
+struct VisionLayerWeights {
+  Vec<T> ln1_w, ln1_b;   // [Hv]
+  Mat<T> qkv;            // [3*Hv, Hv] (q rows, then k, then v)
+  Vec<T> qkv_b;          // [3*Hv]
+  Mat<T> out;            // [Hv, Hv]
+  Vec<T> out_b;          // [Hv]
+  Vec<T> ln2_w, ln2_b;   // [Hv]
+  Mat<T> fc1;            // [mlp, Hv]
+  Vec<T> fc1_b;          // [mlp]
+  Mat<T> fc2;            // [Hv, mlp]
+  Vec<T> fc2_b;          // [Hv]
+};
+
+template <class T>
+struct VisionWeights {
+  Mat<T> patch_embed;    // [Hv, C*tp*p*p] (Conv3d weight [Hv, C, tp, p, p] flattened)
+  Vec<T> pre_ln_w, pre_ln_b;  // [Hv]
+  std::vector<VisionLayerWeights<T>> layers;
+  Mat<T> proj1;          // [H, Hv]
+  Vec<T> proj1_b;        // [H]
+  Mat<T> proj2;          // [H, H]
+  Vec<T> proj2_b;        // [H]
+  Mat<T> merge1;         // [H, 4*H]
+  Vec<T> merge1_b;       // [H]
+  Mat<T> merge2;         // [H, H]
+  Vec<T> merge2_b;       // [H]
+};
+
+// Seeded weights (the generator of weights.h, names visual.* / multi_modal_projector.* /
+// patch_merge_mlp.*), scaled so activations stay O(1).
+VisionWeights<double> generate_vision_weights(const VisionConfig& vc, std::uint64_t seed);
+
+// A seeded synthetic image [C, Hpx, Wpx] in [-1, 1] (smooth gradients plus noise).
+MatD synthetic_image(const VisionConfig& vc, int height, int width, std::uint64_t seed);
+
+// Patch grid of an image: (rows, cols) of patches; Hpx and Wpx must be multiples of patch * merge
+// and at most max_image, else std::invalid_argument naming the size.
+struct PatchGrid {
+  int rows = 0, cols = 0;
+  int patches() const { return rows * cols; }
+  int tokens(int merge) const { return patches() / (merge * merge); }
+};
+PatchGrid patch_grid(const VisionConfig& vc, int height, int width);
+
+// The vision tower and projector: image [C, Hpx*Wpx] (channel rows, pixels row-major) with its
+// height and width -> features [tokens, H], one row a text token. `trace` (optional) receives
+// vis.patch_embed, vis.blk.{l}.out, vis.proj, vis.merged.
+struct VisionTrace {
+  std::vector<std::pair<std::string, MatD>> tensors;
+};
+MatD vision_forward(const VisionConfig& vc, const VisionWeights<double>& w, const MatD& image, int height, int width,
+                     VisionTrace* trace = nullptr);
+
+// The 3-D RoPE of the tower, in place: x [P, heads*head_dim], pos [P] = (t, h, w) a row.
+void vision_rope3d(MatD& x, int heads, int head_dim, int rope_dims, double theta,
+                   const std::vector<std::array<int, 3>>& pos);
+
+// Input rows of the text model: embeddings of `tokens` with the rows of image_token_id replaced,
+// in order, by `features` rows. Throws std::invalid_argument when the placeholder count differs
+// from features.rows() (naming both).
+MatD place_image_features(const MatD& embed_tokens, std::span<const std::int32_t> tokens, std::int32_t image_token_id,
+                          const MatD& features);
+
+}  // namespace m3
