@@ -5,9 +5,11 @@
 #include "compare/cli_common.h"
 #include "datasets/checkpoint.h"
 #include "datasets/golden.h"
+#include "datasets/ppm.h"
 #include "reference/model.h"
 #include "reference/mtp.h"
 #include "reference/rng.h"
+#include "reference/vision.h"
 #if M3_HAVE_GPU
 #include "gpu/model.h"
 #include "gpu/runtime/device.h"
@@ -18,11 +20,12 @@
 
 #include <algorithm>
 #include <chrono>
-#include <optional>
 #include <cstdio>
 #include <cstring>
 #include <fstream>
+#include <optional>
 #include <sstream>
+#include <type_traits>
 
 namespace m3::cli {
 
@@ -39,6 +42,7 @@ struct RunArgs {
   std::uint64_t seed = 0;
   std::string out;
   std::string checkpoint;
+  std::string image;    // "synthetic:HxW" or a PPM file: its features lead the prompt (CPU)
   int mtp = 0;          // draft tokens a round with MTP modules (0: plain greedy decode)
   int mtp_modules = 0;  // modules to generate (0: the config's num_mtp_modules, at least 1)
   Format format = Format::TABLE;
@@ -99,6 +103,12 @@ std::uint64_t logits_hash(const MatD& l) {
   return h;
 }
 
+// The prompt's token embeddings for place_image_features: the seeded table, as the model holds it
+// (fp32; the model rounds the input rows to its precision's storage).
+MatD model_embeddings(const ModelConfig& cfg, std::uint64_t seed) {
+  return generate_weights(cfg, seed).embed_tokens.cast<double>();
+}
+
 int run(const RunArgs& a) {
   // A checkpoint brings its own config and weights; otherwise the preset and the seeded generator.
   std::optional<Checkpoint> ck;
@@ -117,7 +127,39 @@ int run(const RunArgs& a) {
   }
   const std::string prec_name = !a.precision.empty() ? a.precision : a.device == "gpu" ? "bf16" : "fp32";
   const Precision prec = parse_precision(prec_name);
-  const auto prompt = load_tokens(a.tokens, cfg, a.seed);
+  auto prompt = load_tokens(a.tokens, cfg, a.seed);
+  // --image: the vision tower's rows replace image-placeholder tokens put before the prompt.
+  std::optional<MatD> image_feats;
+  std::string image_line;
+  if (!a.image.empty()) {
+    if (a.device != "cpu") throw std::invalid_argument("--image: the vision tower runs on the CPU reference only (issue 7)");
+    if (ck) throw std::invalid_argument("--image: a checkpoint's vision tensors are not imported yet; use a preset");
+    if (a.mtp > 0) throw std::invalid_argument("--image and --mtp together are not supported");
+    const VisionConfig vc = vision_preset(cfg.name);
+    int h = 0, w = 0;
+    MatD px;
+    if (a.image.rfind("synthetic:", 0) == 0) {
+      const std::string dims = a.image.substr(10);
+      const auto x = dims.find('x');
+      try {
+        if (x == std::string::npos) throw std::invalid_argument("no x");
+        h = std::stoi(dims.substr(0, x));
+        w = std::stoi(dims.substr(x + 1));
+      } catch (const std::exception&) {
+        throw std::invalid_argument(fmt::format("--image {}: expected synthetic:HxW (pixels, e.g. synthetic:32x48)", a.image));
+      }
+      px = synthetic_image(vc, h, w, a.seed);
+    } else {
+      PpmImage img = read_ppm(a.image, vc.max_image);
+      h = img.height, w = img.width, px = std::move(img.pixels);
+    }
+    const auto t0 = std::chrono::steady_clock::now();
+    image_feats = vision_forward(vc, generate_vision_weights(vc, a.seed), px, h, w);  // [N, H]
+    const double vms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
+    prompt.insert(prompt.begin(), static_cast<std::size_t>(image_feats->rows()), vc.image_token_id);
+    image_line = fmt::format("image {}x{} ({}) -> {} tokens (vision tower {}, {:.1f} ms), then {} text tokens", h, w,
+                             a.image, image_feats->rows(), vc.name, vms, prompt.size() - image_feats->rows());
+  }
   if (a.decode < 0) throw std::invalid_argument("--decode must be >= 0");
   if (static_cast<std::int64_t>(prompt.size()) + a.decode > cfg.max_position_embeddings)
     throw std::out_of_range(fmt::format("prompt {} + decode {} tokens exceed max_position_embeddings = {}",
@@ -138,7 +180,18 @@ int run(const RunArgs& a) {
   MatD all;
   // Prefill with the trace (when --out), then greedy steps; the same for both engines.
   auto drive = [&](auto& model, auto& seq) {
-    all = model.prefill(seq, prompt, a.out.empty() ? TraceFn{} : rec.fn());  // [T, V]
+    const TraceFn tf = a.out.empty() ? TraceFn{} : rec.fn();
+    if constexpr (std::is_same_v<std::decay_t<decltype(model)>, Model>) {
+      if (image_feats) {
+        const MatD x = place_image_features(model_embeddings(cfg, a.seed), prompt,
+                                            vision_preset(cfg.name).image_token_id, *image_feats);
+        all = model.prefill_embeds(seq, prompt, x, tf);  // [T, V]
+      } else {
+        all = model.prefill(seq, prompt, tf);  // [T, V]
+      }
+    } else {
+      all = model.prefill(seq, prompt, tf);  // [T, V]
+    }
     const auto t = clock::now();
     for (int i = 0; i < a.decode; ++i) {
       gen.push_back(greedy_token(all, all.rows() - 1));
@@ -217,6 +270,7 @@ int run(const RunArgs& a) {
     j["seed"] = a.seed;
     j["prompt_tokens"] = prompt.size();
     j["decode_steps"] = a.decode;
+    if (!image_line.empty()) j["image"] = {{"spec", a.image}, {"tokens", image_feats->rows()}, {"summary", image_line}};
     j["weights_ms"] = load_ms;
     j["prefill_ms"] = prefill_ms;
     j["decode_ms"] = decode_ms;
@@ -241,6 +295,7 @@ int run(const RunArgs& a) {
   fmt::print("# {}\n# {}\n", command_line(), device_line);
   fmt::print("config {} ({} layers, H {}, V {}), precision {}, seed {}\n", cfg.name, cfg.num_hidden_layers,
              cfg.hidden_size, cfg.vocab_size, prec_name, a.seed);
+  if (!image_line.empty()) fmt::print("{}\n", image_line);
   fmt::print("weights   {:10.1f} ms\n", load_ms);
   fmt::print("prefill   {:10.1f} ms  {:6d} tokens  {:10.1f} tok/s\n", prefill_ms, prompt.size(),
              prompt.size() / (prefill_ms / 1e3));
@@ -286,6 +341,11 @@ CLI::App* register_run(CLI::App& app, int* exit_code) {
   cmd->add_option("--out", args->out, "Write an HDF5 file in the golden layout (datasets/golden.h): prompt, /logits [T, V], "
                   "/decode/tokens and /decode/logits, and the prefill's trace under /trace/blk.{l}.<name>, "
                   "selection as [Hi, T, K_blk] int32 (-1 padded); float32, float64 in fp64 runs");
+  cmd->add_option("--image", args->image,
+                  "An image before the prompt (CPU): synthetic:HxW (a seeded picture) or a PPM file (P6/P3; convert "
+                  "PNGs with e.g. `convert in.png out.ppm`); its sides must be multiples of patch * 2 (tiny 8, small "
+                  "16, m3 28) within the preset's maximum; the vision tower's features replace as many image-"
+                  "placeholder tokens");
   cmd->add_option("--mtp", args->mtp,
                   "Draft this many tokens a round with MTP modules (spec §7) and check them with the model: the "
                   "same greedy tokens, fewer model forwards when drafts are right; prints the acceptance (CPU, "

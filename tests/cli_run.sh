@@ -58,4 +58,20 @@ for bad in "--mtp -1" "--mtp 2 --out $tmp/x.h5"; do
   set +e; "$m3h" run --preset tiny --tokens 10 --decode 2 $bad >"$tmp/o" 2>&1; code=$?; set -e
   [ $code -eq 2 ] || { echo "FAIL: run $bad -> exit $code, want 2: $(cat "$tmp/o")"; exit 1; }
 done
+# --image: a seeded picture or a PPM file leads the prompt; two runs agree, another image differs,
+# and a malformed file or a size the tower cannot patch is refused with exit 2.
+i1=$("$m3h" run --preset tiny --tokens 20 --decode 2 --image synthetic:16x24 --format json)
+i2=$("$m3h" run --preset tiny --tokens 20 --decode 2 --image synthetic:16x24 --format json)
+i3=$("$m3h" run --preset tiny --tokens 20 --decode 2 --image synthetic:24x16 --format json)
+[ "$(field "$i1" logits_fnv1a64)" = "$(field "$i2" logits_fnv1a64)" ] || { echo "FAIL: --image runs differ"; exit 1; }
+[ "$(field "$i1" logits_fnv1a64)" != "$(field "$i3" logits_fnv1a64)" ] || { echo "FAIL: another image, same logits"; exit 1; }
+[ "$(field "$i1" logits_rows)" = 28 ] || { echo "FAIL: 6 image + 20 text + 2 decode rows expected"; exit 1; }
+printf 'P6\n16 8\n255\n' >"$tmp/img.ppm"; head -c 384 /dev/urandom >>"$tmp/img.ppm"
+"$m3h" run --preset tiny --tokens 4 --image "$tmp/img.ppm" >"$tmp/o" 2>&1 || { echo "FAIL: a valid PPM: $(cat "$tmp/o")"; exit 1; }
+printf 'P6\n16 8\n255\nshort' >"$tmp/bad.ppm"
+for bad in "--image $tmp/bad.ppm" "--image synthetic:10x10" "--image synthetic:72x8" "--image $tmp/none.ppm"; do
+  set +e; "$m3h" run --preset tiny --tokens 4 $bad >"$tmp/o" 2>&1; code=$?; set -e
+  [ $code -eq 2 ] || { echo "FAIL: run $bad -> exit $code, want 2: $(cat "$tmp/o")"; exit 1; }
+  grep -q "m3h: error:" "$tmp/o" || { echo "FAIL: run $bad: no error line"; exit 1; }
+done
 echo "cli_run: OK ($ha)"
