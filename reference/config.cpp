@@ -173,7 +173,7 @@ ModelConfig preset(std::string_view name) {
     c.shared_intermediate_size = 256;
     c.num_local_experts = 16;
     c.num_experts_per_tok = 4;
-    c.num_mtp_modules = 0;
+    c.num_mtp_modules = 1;  // one MTP module (spec §7), for the draft-and-check path
     set_layer_types(c, 1);
   } else if (name == "tiny") {
     // Tiny everything; BLK 16 and top-4 so that selection matters past 64 tokens.
@@ -197,7 +197,7 @@ ModelConfig preset(std::string_view name) {
     c.shared_intermediate_size = 32;
     c.num_local_experts = 8;
     c.num_experts_per_tok = 2;
-    c.num_mtp_modules = 0;
+    c.num_mtp_modules = 1;  // one MTP module (spec §7), for the draft-and-check path
     set_layer_types(c, 1);
   } else {
     std::string known;
