@@ -163,6 +163,7 @@ std::vector<std::int64_t> scale_shape(std::vector<std::int64_t> s) {
 struct Check {
   LayoutNames names;
   std::vector<TensorSlot> slots;
+  int mtp_modules = 0;  // MTP modules 0..mtp_modules-1 found whole (their slots checked like the others)
   std::vector<std::string> missing, shape_errors, dtype_errors;
   std::set<std::string> used;  // slot tensors and the fp8 scales they use
   std::vector<std::string> unknown, ignored, fp8;
@@ -172,6 +173,16 @@ Check check(const Scan& s) {
   Check c;
   c.names = detect_layout(s);
   c.slots = layout_slots(s.config, c.names, nullptr);
+  // MTP modules: module i is loaded when any tensor under mtp.layers.{i}. exists, and then all of its
+  // tensors must (a module is never half loaded); modules must be 0..k-1 without a gap.
+  for (int i = 0; i < s.config.num_mtp_modules; ++i) {
+    const std::string p = fmt::format("mtp.layers.{}.", i);
+    bool any = false;
+    for (const auto& [name, src] : s.tensors) any = any || name.rfind(p, 0) == 0;
+    if (!any) break;
+    for (auto& slot : mtp_slots(s.config, i, c.names, nullptr)) c.slots.push_back(std::move(slot));
+    c.mtp_modules = i + 1;
+  }
   for (const auto& slot : c.slots) {
     const auto* src = s.find(slot.name);
     if (!src) {
@@ -279,9 +290,16 @@ Checkpoint load_checkpoint(const std::string& dir, std::uint64_t max_bytes) {
 
   Checkpoint ck;
   ck.weights = allocate_weights(s.config);
-  const auto bound = layout_slots(s.config, c.names, &ck.weights);  // same order as c.slots
+  const auto bound = layout_slots(s.config, c.names, &ck.weights);  // c.slots' first part, same order
   const std::set<std::string> fp8(c.fp8.begin(), c.fp8.end());
   for (const auto& slot : bound) read_slot(s, slot, fp8.count(slot.name) > 0);
+  for (int i = 0; i < c.mtp_modules; ++i) {
+    ModelWeights<float> m = allocate_mtp_module(s.config);
+    for (const auto& slot : mtp_slots(s.config, i, c.names, &m)) read_slot(s, slot, fp8.count(slot.name) > 0);
+    m.embed_tokens = ck.weights.embed_tokens;  // shared with the main model (spec §7)
+    m.lm_head = ck.weights.lm_head;
+    ck.mtp.push_back(std::move(m));
+  }
   ck.config = s.config;
   ck.names = c.names;
   ck.files = s.files;
@@ -315,6 +333,7 @@ std::string describe_checkpoint(const std::string& dir) {
   o += fmt::format("layout        {} (prefix '{}', LM head '{}')\n", layout_name(c.names.layout), c.names.prefix,
                    c.names.lm_head);
   o += fmt::format("tensors       {} in the files, {} required by the config\n", s.tensors.size(), c.slots.size());
+  o += fmt::format("mtp modules   {} of num_mtp_modules = {} in the files\n", c.mtp_modules, g.num_mtp_modules);
   o += fmt::format("parameters    {} in the files, {} implied by the config\n", params, weights_param_count(g));
   for (const auto& [d, nb] : hist) o += fmt::format("dtype {:<8} {} tensors, {} bytes\n", d, nb.first, nb.second);
   if (!c.fp8.empty()) o += fmt::format("fp8 weights   {} with 128x128 block scales\n", c.fp8.size());

@@ -17,6 +17,7 @@
 #include "reference/weights.h"
 
 #include <cstdint>
+#include <span>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -42,7 +43,10 @@ struct Checkpoint {
   LayoutNames names;                 // layout, body prefix, LM head name found
   std::vector<std::string> files;    // the safetensors files read, in index order
   std::vector<std::string> unknown_tensors;  // not part of the text model: reported, not loaded
-  std::vector<std::string> ignored_tensors;  // known but not used: mtp.*, vision tower / projector
+  std::vector<std::string> ignored_tensors;  // known but not used: vision tower / projector, MTP past num_mtp_modules
+  // MTP modules 0..k-1 found whole in the files (mtp_slots), as models of mtp_module_config(config)
+  // with the main model's embedding and LM head; a module partly present is an error.
+  std::vector<ModelWeights<float>> mtp;
   std::vector<std::string> fp8_tensors;      // loaded from F8_E4M3 with a _scale_inv tensor
 };
 
@@ -58,8 +62,9 @@ Checkpoint load_checkpoint(const std::string& dir, std::uint64_t max_bytes = std
 // in real checkpoints. Throws std::invalid_argument for weights that do not match cfg, a dtype or
 // a shard count (1 <= shards <= tensors) it cannot write; SafetensorsError when a file cannot be
 // written, std::filesystem::filesystem_error when the directory cannot be made.
+// `mtp` (optional): MTP modules 0..k-1 (k <= num_mtp_modules) written under mtp.layers.{i}.*.
 void save_checkpoint(const std::string& dir, const ModelConfig& cfg, const ModelWeights<float>& weights,
-                     Layout layout, Dtype dtype, int shards = 1);
+                     Layout layout, Dtype dtype, int shards = 1, std::span<const ModelWeights<float>> mtp = {});
 
 // The config.json text save_checkpoint writes for a layout (both parse back to cfg).
 std::string checkpoint_config_json(const ModelConfig& cfg, Layout layout);

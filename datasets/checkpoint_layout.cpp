@@ -114,13 +114,72 @@ class Slots {
   bool bind_;
 };
 
+// The tensors of one decoder layer named under prefix p (a main layer or an MTP module's).
+void layer_slots(Slots& s, const ModelConfig& c, const std::string& p, LayerWeights<float>& L, AttnType attn,
+                 MlpType mlp, bool hf, bool bound, int l) {
+  const std::int64_t H = c.hidden_size, D = c.head_dim, Hq = c.num_attention_heads, Hkv = c.num_key_value_heads;
+  const std::int64_t E = c.num_local_experts, I = c.intermediate_size, Is = c.shared_intermediate_size;
+  const std::int64_t Id = c.dense_intermediate_size, Hi = c.index_n_heads, Di = c.index_head_dim;
+  s.one(p + "input_layernorm.weight", &L.input_layernorm, H, 0);
+  s.one(p + "post_attention_layernorm.weight", &L.post_attention_layernorm, H, 0);
+  s.one(p + "self_attn.q_proj.weight", &L.attn.q_proj, Hq * D, H);
+  s.one(p + "self_attn.k_proj.weight", &L.attn.k_proj, Hkv * D, H);
+  s.one(p + "self_attn.v_proj.weight", &L.attn.v_proj, Hkv * D, H);
+  s.one(p + "self_attn.o_proj.weight", &L.attn.o_proj, H, Hq * D);
+  s.one(p + "self_attn.q_norm.weight", &L.attn.q_norm, D, 0);
+  s.one(p + "self_attn.k_norm.weight", &L.attn.k_norm, D, 0);
+  if (attn == AttnType::MSA) {
+    const std::string a = p + (hf ? "self_attn.indexer." : "self_attn.index_");
+    s.one(a + "q_proj.weight", &L.attn.index_q_proj, Hi * Di, H);
+    s.one(a + "k_proj.weight", &L.attn.index_k_proj, Di, H);
+    s.one(a + "q_norm.weight", &L.attn.index_q_norm, Di, 0);
+    s.one(a + "k_norm.weight", &L.attn.index_k_norm, Di, 0);
+  }
+  if (mlp == MlpType::DENSE) {
+    if (hf) {
+      s.gate_up(p + "mlp.gate_up_proj.weight", &L.mlp, Id, H);
+    } else {
+      s.one(p + "mlp.gate_proj.weight", &L.mlp.gate, Id, H);
+      s.one(p + "mlp.up_proj.weight", &L.mlp.up, Id, H);
+    }
+    s.one(p + "mlp.down_proj.weight", &L.mlp.down, H, Id);
+    return;
+  }
+  const std::string m = p + (hf ? "mlp." : "block_sparse_moe.");
+  s.one(m + "gate.weight", &L.router, E, H, false, true);
+  s.one(m + (hf ? "gate.e_score_correction_bias" : "e_score_correction_bias"), &L.router_bias, E, 0,
+        !c.use_routing_bias, true);
+  if (hf) {
+    s.experts(m + "experts.gate_up_proj", &L.experts, true, E, I, H);
+    s.experts(m + "experts.down_proj", &L.experts, false, E, I, H);
+  } else {
+    if (bound && static_cast<std::int64_t>(L.experts.size()) != E)
+      throw std::invalid_argument(
+          fmt::format("weights of layer {} have {} experts, expected num_local_experts = {}", l, L.experts.size(), E));
+    for (std::int64_t e = 0; e < E; ++e) {
+      ref::MlpWeights<float>* x = bound ? &L.experts[static_cast<std::size_t>(e)] : &L.shared;
+      const std::string q = fmt::format("{}experts.{}.", m, e);
+      s.one(q + "w1.weight", &x->gate, I, H);
+      s.one(q + "w3.weight", &x->up, I, H);
+      s.one(q + "w2.weight", &x->down, H, I);
+    }
+  }
+  if (c.n_shared_experts > 0) {
+    if (hf) {
+      s.gate_up(m + "shared_experts.gate_up_proj.weight", &L.shared, Is, H);
+    } else {
+      s.one(m + "shared_experts.gate_proj.weight", &L.shared.gate, Is, H);
+      s.one(m + "shared_experts.up_proj.weight", &L.shared.up, Is, H);
+    }
+    s.one(m + "shared_experts.down_proj.weight", &L.shared.down, H, Is);
+  }
+}
+
 }  // namespace
 
 std::vector<TensorSlot> layout_slots(const ModelConfig& c, const LayoutNames& nm, ModelWeights<float>* w) {
   c.validate();
-  const std::int64_t H = c.hidden_size, D = c.head_dim, Hq = c.num_attention_heads, Hkv = c.num_key_value_heads;
-  const std::int64_t E = c.num_local_experts, I = c.intermediate_size, Is = c.shared_intermediate_size;
-  const std::int64_t Id = c.dense_intermediate_size, Hi = c.index_n_heads, Di = c.index_head_dim;
+  const std::int64_t H = c.hidden_size;
   const bool hf = nm.layout == Layout::HF;
   if (w && static_cast<int>(w->layers.size()) != c.num_hidden_layers)
     throw std::invalid_argument(
@@ -135,63 +194,48 @@ std::vector<TensorSlot> layout_slots(const ModelConfig& c, const LayoutNames& nm
     auto& L = W.layers[static_cast<std::size_t>(l)];
     if (w && (L.attn_type != c.layer_types[l] || L.mlp_type != c.mlp_layer_types[l]))
       throw std::invalid_argument(fmt::format("weights of layer {} have other layer types than the config", l));
-    const std::string p = fmt::format("{}layers.{}.", nm.prefix, l);
-    s.one(p + "input_layernorm.weight", &L.input_layernorm, H, 0);
-    s.one(p + "post_attention_layernorm.weight", &L.post_attention_layernorm, H, 0);
-    s.one(p + "self_attn.q_proj.weight", &L.attn.q_proj, Hq * D, H);
-    s.one(p + "self_attn.k_proj.weight", &L.attn.k_proj, Hkv * D, H);
-    s.one(p + "self_attn.v_proj.weight", &L.attn.v_proj, Hkv * D, H);
-    s.one(p + "self_attn.o_proj.weight", &L.attn.o_proj, H, Hq * D);
-    s.one(p + "self_attn.q_norm.weight", &L.attn.q_norm, D, 0);
-    s.one(p + "self_attn.k_norm.weight", &L.attn.k_norm, D, 0);
-    if (c.layer_types[l] == AttnType::MSA) {
-      const std::string a = p + (hf ? "self_attn.indexer." : "self_attn.index_");
-      s.one(a + "q_proj.weight", &L.attn.index_q_proj, Hi * Di, H);
-      s.one(a + "k_proj.weight", &L.attn.index_k_proj, Di, H);
-      s.one(a + "q_norm.weight", &L.attn.index_q_norm, Di, 0);
-      s.one(a + "k_norm.weight", &L.attn.index_k_norm, Di, 0);
-    }
-    if (c.mlp_layer_types[l] == MlpType::DENSE) {
-      if (hf) {
-        s.gate_up(p + "mlp.gate_up_proj.weight", &L.mlp, Id, H);
-      } else {
-        s.one(p + "mlp.gate_proj.weight", &L.mlp.gate, Id, H);
-        s.one(p + "mlp.up_proj.weight", &L.mlp.up, Id, H);
-      }
-      s.one(p + "mlp.down_proj.weight", &L.mlp.down, H, Id);
-      continue;
-    }
-    const std::string m = p + (hf ? "mlp." : "block_sparse_moe.");
-    s.one(m + "gate.weight", &L.router, E, H, false, true);
-    s.one(m + (hf ? "gate.e_score_correction_bias" : "e_score_correction_bias"), &L.router_bias, E, 0,
-          !c.use_routing_bias, true);
-    if (hf) {
-      s.experts(m + "experts.gate_up_proj", &L.experts, true, E, I, H);
-      s.experts(m + "experts.down_proj", &L.experts, false, E, I, H);
-    } else {
-      if (w && static_cast<std::int64_t>(L.experts.size()) != E)
-        throw std::invalid_argument(
-            fmt::format("weights of layer {} have {} experts, expected num_local_experts = {}", l, L.experts.size(), E));
-      for (std::int64_t e = 0; e < E; ++e) {
-        ref::MlpWeights<float>* x = w ? &L.experts[static_cast<std::size_t>(e)] : &L.shared;
-        const std::string q = fmt::format("{}experts.{}.", m, e);
-        s.one(q + "w1.weight", &x->gate, I, H);
-        s.one(q + "w3.weight", &x->up, I, H);
-        s.one(q + "w2.weight", &x->down, H, I);
-      }
-    }
-    if (c.n_shared_experts > 0) {
-      if (hf) {
-        s.gate_up(m + "shared_experts.gate_up_proj.weight", &L.shared, Is, H);
-      } else {
-        s.one(m + "shared_experts.gate_proj.weight", &L.shared.gate, Is, H);
-        s.one(m + "shared_experts.up_proj.weight", &L.shared.up, Is, H);
-      }
-      s.one(m + "shared_experts.down_proj.weight", &L.shared.down, H, Is);
-    }
+    layer_slots(s, c, fmt::format("{}layers.{}.", nm.prefix, l), L, c.layer_types[l], c.mlp_layer_types[l], hf,
+                w != nullptr, l);
   }
   s.one(nm.prefix + "norm.weight", &W.norm, H, 0);
   s.one(nm.lm_head, &W.lm_head, c.vocab_size, H);
+  return std::move(s.out);
+}
+
+ModelWeights<float> allocate_mtp_module(const ModelConfig& cfg) {
+  ModelWeights<float> w = allocate_weights(mtp_module_config(cfg));
+  const int H = cfg.hidden_size;
+  MtpInputWeights<float> in;
+  in.enorm.resize(H);
+  in.hnorm.resize(H);
+  in.eh_proj.resize(H, 2 * H);
+  w.mtp_in = std::move(in);
+  return w;
+}
+
+std::vector<TensorSlot> mtp_slots(const ModelConfig& cfg, int i, const LayoutNames& nm, ModelWeights<float>* w) {
+  if (i < 0 || i >= cfg.num_mtp_modules)
+    throw std::invalid_argument(fmt::format("mtp_slots: module {} outside [0, {}) (num_mtp_modules of '{}')", i,
+                                            cfg.num_mtp_modules, cfg.name));
+  if (w && (w->layers.size() != 1 || !w->mtp_in))
+    throw std::invalid_argument(fmt::format("mtp_slots: module {}'s weights are not an MTP module's (one layer and "
+                                            "mtp_in, as generate_mtp_module or allocate_mtp_module make them)", i));
+  const ModelConfig mc = mtp_module_config(cfg);
+  const std::int64_t H = cfg.hidden_size;
+  ModelWeights<float> none;  // names-only: never dereferenced for data
+  none.layers.resize(1);
+  none.mtp_in.emplace();
+  ModelWeights<float>& W = w ? *w : none;
+  auto& L = W.layers[0];
+  if (w && (L.attn_type != AttnType::MSA || L.mlp_type != MlpType::MOE))
+    throw std::invalid_argument(fmt::format("mtp_slots: module {}'s layer is not MSA + MoE", i));
+  Slots s(w != nullptr);
+  const std::string p = fmt::format("mtp.layers.{}.", i);
+  s.one(p + "enorm.weight", &W.mtp_in->enorm, H, 0);
+  s.one(p + "hnorm.weight", &W.mtp_in->hnorm, H, 0);
+  s.one(p + "eh_proj.weight", &W.mtp_in->eh_proj, H, 2 * H);
+  layer_slots(s, mc, p, L, AttnType::MSA, MlpType::MOE, nm.layout == Layout::HF, w != nullptr, 0);
+  s.one(p + "final_layernorm.weight", &W.norm, H, 0);
   return std::move(s.out);
 }
 

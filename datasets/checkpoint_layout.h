@@ -53,4 +53,12 @@ ModelWeights<float> allocate_weights(const ModelConfig& cfg);
 // naming the tensor, expected and found shape); with nullptr only names and shapes are filled.
 std::vector<TensorSlot> layout_slots(const ModelConfig& cfg, const LayoutNames& names, ModelWeights<float>* w);
 
+// MTP module i of cfg (spec §7), names mtp.layers.{i}.*: enorm, hnorm, eh_proj, the decoder layer
+// (MSA + MoE, named as a main layer of the layout under that prefix), final_layernorm. The module's
+// embedding and LM head are the main model's, so they are not in the table. With `w` (a model of
+// mtp_module_config(cfg) with mtp_in: generate_mtp_module, allocate_mtp_module) the pieces point
+// into it. Throws std::invalid_argument for i outside [0, num_mtp_modules) or weights of another kind.
+std::vector<TensorSlot> mtp_slots(const ModelConfig& cfg, int i, const LayoutNames& names, ModelWeights<float>* w);
+ModelWeights<float> allocate_mtp_module(const ModelConfig& cfg);
+
 }  // namespace m3

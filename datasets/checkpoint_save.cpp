@@ -46,13 +46,20 @@ std::string checkpoint_config_json(const ModelConfig& cfg, Layout layout) {
 }
 
 void save_checkpoint(const std::string& dir, const ModelConfig& cfg, const ModelWeights<float>& weights,
-                     Layout layout, Dtype dtype, int shards) {
+                     Layout layout, Dtype dtype, int shards, std::span<const ModelWeights<float>> mtp) {
   if (dtype != Dtype::F32 && dtype != Dtype::BF16 && dtype != Dtype::F16)
     throw std::invalid_argument(
         fmt::format("save_checkpoint: dtype {} cannot be written, expected F32, BF16 or F16", dtype_name(dtype)));
   // The slot table only reads through its pointers when saving.
   auto& w = const_cast<ModelWeights<float>&>(weights);
-  const std::vector<TensorSlot> slots = layout_slots(cfg, LayoutNames{layout, "model.", "lm_head.weight"}, &w);
+  const LayoutNames names{layout, "model.", "lm_head.weight"};
+  std::vector<TensorSlot> slots = layout_slots(cfg, names, &w);
+  if (static_cast<int>(mtp.size()) > cfg.num_mtp_modules)
+    throw std::invalid_argument(fmt::format("save_checkpoint: {} MTP modules, the config '{}' has num_mtp_modules = {}",
+                                            mtp.size(), cfg.name, cfg.num_mtp_modules));
+  for (std::size_t i = 0; i < mtp.size(); ++i)
+    for (auto& slot : mtp_slots(cfg, static_cast<int>(i), names, const_cast<ModelWeights<float>*>(&mtp[i])))
+      slots.push_back(std::move(slot));
   if (shards < 1 || static_cast<std::size_t>(shards) > slots.size())
     throw std::invalid_argument(
         fmt::format("save_checkpoint: shards = {}, expected 1..{} (the number of tensors)", shards, slots.size()));

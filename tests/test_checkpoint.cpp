@@ -11,6 +11,7 @@
 #include <nlohmann/json.hpp>
 
 #include <cmath>
+#include <algorithm>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
@@ -317,14 +318,14 @@ TEST(Checkpoint, UnknownAndIgnoredTensorsAreListed) {
   TempDir d;
   save_tiny(d);
   edit(d, [](std::vector<RawTensor>& ts) {
-    ts.push_back({"mtp.layers.0.eh_proj.weight", Dtype::F32, {2}, Bytes(8)});
+    ts.push_back({"mtp.layers.1.eh_proj.weight", Dtype::F32, {2}, Bytes(8)});  // past tiny's one module
     ts.push_back({"vision_tower.blocks.0.attn.qkv.weight", Dtype::BF16, {2}, Bytes(4)});
     ts.push_back({"model.layers.0.self_attn.rotary.inv_freq", Dtype::F32, {1}, Bytes(4)});
     ts.push_back({"model.layers.0.mlp.gate_proj.weight_scale_inv", Dtype::F32, {1}, Bytes(4)});  // weight is F32
   });
   const auto ck = m3::load_checkpoint(d.str());
   EXPECT_EQ(ck.ignored_tensors,
-            (std::vector<std::string>{"mtp.layers.0.eh_proj.weight", "vision_tower.blocks.0.attn.qkv.weight"}));
+            (std::vector<std::string>{"mtp.layers.1.eh_proj.weight", "vision_tower.blocks.0.attn.qkv.weight"}));
   EXPECT_EQ(ck.unknown_tensors, (std::vector<std::string>{"model.layers.0.mlp.gate_proj.weight_scale_inv",
                                                           "model.layers.0.self_attn.rotary.inv_freq"}));
   const std::string s = m3::describe_checkpoint(d.str());
@@ -535,4 +536,47 @@ TEST(Checkpoint, DescribeSummarizes) {
                     std::to_string(m3::weights_param_count(tiny())) + " implied by the config");
   const std::string f = m3::describe_safetensors(d.file("model-00001-of-00002.safetensors"));
   EXPECT_HAS(f, "metadata      format = pt");
+}
+
+// MTP modules (spec §7) travel with the checkpoint: module 0 written under mtp.layers.0.* in both
+// layouts comes back bit for bit, with the main model's embedding and LM head; a module with one
+// tensor missing is refused naming it.
+TEST(Checkpoint, MtpModulesRoundTrip) {
+  const m3::ModelConfig cfg = tiny();
+  ASSERT_GE(cfg.num_mtp_modules, 1);
+  const auto w = tiny_weights();
+  const std::vector<m3::ModelWeights<float>> mods{m3::generate_mtp_module(cfg, 0, 11, w)};
+  for (Layout layout : {Layout::OFFICIAL, Layout::HF}) {
+    TempDir d;
+    m3::save_checkpoint(d.str(), cfg, w, layout, Dtype::F32, 2, mods);
+    const auto ck = m3::load_checkpoint(d.str());
+    ASSERT_EQ(ck.mtp.size(), 1u);
+    const auto& m = ck.mtp[0];
+    EXPECT_TRUE(m.mtp_in->eh_proj == mods[0].mtp_in->eh_proj);
+    EXPECT_TRUE(m.mtp_in->enorm == mods[0].mtp_in->enorm);
+    EXPECT_TRUE(m.norm == mods[0].norm);
+    EXPECT_TRUE(m.layers[0].attn.index_q_proj == mods[0].layers[0].attn.index_q_proj);
+    EXPECT_TRUE(m.layers[0].experts[3].down == mods[0].layers[0].experts[3].down);
+    EXPECT_TRUE(m.layers[0].shared.up == mods[0].layers[0].shared.up);
+    EXPECT_TRUE(m.embed_tokens == w.embed_tokens);
+    EXPECT_TRUE(ck.ignored_tensors.empty()) << ck.ignored_tensors[0];
+    EXPECT_HAS(m3::describe_checkpoint(d.str()), "mtp modules   1 of num_mtp_modules = 1");
+    m3::Model run(m3::mtp_module_config(cfg), m, m3::Precision::FP32);  // a usable module
+    EXPECT_TRUE(run.takes_hidden_states());
+  }
+  TempDir d;
+  m3::save_checkpoint(d.str(), cfg, w, Layout::OFFICIAL, Dtype::F32, 1, mods);
+  edit(d, [](std::vector<RawTensor>& ts) {
+    ts.erase(std::remove_if(ts.begin(), ts.end(), [](const RawTensor& t) { return t.name == "mtp.layers.0.hnorm.weight"; }),
+             ts.end());
+  });
+  try {
+    m3::load_checkpoint(d.str());
+    ADD_FAILURE() << "a half MTP module was accepted";
+  } catch (const m3::CheckpointError& e) {
+    EXPECT_HAS(std::string(e.what()), "mtp.layers.0.hnorm.weight");
+  }
+  EXPECT_THROW(m3::save_checkpoint(d.str(), cfg, w, Layout::OFFICIAL, Dtype::F32, 1,
+                                   std::vector<m3::ModelWeights<float>>{mods[0], mods[0]}),
+               std::invalid_argument);  // more modules than num_mtp_modules
 }
