@@ -103,12 +103,6 @@ std::uint64_t logits_hash(const MatD& l) {
   return h;
 }
 
-// The prompt's token embeddings for place_image_features: the seeded table, as the model holds it
-// (fp32; the model rounds the input rows to its precision's storage).
-MatD model_embeddings(const ModelConfig& cfg, std::uint64_t seed) {
-  return generate_weights(cfg, seed).embed_tokens.cast<double>();
-}
-
 int run(const RunArgs& a) {
   // A checkpoint brings its own config and weights; otherwise the preset and the seeded generator.
   std::optional<Checkpoint> ck;
@@ -129,12 +123,15 @@ int run(const RunArgs& a) {
   const Precision prec = parse_precision(prec_name);
   auto prompt = load_tokens(a.tokens, cfg, a.seed);
   // --image: the vision tower's rows replace image-placeholder tokens put before the prompt.
-  std::optional<MatD> image_feats;
+  std::optional<MatD> image_feats;  // [N, H] the tower's rows
+  std::optional<MatD> image_x;      // [T, H] the prompt's input rows with them in front
   std::string image_line;
   if (!a.image.empty()) {
     if (a.device != "cpu") throw std::invalid_argument("--image: the vision tower runs on the CPU reference only (issue 7)");
     if (ck) throw std::invalid_argument("--image: a checkpoint's vision tensors are not imported yet; use a preset");
     if (a.mtp > 0) throw std::invalid_argument("--image and --mtp together are not supported");
+    // A golden file stores tokens, from which --check would rebuild a run without the image.
+    if (!a.out.empty()) throw std::invalid_argument("--image: --out is not written for image runs (goldens carry no image yet)");
     const VisionConfig vc = vision_preset(cfg.name);
     int h = 0, w = 0;
     MatD px;
@@ -143,8 +140,10 @@ int run(const RunArgs& a) {
       const auto x = dims.find('x');
       try {
         if (x == std::string::npos) throw std::invalid_argument("no x");
-        h = std::stoi(dims.substr(0, x));
-        w = std::stoi(dims.substr(x + 1));
+        std::size_t used_h = 0, used_w = 0;
+        h = std::stoi(dims.substr(0, x), &used_h);
+        w = std::stoi(dims.substr(x + 1), &used_w);
+        if (used_h != x || used_w != dims.size() - x - 1) throw std::invalid_argument("trailing text");
       } catch (const std::exception&) {
         throw std::invalid_argument(fmt::format("--image {}: expected synthetic:HxW (pixels, e.g. synthetic:32x48)", a.image));
       }
@@ -166,6 +165,8 @@ int run(const RunArgs& a) {
                                         prompt.size(), a.decode, cfg.max_position_embeddings));
 
   if (a.mtp < 0) throw std::invalid_argument(fmt::format("--mtp {}: expected >= 1 draft tokens a round (0: off)", a.mtp));
+  if (a.mtp_modules < 0 || (a.mtp_modules > 0 && a.mtp == 0))
+    throw std::invalid_argument(fmt::format("--mtp-modules {}: expected >= 1, and only with --mtp", a.mtp_modules));
   if (a.mtp > 0) {
     if (a.device != "cpu") throw std::invalid_argument("--mtp: MTP drafting runs on the CPU reference only (issue 7)");
     if (ck) throw std::invalid_argument("--mtp: a checkpoint's MTP tensors are not imported yet; use a preset");
@@ -182,10 +183,8 @@ int run(const RunArgs& a) {
   auto drive = [&](auto& model, auto& seq) {
     const TraceFn tf = a.out.empty() ? TraceFn{} : rec.fn();
     if constexpr (std::is_same_v<std::decay_t<decltype(model)>, Model>) {
-      if (image_feats) {
-        const MatD x = place_image_features(model_embeddings(cfg, a.seed), prompt,
-                                            vision_preset(cfg.name).image_token_id, *image_feats);
-        all = model.prefill_embeds(seq, prompt, x, tf);  // [T, V]
+      if (image_x) {
+        all = model.prefill_embeds(seq, prompt, *image_x, tf);  // [T, V]
       } else {
         all = model.prefill(seq, prompt, tf);  // [T, V]
       }
@@ -206,8 +205,18 @@ int run(const RunArgs& a) {
   std::string device_line = cpu_description();
   if (a.device == "cpu") {
     auto t0 = clock::now();
-    Model model(cfg, ck ? ck->weights : generate_weights(cfg, a.seed), prec);
-    if (ck) ck.reset();  // the model holds its own converted copy
+    ModelWeights<float> w = ck ? std::move(ck->weights) : generate_weights(cfg, a.seed);
+    if (image_feats) {
+      // The image's rows go at the positions of the placeholders put before the prompt (0..N-1), the
+      // text's own ids keep their embeddings, even an id equal to the placeholder's.
+      MatD x(static_cast<Eigen::Index>(prompt.size()), cfg.hidden_size);  // [T, H]
+      for (std::size_t i = 0; i < prompt.size(); ++i) x.row(static_cast<Eigen::Index>(i)) = w.embed_tokens.row(prompt[i]).cast<double>();
+      x.topRows(image_feats->rows()) = *image_feats;
+      image_x = std::move(x);
+    }
+    Model model(cfg, w, prec);
+    w = ModelWeights<float>{};  // the model holds its own converted copy
+    if (ck) ck.reset();
     auto t1 = clock::now();
     Sequence seq = model.new_sequence();
     auto t2 = drive(model, seq);

@@ -442,10 +442,21 @@ ModelComparison compare_runs(const ModelConfig& cfg, const ModelWeights<float>& 
       // Tensors with a row per prompt token (the trace covers the prefill; the block scores are
       // head-major [Hi*T, NB], token rows only when Hi = 1, which keep_rows then handles right).
       const bool token_rows = r.rows() == T && it_t->second.rows() == T && it_f->second.rows() == T;
-      TensorCheck tc = token_rows ? check_float(name, keep_rows(it_t->second, flipped), keep_rows(r, flipped),
-                                                keep_rows(it_f->second, flipped))
-                                  : check_float(name, it_t->second, r, it_f->second);
-      tc.rows_excluded = token_rows ? std::count(flipped.begin(), flipped.begin() + T, 1) : 0;
+      // Head-major block scores [Hi*T, NB]: row h*T + t is token t's, left out with it (a token
+      // flipped earlier has other hidden states, so other scores, from then on).
+      const Eigen::Index Hi = cfg.index_n_heads;
+      const bool head_rows = !token_rows && op == "block_scores" && r.rows() == Hi * T &&
+                             it_t->second.rows() == r.rows() && it_f->second.rows() == r.rows();
+      std::vector<char> head_flipped;  // [Hi*T]
+      if (head_rows)
+        for (Eigen::Index h = 0; h < Hi; ++h) head_flipped.insert(head_flipped.end(), flipped.begin(), flipped.begin() + T);
+      const std::vector<char>& drop = head_rows ? head_flipped : flipped;
+      TensorCheck tc = token_rows || head_rows
+                           ? check_float(name, keep_rows(it_t->second, drop), keep_rows(r, drop), keep_rows(it_f->second, drop))
+                           : check_float(name, it_t->second, r, it_f->second);
+      tc.rows_excluded = token_rows  ? std::count(flipped.begin(), flipped.begin() + T, 1)
+                         : head_rows ? std::count(head_flipped.begin(), head_flipped.end(), 1)
+                                     : 0;
       // The flipped tokens' rows (this layer's and earlier layers'): the engine's rows against the
       // reference op re-run on the engine's own input (its gated ffn_norm) with its own experts and
       // weights, so that only the kernel differs; the emulation rule alone (the fp64 truth chose

@@ -361,6 +361,22 @@ Model& Model::operator=(Model&&) noexcept = default;
 const ModelConfig& Model::config() const { return p_->cfg; }
 Precision Model::precision() const { return p_->precision; }
 bool Model::takes_hidden_states() const { return p_->mtp; }
+
+MatD Model::final_norm(const MatD& h) const {
+  if (h.cols() != p_->cfg.hidden_size)
+    throw std::invalid_argument(fmt::format("final_norm: [{}, {}], expected {} columns", h.rows(), h.cols(),
+                                            p_->cfg.hidden_size));
+  const bool bf16 = p_->precision == Precision::BF16;
+  return std::visit(
+      [&](const auto& w) -> MatD {
+        using T = typename std::decay_t<decltype(w.norm)>::Scalar;
+        Mat<T> x = h.cast<T>(), y;  // [T, H]
+        ref::rms_norm(x, w.norm, p_->cfg.rms_norm_eps, y);
+        if (bf16) round_bf16_inplace(y);
+        return y.template cast<double>();
+      },
+      p_->w);
+}
 const ForwardStats& Model::stats() const { return p_->stats; }
 void Model::reset_stats() { p_->stats = {}; }
 

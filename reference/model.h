@@ -93,6 +93,9 @@ class Model {
   Precision precision() const;
   // True for an MTP module's model (weights with mtp_in): forward needs previous hidden states.
   bool takes_hidden_states() const;
+  // The final norm of this model applied to hidden states h [T, H] (hidden_out rows), in the
+  // model's precision (bf16: the result rounded to bf16): what the LM head reads.
+  MatD final_norm(const MatD& h) const;
 
   Sequence new_sequence() const;
 

@@ -58,7 +58,10 @@ std::vector<std::int32_t> generate_mtp(Model& main, std::span<Model* const> modu
   std::int64_t fed = 0;  // the module caches hold positions [0, fed), each (x_{p+1}, h_p)
 
   std::vector<std::int32_t> out;
-  if (steps == 0) return out;
+  if (steps == 0) {
+    if (stats) *stats = std::move(st);
+    return out;
+  }
   for (;;) {
     out.push_back(pending);
     if (static_cast<int>(out.size()) >= steps) break;
@@ -77,7 +80,7 @@ std::vector<std::int32_t> generate_mtp(Model& main, std::span<Model* const> modu
     // Draft step 0: the modules catch up on positions fed .. n-1 (x_{p+1}, h_p; x_n = pending).
     std::vector<std::int32_t> feed;
     for (std::int64_t p = fed; p < n; ++p) feed.push_back(p + 1 < n ? hist[static_cast<std::size_t>(p + 1)] : pending);
-    const MatD hfeed = hm.middleRows(fed, n - fed);  // [n - fed, H]
+    const MatD hfeed = main.final_norm(hm.middleRows(fed, n - fed));  // [n - fed, H] after the final norm
     std::vector<std::int32_t> d;                    // d_1 .. d_kk
     MatD hprev;                                     // [1, H] the last draft step's hidden state
     for (int j = 0; j < kk; ++j) {
@@ -108,6 +111,7 @@ std::vector<std::int32_t> generate_mtp(Model& main, std::span<Model* const> modu
     while (a < kk && greedy_token(lg, a) == d[static_cast<std::size_t>(a)]) ++a;
     st.drafted += kk;
     st.accepted += a;
+    st.drafts.push_back(d);
     for (int j = 0; j < a; ++j) ++st.accepted_at[static_cast<std::size_t>(j)];
     // Keep x_n, d_1 .. d_a; forget the rest in the main cache and every draft entry in the modules.
     ms.truncate(n + a + 1);

@@ -11,7 +11,9 @@
 //
 // The schedule (our choice where spec §7 says only "module i for draft step i, mod count"):
 // with n tokens in the main cache, x_n its greedy next token and h_p the main model's hidden state
-// (the residual stream after its last layer) at position p,
+// at position p AFTER its final norm (what vLLM's speculative decoding hands an MTP module: the
+// target model's forward output; not verified against M3's own code), and a module's hidden state
+// the residual stream after its layer (before its final norm, as vLLM's DeepSeek MTP layer returns),
 //   draft step 0 at position n-1 takes (x_n, h_{n-1});
 //   draft step j >= 1 at position n-1+j takes (d_j, the hidden state draft step j-1 returned);
 //   draft step j's token d_{j+1} is the greedy choice of module j mod count.
@@ -33,6 +35,7 @@ struct MtpStats {
   std::int64_t drafted = 0;     // draft tokens proposed
   std::int64_t accepted = 0;    // draft tokens the main model agreed with
   std::vector<std::int64_t> accepted_at;  // [k]: rounds whose draft j was accepted (j = 0..k-1)
+  std::vector<std::vector<std::int32_t>> drafts;  // per drafting round, its draft tokens d_1..d_kk
 };
 
 // Prefill `prompt` on `main`, then produce `steps` tokens with k >= 1 drafts a round from

@@ -290,6 +290,14 @@ struct FlippedSelection {
     // The token's layer outputs move by O(1), as a different block makes them (the inputs the
     // re-runs read, q, k, v, ffn_norm, stay the engine's own and consistent).
     for (int l = 1; l < r.cfg.num_hidden_layers; ++l) bad.trace.at("blk." + std::to_string(l) + ".out").row(t0).array() += 1.0f;
+    // Its block scores in the later MSA layers move too (head-major rows h*T + t0), by a constant
+    // a row so that each row's ranking, hence the engine's own selection, stays as traced.
+    for (int l = 2; l < r.cfg.num_hidden_layers; ++l) {
+      m3::MatF& bs = bad.trace.at("blk." + std::to_string(l) + ".block_scores");  // [Hi*T, NB]
+      for (int h = 0; h < Hi; ++h)
+        for (Eigen::Index c = 0; c < bs.cols(); ++c)
+          if (std::isfinite(bs(h * T + t0, c))) bs(h * T + t0, c) += 0.5f;
+    }
     std::mt19937_64 g(static_cast<std::uint64_t>(t0));
     bad.logits.row(t0).array() += m3::test::randn<double>(1, bad.logits.cols(), g).row(0).array();
   }
@@ -310,6 +318,9 @@ TEST(ModelCompare, AcceptedSelectionFlipIsReRunAndItsTokenLeftOut) {
   EXPECT_GE(ao->rows_rerun, 1);
   EXPECT_TRUE(ao->pass()) << (ao->failures.empty() ? "" : ao->failures[0]);
   EXPECT_GE(out->rows_excluded, 1);
+  const auto* bs = find(mc, "blk.2.block_scores");
+  ASSERT_NE(bs, nullptr);
+  EXPECT_GE(bs->rows_excluded, r.cfg.index_n_heads) << "the token's head-major score rows are left out";
   EXPECT_GE(mc.e2e.rows_flipped, 1);
   for (const auto& fl : mc.failures) ADD_FAILURE() << fl;
   for (const auto& t : mc.tensors)

@@ -253,7 +253,7 @@ TEST(Mtp, DraftAndCheckKeepsTheGreedyTokens) {
       const auto got = m3::generate_mtp(main, std::span<m3::Model* const>(mods, count), prompt, kSteps, k, &st);
       EXPECT_EQ(got, want);
       EXPECT_LE(st.accepted, st.drafted);
-      EXPECT_GE(1 + st.rounds + st.accepted, kSteps) << "a round yields its accepted drafts + one token";
+      EXPECT_EQ(1 + st.rounds + st.accepted, kSteps) << "a round yields its accepted drafts + one token";
       EXPECT_LE(st.rounds, kSteps - 1);
       ASSERT_EQ(st.accepted_at.size(), static_cast<std::size_t>(k));
       for (int j = 0; j + 1 < k; ++j) EXPECT_GE(st.accepted_at[j], st.accepted_at[j + 1]) << "draft j+1 needs draft j";
@@ -305,4 +305,54 @@ TEST(Mtp, GenerateRefusesBadArguments) {
   EXPECT_THROW(m3::generate_mtp(main, ok, prompt, 4, 0), std::invalid_argument);
   EXPECT_THROW(m3::generate_mtp(main, ok, prompt, -1, 2), std::invalid_argument);
   EXPECT_TRUE(m3::generate_mtp(main, ok, prompt, 0, 2).empty());
+}
+
+// The schedule of mtp.h, step by step against direct forwards: round 0's first draft is module 0
+// on positions 0..n-1 fed (x_{p+1}, final_norm(h_p)) with x_n the main model's greedy token; its
+// second draft is module (1 mod count) one position on, fed (d_1, the first step's hidden state).
+TEST(Mtp, DraftsFollowTheDocumentedSchedule) {
+  auto g = m3::test::test_rng();
+  SCOPED_TRACE(m3::test::seed_note());
+  TinyMtp t(g());
+  const auto prompt = random_tokens(30, t.cfg.vocab_size, g);
+  const auto n = static_cast<Eigen::Index>(prompt.size());
+  m3::Model main(t.cfg, t.main, m3::Precision::FP64);
+  const m3::ModelConfig mc = m3::mtp_module_config(t.cfg);
+  m3::Model m0(mc, m3::generate_mtp_module(t.cfg, 0, 5, t.main), m3::Precision::FP64);
+  m3::Model m1(mc, t.mod, m3::Precision::FP64);
+  m3::Model* mods[] = {&m0, &m1};
+  m3::MtpStats st;
+  m3::generate_mtp(main, mods, prompt, 6, 2, &st);
+  ASSERT_FALSE(st.drafts.empty());
+  ASSERT_EQ(st.drafts[0].size(), 2u);
+
+  m3::Sequence ms = main.new_sequence();
+  m3::Sequence* mseqs[] = {&ms};
+  std::span<const std::int32_t> mt[] = {prompt};
+  std::vector<MatD> hid;
+  const MatD lg = main.forward(mseqs, mt, {}, {}, &hid)[0];
+  const std::int32_t xn = m3::greedy_token(lg, n - 1);
+  std::vector<std::int32_t> feed(prompt.begin() + 1, prompt.end());
+  feed.push_back(xn);
+  const MatD h0 = main.final_norm(hid[0]);  // [n, H]
+  auto run = [&](m3::Model& m, m3::Sequence& s, std::span<const std::int32_t> tok, const MatD& h, MatD& hout) {
+    m3::Sequence* seqs[] = {&s};
+    std::span<const std::int32_t> toks[] = {tok};
+    const MatD* hin[] = {&h};
+    std::vector<MatD> ho;
+    MatD l = m.forward(seqs, toks, {}, hin, &ho)[0];
+    hout = ho[0];
+    return l;
+  };
+  // Every module is fed every step (mtp.h); the owner of step j is module j mod 2.
+  m3::Sequence s0 = m0.new_sequence(), s1 = m1.new_sequence();
+  MatD h_a, h_b;
+  const MatD l0 = run(m0, s0, feed, h0, h_a);
+  run(m1, s1, feed, h0, h_b);
+  const std::int32_t d1 = m3::greedy_token(l0, n - 1);
+  EXPECT_EQ(st.drafts[0][0], d1);
+  const MatD hprev = h_a.bottomRows(1);
+  MatD unused;
+  const MatD l1 = run(m1, s1, std::span<const std::int32_t>(&d1, 1), hprev, unused);
+  EXPECT_EQ(st.drafts[0][1], m3::greedy_token(l1, 0));
 }

@@ -20,9 +20,10 @@
 // 8-row groups 1024 bytes apart (SBO); the k-step of 16 dims is + 32 bytes, + one half for 4-7.
 //
 // Synchronization: mbarriers. full[s] (1 arrival + the TMA's bytes) says stage s is loaded;
-// empty[s] (128 arrivals per active consumer warpgroup) says it may be overwritten. Tile j uses
-// stage j % kStages at phase (j / kStages) & 1; the producer waits the empties at the opposite
-// parity, which a fresh barrier reports as completed.
+// empty[s] (128 arrivals per active consumer warpgroup) says it may be overwritten. Tile j of the
+// CTA's range [j_begin, j_end) uses stage (j - j_begin) % kStages at phase ((j - j_begin) / kStages)
+// & 1; the producer waits the empties at the opposite parity, which a fresh barrier reports as
+// completed.
 #include "gpu/kernels/sm90_msa_index.h"
 
 #include "gpu/kernels/sm90_util.cuh"

@@ -133,8 +133,9 @@ TEST(Sm90MsaIndex, AwkwardChunks_M3Heads) {
   run_case({300, 1000, 2049});
 }
 
-// Few query tiles against many blocks: the launcher splits the blocks over CTAs (132 SMs: 2, 4, 17
-// and 31 splits below), the last range ending inside an 8-block group.
+// Few query tiles against many blocks: the launcher splits the blocks over CTAs (on 132 SMs: 2, 4,
+// 7 and 2 splits below; LongContext_LateChunk makes 17 and 31), the last range ending inside an
+// 8-block group.
 TEST(Sm90MsaIndex, KeySplits_ShortChunkLongCache) {
   M3_REQUIRE_SM90();
   run_case({100, 9000, 9300});
