@@ -11,7 +11,10 @@ namespace m3 {
 
 struct PpmImage {
   int height = 0, width = 0;
-  MatD pixels;  // [3, height*width] RGB in [-1, 1] (sample / maxval * 2 - 1), pixels row-major
+  // [3, height*width] RGB in [-1, 1] (sample / maxval * 2 - 1), pixels row-major. The release's
+  // processor would resize and apply CLIP's per-channel mean / std instead; the harness feeds the
+  // tower this plain scaling (a seeded tower has no trained statistics to match).
+  MatD pixels;
 };
 
 // Reads a PPM file. Throws std::runtime_error naming the file and what is wrong (no such file, not

@@ -157,19 +157,21 @@ void vision_rope3d(MatD& x, int heads, int hd, int rd, double theta, const std::
                                             "{}: expected cols = heads * head_dim, a position a row, even rope_dims "
                                             "with 3 * rope_dims <= head_dim",
                                             x.rows(), x.cols(), pos.size(), heads, hd, rd));
-  const int half = rd / 2;
+  // The 3*rd rotated dims of a head: frequencies [t: rd/2 | h: rd/2 | w: rd/2] in the first half,
+  // repeated in the second; rotate_half pairs dim i with i + 3*rd/2 (vision.h).
+  const int per_axis = rd / 2, half = 3 * per_axis;
   for (Eigen::Index r = 0; r < x.rows(); ++r)
-    for (int h = 0; h < heads; ++h)
-      for (int a = 0; a < 3; ++a) {
-        const int s = h * hd + a * rd;
-        for (int i = 0; i < half; ++i) {
-          const double ang = pos[static_cast<std::size_t>(r)][a] * std::pow(theta, -2.0 * i / rd);
-          const double c = std::cos(ang), sn = std::sin(ang);
-          const double x1 = x(r, s + i), x2 = x(r, s + i + half);
-          x(r, s + i) = x1 * c - x2 * sn;
-          x(r, s + i + half) = x2 * c + x1 * sn;
-        }
+    for (int h = 0; h < heads; ++h) {
+      const int s = h * hd;
+      for (int i = 0; i < half; ++i) {
+        const int a = i / per_axis, j = i % per_axis;
+        const double ang = pos[static_cast<std::size_t>(r)][a] * std::pow(theta, -2.0 * j / rd);
+        const double c = std::cos(ang), sn = std::sin(ang);
+        const double x1 = x(r, s + i), x2 = x(r, s + i + half);
+        x(r, s + i) = x1 * c - x2 * sn;
+        x(r, s + i + half) = x2 * c + x1 * sn;
       }
+    }
 }
 
 

@@ -12,9 +12,10 @@
 //      merge2(GELU(merge1([y0 y1 y2 y3])))                                      [P/4, H]
 //   -> the rows replace the image-placeholder tokens' embeddings, in order.
 // Where spec §8 leaves a choice open, ours (to confirm against a released checkpoint):
-//   - 3-D RoPE: the first 3 * rope_dims of a head's dims rotated, rope_dims each for t, h, w (M3:
-//     26, 26, 26 of 80, vLLM's split; the last 2 pass through), NeoX pairs (i, i + rope_dims/2)
-//     inside each axis' section, angle = pos_axis * theta^(-2i/rope_dims);
+//   - 3-D RoPE: the first 3 * rope_dims of a head's dims rotated (M3: 78 of 80, vLLM's 26 an axis;
+//     the last 2 pass through), as Qwen2-VL-style vision RoPE does: the angles of the first half
+//     are [t: rope_dims/2 | h: rope_dims/2 | w: rope_dims/2] with pos_axis * theta^(-2j/rope_dims),
+//     repeated in the second half, and rotate_half pairs dim i with i + 3*rope_dims/2;
 //   - GELU is the exact (erf) form; the projector and merger linears carry biases;
 //   - patch order: windows row-major, the 4 patches of a window row-major inside it; positions are
 //     each patch's own (t = 0, h, w) grid coordinates.
