@@ -11,6 +11,7 @@ namespace m3::cli {
 namespace {
 
 struct ExportArgs {
+  bool mtp = false;
   std::string preset = "tiny";
   std::uint64_t seed = 0;
   std::string out;
@@ -23,9 +24,13 @@ int run_export(const ExportArgs& a) {
   const ModelConfig cfg = resolve_config(a.preset);
   const auto dtype = parse_dtype(a.dtype);
   if (!dtype) throw std::invalid_argument(fmt::format("--dtype {}: expected F32, BF16 or F16", a.dtype));
-  save_checkpoint(a.out, cfg, generate_weights(cfg, a.seed), parse_layout(a.layout), *dtype, a.shards);
-  fmt::print("wrote {}: config {}, seed {}, layout {}, {} in {} file(s)\n", a.out, cfg.name, a.seed, a.layout,
-             a.dtype, a.shards);
+  const ModelWeights<float> w = generate_weights(cfg, a.seed);
+  std::vector<ModelWeights<float>> mtp;  // --mtp: the config's MTP modules, seeded as m3h run --mtp makes them
+  if (a.mtp)
+    for (int i = 0; i < cfg.num_mtp_modules; ++i) mtp.push_back(generate_mtp_module(cfg, i, a.seed, w));
+  save_checkpoint(a.out, cfg, w, parse_layout(a.layout), *dtype, a.shards, mtp);
+  fmt::print("wrote {}: config {}, seed {}, layout {}, {} in {} file(s), {} MTP module(s)\n", a.out, cfg.name, a.seed,
+             a.layout, a.dtype, a.shards, mtp.size());
   return kExitOk;
 }
 
@@ -45,6 +50,7 @@ CLI::App* register_export(CLI::App& app, int* exit_code) {
   cmd->add_option("--dtype", args->dtype, "Tensor dtype: F32, BF16 or F16 (the router stays F32)")
       ->check(CLI::IsMember({"F32", "BF16", "F16"}))
       ->capture_default_str();
+  cmd->add_flag("--mtp", args->mtp, "Also write the config's MTP modules (mtp.layers.{i}.*, seeded)");
   cmd->add_option("--shards", args->shards, "Number of safetensors files (> 1 writes model.safetensors.index.json)")
       ->check(CLI::PositiveNumber)
       ->capture_default_str();

@@ -23,6 +23,7 @@
 #include <cstdio>
 #include <cstring>
 #include <fstream>
+#include <iterator>
 #include <optional>
 #include <sstream>
 #include <type_traits>
@@ -50,15 +51,34 @@ struct RunArgs {
 
 // --mtp K: the decode steps drafted by seeded MTP modules and checked by the model (generate_mtp,
 // reference/mtp.h); prints the tokens (the same as plain greedy decode) and the acceptance.
+// With a checkpoint, its MTP modules (Checkpoint::mtp, all of them or the first --mtp-modules);
+// otherwise seeded ones.
 int run_mtp(const RunArgs& a, const ModelConfig& cfg0, Precision prec, const std::string& prec_name,
-            const std::vector<std::int32_t>& prompt) {
+            const std::vector<std::int32_t>& prompt, std::optional<Checkpoint>& ck) {
   ModelConfig cfg = cfg0;
-  cfg.num_mtp_modules = a.mtp_modules > 0 ? a.mtp_modules : std::max(1, cfg0.num_mtp_modules);
-  const ModelWeights<float> w = generate_weights(cfg, a.seed);
-  Model main(cfg, w, prec);
+  std::vector<ModelWeights<float>> mw;  // the modules' weights
+  std::optional<Model> main_model;
+  if (ck) {
+    if (ck->mtp.empty())
+      throw std::invalid_argument(fmt::format("--mtp: the checkpoint has no MTP modules (mtp.layers.{{i}}.*; its config "
+                                              "says num_mtp_modules = {})", cfg.num_mtp_modules));
+    const int k = a.mtp_modules > 0 ? a.mtp_modules : static_cast<int>(ck->mtp.size());
+    if (k > static_cast<int>(ck->mtp.size()))
+      throw std::invalid_argument(fmt::format("--mtp-modules {}: the checkpoint has {} MTP modules", k, ck->mtp.size()));
+    mw.assign(std::make_move_iterator(ck->mtp.begin()), std::make_move_iterator(ck->mtp.begin() + k));
+    main_model.emplace(cfg, ck->weights, prec);
+    ck.reset();
+  } else {
+    cfg.num_mtp_modules = a.mtp_modules > 0 ? a.mtp_modules : std::max(1, cfg0.num_mtp_modules);
+    const ModelWeights<float> w = generate_weights(cfg, a.seed);
+    for (int i = 0; i < cfg.num_mtp_modules; ++i) mw.push_back(generate_mtp_module(cfg, i, a.seed, w));
+    main_model.emplace(cfg, w, prec);
+  }
+  Model& main = *main_model;
   const ModelConfig mc = mtp_module_config(cfg);
   std::vector<Model> mods;
-  for (int i = 0; i < cfg.num_mtp_modules; ++i) mods.emplace_back(mc, generate_mtp_module(cfg, i, a.seed, w), prec);
+  for (auto& m : mw) mods.emplace_back(mc, m, prec);
+  cfg.num_mtp_modules = static_cast<int>(mods.size());  // what the printout reports
   std::vector<Model*> ptrs;
   for (auto& m : mods) ptrs.push_back(&m);
   MtpStats st;
@@ -169,9 +189,8 @@ int run(const RunArgs& a) {
     throw std::invalid_argument(fmt::format("--mtp-modules {}: expected >= 1, and only with --mtp", a.mtp_modules));
   if (a.mtp > 0) {
     if (a.device != "cpu") throw std::invalid_argument("--mtp: MTP drafting runs on the CPU reference only (issue 7)");
-    if (ck) throw std::invalid_argument("--mtp: a checkpoint's MTP tensors are not imported yet; use a preset");
     if (!a.out.empty()) throw std::invalid_argument("--mtp: --out is not written for drafted runs");
-    return run_mtp(a, cfg, prec, prec_name, prompt);
+    return run_mtp(a, cfg, prec, prec_name, prompt, ck);
   }
   using clock = std::chrono::steady_clock;
   auto ms = [](auto d) { return std::chrono::duration<double, std::milli>(d).count(); };
@@ -361,7 +380,8 @@ CLI::App* register_run(CLI::App& app, int* exit_code) {
                   "seeded weights)")
       ->capture_default_str();
   cmd->add_option("--mtp-modules", args->mtp_modules,
-                  "MTP modules to generate for --mtp (default: the config's num_mtp_modules, at least 1)");
+                  "MTP modules for --mtp: the first M of the checkpoint's, or M seeded ones (default: all the "
+                  "checkpoint's, or the config's num_mtp_modules, at least 1)");
   add_format_option(cmd, &args->format);
   cmd->callback([args, exit_code] { *exit_code = run(*args); });
   return cmd;

@@ -58,6 +58,16 @@ for bad in "--mtp -1" "--mtp 2 --out $tmp/x.h5"; do
   set +e; "$m3h" run --preset tiny --tokens 10 --decode 2 $bad >"$tmp/o" 2>&1; code=$?; set -e
   [ $code -eq 2 ] || { echo "FAIL: run $bad -> exit $code, want 2: $(cat "$tmp/o")"; exit 1; }
 done
+# A checkpoint written with its MTP modules (export --mtp) drafts as the seeded preset does: the same
+# tokens and the same acceptance; a checkpoint without them is refused for --mtp.
+"$m3h" export --preset tiny --seed 3 --out "$tmp/ck" --mtp >/dev/null
+"$m3h" export --preset tiny --seed 3 --out "$tmp/ck0" >/dev/null
+mtp_of() { python3 -c "import json,sys; j=json.loads(sys.argv[1]); print(j['mtp'], j['greedy_tokens'])" "$1"; }
+c1=$("$m3h" run --checkpoint "$tmp/ck" --seed 3 --tokens 60 --decode 10 --mtp 2 --precision fp64 --format json)
+c2=$("$m3h" run --preset tiny --seed 3 --tokens 60 --decode 10 --mtp 2 --precision fp64 --format json)
+[ "$(mtp_of "$c1")" = "$(mtp_of "$c2")" ] || { echo "FAIL: checkpoint MTP differs: $(mtp_of "$c1") vs $(mtp_of "$c2")"; exit 1; }
+set +e; "$m3h" run --checkpoint "$tmp/ck0" --tokens 10 --decode 2 --mtp 2 >"$tmp/o" 2>&1; code=$?; set -e
+[ $code -eq 2 ] && grep -q "no MTP modules" "$tmp/o" || { echo "FAIL: --mtp on a checkpoint without modules: $code $(cat "$tmp/o")"; exit 1; }
 # --image: a seeded picture or a PPM file leads the prompt; two runs agree, another image differs,
 # and a malformed file or a size the tower cannot patch is refused with exit 2.
 i1=$("$m3h" run --preset tiny --tokens 20 --decode 2 --image synthetic:16x24 --format json)
