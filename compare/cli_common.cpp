@@ -2,6 +2,7 @@
 #include "compare/cli_common.h"
 
 #include "datasets/hdf5.h"
+#include "datasets/ppm.h"
 #include "reference/rng.h"
 
 #include <fmt/format.h>
@@ -38,6 +39,29 @@ void set_command_line(int argc, char** argv) {
     bool quote = a.empty() || a.find_first_of(" \t\"'$") != std::string::npos;
     g_command_line += quote ? "'" + a + "'" : a;
   }
+}
+
+CliImage load_image(const std::string& spec, const VisionConfig& vc, std::uint64_t seed) {
+  CliImage im;
+  if (spec.rfind("synthetic:", 0) == 0) {
+    const std::string dims = spec.substr(10);
+    const auto x = dims.find('x');
+    try {
+      if (x == std::string::npos) throw std::invalid_argument("no x");
+      std::size_t used_h = 0, used_w = 0;
+      im.height = std::stoi(dims.substr(0, x), &used_h);
+      im.width = std::stoi(dims.substr(x + 1), &used_w);
+      if (used_h != x || used_w != dims.size() - x - 1) throw std::invalid_argument("trailing text");
+    } catch (const std::exception&) {
+      throw std::invalid_argument(fmt::format("--image {}: expected synthetic:HxW (pixels, e.g. synthetic:32x48)", spec));
+    }
+    im.pixels = synthetic_image(vc, im.height, im.width, seed);
+  } else {
+    PpmImage p = read_ppm(spec, vc.max_image);
+    im.height = p.height, im.width = p.width, im.pixels = std::move(p.pixels);
+    patch_grid(vc, im.height, im.width);  // the size check, before any tower work
+  }
+  return im;
 }
 
 std::uint64_t host_memory_bytes() {

@@ -5,6 +5,8 @@
 #include <CLI/CLI.hpp>
 
 #include "reference/config.h"
+#include "reference/tensor.h"
+#include "reference/vision.h"
 
 #include <cstdint>
 #include <string>
@@ -30,6 +32,15 @@ std::string cpu_description();
 
 // Physical memory of this machine in bytes (sysconf), 0 where it cannot be read.
 std::uint64_t host_memory_bytes();
+
+// An image from `--image`: "synthetic:HxW" (a seeded picture of the vision part vc) or a PPM file
+// (datasets/ppm.h); pixels [C, H*W]. Throws std::invalid_argument / std::runtime_error naming the
+// spec and what is wrong (std::invalid_argument for a size the tower cannot patch).
+struct CliImage {
+  MatD pixels;
+  int height = 0, width = 0;
+};
+CliImage load_image(const std::string& spec, const VisionConfig& vc, std::uint64_t seed);
 
 // A prompt from `--tokens`: a count N (N ids drawn from the seed, the same on every machine), a
 // text file of whitespace-separated ids, or FILE.h5:/dataset (an int32/int64 vector). Every id is

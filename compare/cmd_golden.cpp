@@ -17,6 +17,8 @@ struct GoldenArgs {
   std::string storage = "float64";
   std::uint64_t seed = 0;
   std::int64_t max_rows = 256;
+  std::string image;  // --image: placeholders + the tower's rows before the prompt
+  int mtp = 0;        // --mtp K: the drafts of the config's seeded MTP modules over the decode steps
   std::string out;
   std::string check;
 };
@@ -31,14 +33,25 @@ int write(const GoldenArgs& a) {
   if (a.out.empty()) throw std::invalid_argument("golden: --out FILE is required (or --check FILE)");
   const ModelConfig cfg = resolve_config(a.preset);
   const Precision prec = parse_precision(a.precision);
-  const auto tokens = load_tokens(a.tokens, cfg, a.seed);
+  auto tokens = load_tokens(a.tokens, cfg, a.seed);
+  GoldenExtras ex;
+  CliImage im;
+  if (a.mtp < 0) throw std::invalid_argument(fmt::format("--mtp {}: expected >= 1 (0: off)", a.mtp));
+  ex.mtp_k = a.mtp;
+  if (!a.image.empty()) {
+    const VisionConfig vc = vision_preset(cfg.name);
+    im = load_image(a.image, vc, a.seed);
+    ex.image = &im.pixels, ex.image_h = im.height, ex.image_w = im.width;
+    const auto n = patch_grid(vc, im.height, im.width).tokens(vc.merge);
+    tokens.insert(tokens.begin(), static_cast<std::size_t>(n), vc.image_token_id);
+  }
   if (a.decode < 0) throw std::invalid_argument("--decode must be >= 0");
   if (static_cast<std::int64_t>(tokens.size()) + a.decode > cfg.max_position_embeddings)
     throw std::out_of_range(fmt::format("prompt {} + decode {} tokens exceed max_position_embeddings = {}",
                                         tokens.size(), a.decode, cfg.max_position_embeddings));
   const auto T = static_cast<std::int64_t>(tokens.size());
   const auto rows = sample_rows(T, cfg.index_block_size, cfg.index_topk_blocks, a.max_rows, a.seed);
-  GoldenRun g = make_golden(cfg, a.seed, prec, tokens, a.decode, rows, generate_weights(cfg, a.seed));
+  GoldenRun g = make_golden(cfg, a.seed, prec, tokens, a.decode, rows, generate_weights(cfg, a.seed), ex);
   g.generator = command_line();
   g.store_f64 = a.storage == "float64";
   write_golden(a.out, g);
@@ -49,9 +62,13 @@ int write(const GoldenArgs& a) {
 
 int check(const GoldenArgs& a) {
   const GoldenRun stored = read_golden(a.check);
+  GoldenExtras ex;
+  if (stored.image.size() > 0) ex.image = &stored.image, ex.image_h = static_cast<int>(stored.image_h),
+                               ex.image_w = static_cast<int>(stored.image_w);
+  ex.mtp_k = stored.mtp_k;
   const GoldenRun got = make_golden(stored.config, stored.seed, stored.precision, stored.tokens,
                                     static_cast<int>(stored.decode_tokens.size()), stored.rows,
-                                    generate_weights(stored.config, stored.seed));
+                                    generate_weights(stored.config, stored.seed), ex);
   const double tol = golden_tolerance(stored.store_f64);
   const std::string diff = first_difference(got, stored, tol);
   fmt::print("# {}\n# {}\n", command_line(), cpu_description());
@@ -89,6 +106,13 @@ CLI::App* register_golden(CLI::App& app, int* exit_code) {
       ->check(CLI::Range(std::int64_t{1}, std::int64_t{1} << 40))
       ->capture_default_str();
   cmd->add_option("--seed", args->seed, "Seed of the weights and of a drawn prompt")->capture_default_str();
+  cmd->add_option("--image", args->image,
+                  "Also an image before the prompt: synthetic:HxW or a PPM file (schema 2: /inputs/image, "
+                  "/vision/features)");
+  cmd->add_option("--mtp", args->mtp,
+                  "Also the MTP drafts, K a round, of the config's seeded MTP modules over the decode steps "
+                  "(schema 2: /mtp/drafts)")
+      ->capture_default_str();
   cmd->add_option("--out", args->out, "Golden file to write");
   cmd->add_option("--check", args->check, "Golden file to recompute and compare instead of writing one");
   cmd->callback([args, exit_code] { *exit_code = args->check.empty() ? write(*args) : check(*args); });

@@ -5,7 +5,6 @@
 #include "compare/cli_common.h"
 #include "datasets/checkpoint.h"
 #include "datasets/golden.h"
-#include "datasets/ppm.h"
 #include "reference/model.h"
 #include "reference/mtp.h"
 #include "reference/rng.h"
@@ -153,25 +152,9 @@ int run(const RunArgs& a) {
     // A golden file stores tokens, from which --check would rebuild a run without the image.
     if (!a.out.empty()) throw std::invalid_argument("--image: --out is not written for image runs (goldens carry no image yet)");
     const VisionConfig vc = vision_preset(cfg.name);
-    int h = 0, w = 0;
-    MatD px;
-    if (a.image.rfind("synthetic:", 0) == 0) {
-      const std::string dims = a.image.substr(10);
-      const auto x = dims.find('x');
-      try {
-        if (x == std::string::npos) throw std::invalid_argument("no x");
-        std::size_t used_h = 0, used_w = 0;
-        h = std::stoi(dims.substr(0, x), &used_h);
-        w = std::stoi(dims.substr(x + 1), &used_w);
-        if (used_h != x || used_w != dims.size() - x - 1) throw std::invalid_argument("trailing text");
-      } catch (const std::exception&) {
-        throw std::invalid_argument(fmt::format("--image {}: expected synthetic:HxW (pixels, e.g. synthetic:32x48)", a.image));
-      }
-      px = synthetic_image(vc, h, w, a.seed);
-    } else {
-      PpmImage img = read_ppm(a.image, vc.max_image);
-      h = img.height, w = img.width, px = std::move(img.pixels);
-    }
+    CliImage im = load_image(a.image, vc, a.seed);
+    const int h = im.height, w = im.width;
+    const MatD px = std::move(im.pixels);
     const auto t0 = std::chrono::steady_clock::now();
     image_feats = vision_forward(vc, generate_vision_weights(vc, a.seed), px, h, w);  // [N, H]
     const double vms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();

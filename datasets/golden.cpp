@@ -3,7 +3,9 @@
 
 #include "datasets/hdf5.h"
 #include "m3_git_commit.h"
+#include "reference/mtp.h"
 #include "reference/rng.h"
+#include "reference/vision.h"
 
 #include <fmt/format.h>
 
@@ -63,7 +65,8 @@ TraceFn TraceRecorder::fn() {
 }
 
 GoldenRun make_golden(const ModelConfig& cfg, std::uint64_t seed, Precision p, const std::vector<std::int32_t>& tokens,
-                      int decode_steps, const std::vector<std::int64_t>& rows, const ModelWeights<float>& weights) {
+                      int decode_steps, const std::vector<std::int64_t>& rows, const ModelWeights<float>& weights,
+                      const GoldenExtras& extras) {
   GoldenRun g;
   g.seed = seed;
   g.config = cfg;
@@ -73,7 +76,25 @@ GoldenRun make_golden(const ModelConfig& cfg, std::uint64_t seed, Precision p, c
   Model model(cfg, weights, p);
   Sequence seq = model.new_sequence();
   TraceRecorder rec(static_cast<std::int64_t>(tokens.size()), rows);
-  MatD logits = model.prefill(seq, tokens, rec.fn());  // [T, V]
+  MatD logits;  // [T, V]
+  if (extras.image) {
+    const VisionConfig vc = vision_preset(cfg.name);
+    g.image = *extras.image;
+    g.image_h = extras.image_h, g.image_w = extras.image_w;
+    g.vision_features = vision_forward(vc, generate_vision_weights(vc, seed), g.image, extras.image_h, extras.image_w);
+    const Eigen::Index N = g.vision_features.rows();
+    if (static_cast<Eigen::Index>(tokens.size()) < N ||
+        std::any_of(tokens.begin(), tokens.begin() + N, [&](std::int32_t t) { return t != vc.image_token_id; }))
+      throw std::invalid_argument(fmt::format("make_golden: the image gives {} rows, so tokens 0..{} must be the image "
+                                              "placeholder {}",
+                                              N, N - 1, vc.image_token_id));
+    MatD x(static_cast<Eigen::Index>(tokens.size()), cfg.hidden_size);  // [T, H]
+    for (std::size_t i = 0; i < tokens.size(); ++i) x.row(static_cast<Eigen::Index>(i)) = weights.embed_tokens.row(tokens[i]).cast<double>();
+    x.topRows(N) = g.vision_features;
+    logits = model.prefill_embeds(seq, tokens, x, rec.fn());
+  } else {
+    logits = model.prefill(seq, tokens, rec.fn());
+  }
   g.trace = rec.tensors();
   g.logits.resize(static_cast<Eigen::Index>(rows.size()), logits.cols());
   for (std::size_t i = 0; i < rows.size(); ++i) g.logits.row(i) = logits.row(rows[i]);
@@ -83,6 +104,25 @@ GoldenRun make_golden(const ModelConfig& cfg, std::uint64_t seed, Precision p, c
     g.decode_tokens.push_back(greedy_token(last, 0));
     last = model.decode(seq, g.decode_tokens.back());
     g.decode_logits.row(i) = last.row(0);
+  }
+  if (extras.mtp_k > 0) {
+    if (extras.image) throw std::invalid_argument("make_golden: an image and MTP drafts together are not supported");
+    if (cfg.num_mtp_modules < 1)
+      throw std::invalid_argument(fmt::format("make_golden: MTP drafts need MTP modules; '{}' has num_mtp_modules = 0",
+                                              cfg.name));
+    g.mtp_k = extras.mtp_k;
+    Model main(cfg, weights, p);
+    std::vector<Model> mods;
+    for (int i = 0; i < cfg.num_mtp_modules; ++i)
+      mods.emplace_back(mtp_module_config(cfg), generate_mtp_module(cfg, i, seed, weights), p);
+    std::vector<Model*> ptrs;
+    for (auto& m : mods) ptrs.push_back(&m);
+    MtpStats st;
+    const auto toks = generate_mtp(main, ptrs, tokens, decode_steps, extras.mtp_k, &st);
+    if (toks != g.decode_tokens)
+      throw std::runtime_error("make_golden: drafted decoding gave other tokens than greedy decoding (a tie broken "
+                               "differently by the batched check)");
+    g.mtp_drafts = st.drafts;
   }
   return g;
 }
@@ -104,7 +144,7 @@ void write_values(h5::File& f, const std::string& path, const std::vector<double
 void write_golden(const std::string& path, const GoldenRun& g) {
   auto f = h5::File::create(path);
   f.set_attr("/", "format", std::string(kGoldenFormat));
-  f.set_attr("/", "schema_version", kGoldenSchemaVersion);
+  f.set_attr("/", "schema_version", g.has_extras() ? kGoldenSchemaVersionExtras : kGoldenSchemaVersion);
   f.set_attr("/", "generator", g.generator);
   f.set_attr("/", "git_commit", std::string(build_git_commit()));
   f.set_attr("/", "seed", static_cast<std::int64_t>(g.seed));
@@ -128,6 +168,25 @@ void write_golden(const std::string& path, const GoldenRun& g) {
   const std::array<std::int64_t, 1> nk{static_cast<std::int64_t>(g.decode_tokens.size())};
   f.write("/decode/tokens", g.decode_tokens.data(), nk);
   write_mat("/decode/logits", g.decode_logits);
+  if (g.image.size() > 0) {
+    const std::array<std::int64_t, 2> di{g.image.rows(), g.image.cols()};
+    f.write("/inputs/image", g.image.data(), di);
+    f.set_attr("/", "image_height", g.image_h);
+    f.set_attr("/", "image_width", g.image_w);
+    write_mat("/vision/features", g.vision_features);
+  }
+  if (g.mtp_k > 0) {
+    std::vector<std::int32_t> flat;
+    std::vector<std::int64_t> sizes;
+    for (const auto& d : g.mtp_drafts) {
+      flat.insert(flat.end(), d.begin(), d.end());
+      sizes.push_back(static_cast<std::int64_t>(d.size()));
+    }
+    const std::array<std::int64_t, 1> nf{static_cast<std::int64_t>(flat.size())}, ns{static_cast<std::int64_t>(sizes.size())};
+    f.write("/mtp/drafts", flat.data(), nf);
+    f.write("/mtp/round_sizes", sizes.data(), ns);
+    f.set_attr("/", "mtp_k", static_cast<std::int64_t>(g.mtp_k));
+  }
 }
 
 }  // namespace m3
@@ -196,8 +255,9 @@ GoldenRun read_golden(const std::string& path) {
   if (f.has_attr("/", "generator"))
     hint = fmt::format("HINT: regenerate it with: {}", f.attr_string("/", "generator"));
   const std::int64_t version = f.has_attr("/", "schema_version") ? f.attr_int("/", "schema_version") : -1;
-  if (version != kGoldenSchemaVersion)
-    throw fail(fmt::format("schema_version {} is not the supported {}", version, kGoldenSchemaVersion));
+  if (version != kGoldenSchemaVersion && version != kGoldenSchemaVersionExtras)
+    throw fail(fmt::format("schema_version {} is not one of the supported {} and {}", version, kGoldenSchemaVersion,
+                           kGoldenSchemaVersionExtras));
 
   GoldenRun g;
   try {
@@ -261,6 +321,38 @@ GoldenRun read_golden(const std::string& path) {
   check("/decode/tokens", nk, h5::DType::I32);
   g.decode_tokens = f.read<std::int32_t>("/decode/tokens");
   g.decode_logits = read_mat("/decode/logits", nk[0]);
+  if (version == kGoldenSchemaVersionExtras) {
+    if (f.exists("/inputs/image")) {
+      const auto di = f.shape("/inputs/image");
+      if (di.size() != 2) throw fail("dataset '/inputs/image' is not a matrix [C, H*W]");
+      check("/inputs/image", di, h5::DType::F64);
+      const std::int64_t ih = f.has_attr("/", "image_height") ? f.attr_int("/", "image_height") : -1;
+      const std::int64_t iw = f.has_attr("/", "image_width") ? f.attr_int("/", "image_width") : -1;
+      if (ih <= 0 || iw <= 0 || ih * iw != di[1])
+        throw fail("root attributes image_height / image_width are missing or do not match /inputs/image's pixels");
+      g.image_h = ih, g.image_w = iw;
+      auto px = read_floats("/inputs/image");
+      g.image = MatD(Eigen::Map<MatD>(px.data(), di[0], di[1]));
+      const auto dv = f.exists("/vision/features") ? f.shape("/vision/features") : std::vector<std::int64_t>{};
+      if (dv.size() != 2 || dv[1] != g.config.hidden_size) throw fail("dataset '/vision/features' is missing or not [N, H]");
+      check("/vision/features", dv, want_float);
+      auto fv = read_floats("/vision/features");
+      g.vision_features = MatD(Eigen::Map<MatD>(fv.data(), dv[0], dv[1]));
+    }
+    if (f.exists("/mtp/drafts")) {
+      g.mtp_k = f.has_attr("/", "mtp_k") ? static_cast<int>(f.attr_int("/", "mtp_k")) : 0;
+      const auto flat = f.read<std::int32_t>("/mtp/drafts");
+      const auto sizes = f.read<std::int64_t>("/mtp/round_sizes");
+      std::size_t at = 0;
+      for (auto n : sizes) {
+        if (n < 0 || at + static_cast<std::size_t>(n) > flat.size()) throw fail("/mtp/round_sizes do not add up to /mtp/drafts");
+        g.mtp_drafts.emplace_back(flat.begin() + static_cast<std::ptrdiff_t>(at), flat.begin() + static_cast<std::ptrdiff_t>(at + n));
+        at += static_cast<std::size_t>(n);
+      }
+      if (at != flat.size() || g.mtp_k < 1) throw fail("/mtp: round sizes or mtp_k do not match the drafts");
+    }
+    if (!g.has_extras()) throw fail("schema_version 2 without /inputs/image or /mtp");
+  }
   return g;
 }
 
@@ -340,7 +432,17 @@ std::string first_difference(const GoldenRun& got, const GoldenRun& stored, doub
                         {static_cast<std::int64_t>(stored.decode_tokens.size())});
       !d.empty())
     return d;
-  return diff_mat("decode/logits", got.decode_logits, stored.decode_logits);
+  if (auto d = diff_mat("decode/logits", got.decode_logits, stored.decode_logits); !d.empty()) return d;
+  if (stored.image.size() > 0)
+    if (auto d = diff_mat("vision/features", got.vision_features, stored.vision_features); !d.empty()) return d;
+  if (got.mtp_drafts != stored.mtp_drafts) {
+    for (std::size_t r = 0; r < std::min(got.mtp_drafts.size(), stored.mtp_drafts.size()); ++r)
+      if (got.mtp_drafts[r] != stored.mtp_drafts[r])
+        return fmt::format("mtp/drafts of round {}: got [{}], stored [{}]", r, fmt::join(got.mtp_drafts[r], " "),
+                           fmt::join(stored.mtp_drafts[r], " "));
+    return fmt::format("mtp/drafts: {} rounds, stored {}", got.mtp_drafts.size(), stored.mtp_drafts.size());
+  }
+  return "";
 }
 
 }  // namespace m3

@@ -10,6 +10,14 @@
 //   /logits          [R, V]                 prefill logits of the kept rows
 //   /decode/tokens   [K] int32              greedy tokens of the K decode steps
 //   /decode/logits   [K, V]                 the logits of each decode step
+// Schema 2 adds, each optional (issue 7):
+//   /inputs/image    [C, H*W] float64       an image whose tower rows replace the first N tokens
+//                                           (image placeholders), attribute image_size = [H, W];
+//                                           the vision part is vision_preset(config name)
+//   /vision/features [N, H]                 the tower's rows (vision.h)
+//   /mtp/drafts      [D] int32              MTP draft tokens of every round, concatenated, from
+//   /mtp/round_sizes [rounds] int64         generate_mtp over the K decode steps with the config's
+//                                           seeded MTP modules; attribute mtp_k (drafts a round)
 #pragma once
 
 #include "reference/config.h"
@@ -24,7 +32,8 @@
 namespace m3 {
 
 inline constexpr const char* kGoldenFormat = "m3h-golden";
-inline constexpr std::int64_t kGoldenSchemaVersion = 1;
+inline constexpr std::int64_t kGoldenSchemaVersion = 1;       // text only (every committed file)
+inline constexpr std::int64_t kGoldenSchemaVersionExtras = 2;  // with an image and / or MTP drafts
 
 // The commit the binary was built from ("unknown" outside a git checkout).
 const char* build_git_commit();
@@ -70,13 +79,29 @@ struct GoldenRun {
   MatD logits;                               // [R, V]
   std::vector<std::int32_t> decode_tokens;   // [K]
   MatD decode_logits;                        // [K, V]
+  // Schema 2 (each part optional):
+  MatD image;                                // [C, H*W] (empty: no image)
+  std::int64_t image_h = 0, image_w = 0;
+  MatD vision_features;                      // [N, H]
+  int mtp_k = 0;                             // 0: no MTP drafts
+  std::vector<std::vector<std::int32_t>> mtp_drafts;  // per round
+  bool has_extras() const { return image.size() > 0 || mtp_k > 0; }
+};
+
+// What a golden run adds to the text run: an image before the prompt (tokens[0..N) must be the
+// vision part's image_token_id, N its token count) and / or MTP drafts over the decode steps.
+struct GoldenExtras {
+  const MatD* image = nullptr;  // [C, H*W]
+  int image_h = 0, image_w = 0;
+  int mtp_k = 0;
 };
 
 // Runs the reference: prefill `tokens`, then `decode_steps` greedy steps, recording the prefill's
 // trace at `rows`.
 GoldenRun make_golden(const ModelConfig& cfg, std::uint64_t seed, Precision p,
                       const std::vector<std::int32_t>& tokens, int decode_steps,
-                      const std::vector<std::int64_t>& rows, const ModelWeights<float>& weights);
+                      const std::vector<std::int64_t>& rows, const ModelWeights<float>& weights,
+                      const GoldenExtras& extras = {});
 
 void write_golden(const std::string& path, const GoldenRun& g);
 

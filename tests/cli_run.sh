@@ -84,4 +84,9 @@ for bad in "--image $tmp/bad.ppm" "--image synthetic:10x10" "--image synthetic:7
   [ $code -eq 2 ] || { echo "FAIL: run $bad -> exit $code, want 2: $(cat "$tmp/o")"; exit 1; }
   grep -q "m3h: error:" "$tmp/o" || { echo "FAIL: run $bad: no error line"; exit 1; }
 done
+# Golden files with an image and with MTP drafts (schema 2) reproduce through --check.
+"$m3h" golden --preset tiny --tokens 30 --decode 4 --image synthetic:16x16 --out "$tmp/gi.h5" >/dev/null
+"$m3h" golden --check "$tmp/gi.h5" | grep -q "verdict: OK" || { echo "FAIL: golden --image does not reproduce"; exit 1; }
+"$m3h" golden --preset tiny --tokens 30 --decode 8 --mtp 2 --out "$tmp/gm.h5" >/dev/null
+"$m3h" golden --check "$tmp/gm.h5" | grep -q "verdict: OK" || { echo "FAIL: golden --mtp does not reproduce"; exit 1; }
 echo "cli_run: OK ($ha)"

@@ -2,6 +2,7 @@
 // damaged file is refused with a message that says what is wrong and how to regenerate it.
 #include "datasets/golden.h"
 #include "datasets/hdf5.h"
+#include "reference/vision.h"
 
 #include <gtest/gtest.h>
 
@@ -136,4 +137,55 @@ TEST(Golden, Float32StorageRoundTrips) {
   auto g = m3::read_golden(make_small_file(d, false));
   EXPECT_FALSE(g.store_f64);
   EXPECT_GT(g.logits.norm(), 0.0);
+}
+
+// Schema 2: an image before the prompt and MTP drafts survive a write and read, recompute from the
+// file alone, and a changed feature or draft is named by the first difference; a text-only file
+// stays schema 1 (every committed file).
+TEST(Golden, ImageAndMtpDraftsRoundTrip) {
+  TempDir d;
+  const auto cfg = m3::preset("tiny");
+  const auto vc = m3::vision_preset("tiny");
+  const auto w = m3::generate_weights(cfg, 9);
+  const m3::MatD img = m3::synthetic_image(vc, 16, 24, 9);  // 6 image tokens
+  std::vector<std::int32_t> tokens(6, vc.image_token_id);
+  for (int i = 0; i < 30; ++i) tokens.push_back((i * 53) % cfg.vocab_size);
+  const auto rows = m3::sample_rows(36, cfg.index_block_size, cfg.index_topk_blocks, 8, 1);
+  m3::GoldenExtras ex;
+  ex.image = &img, ex.image_h = 16, ex.image_w = 24;
+  auto gi = m3::make_golden(cfg, 9, m3::Precision::FP64, tokens, 3, rows, w, ex);
+  ASSERT_EQ(gi.vision_features.rows(), 6);
+  m3::GoldenExtras em;
+  em.mtp_k = 2;
+  std::vector<std::int32_t> text(tokens.begin() + 6, tokens.end());
+  auto gm = m3::make_golden(cfg, 9, m3::Precision::FP64, text, 9, m3::sample_rows(30, 16, 4, 8, 1), w, em);
+  ASSERT_FALSE(gm.mtp_drafts.empty());
+  for (auto* g : {&gi, &gm}) {
+    g->generator = "test_golden";
+    const std::string f = d.file(g == &gi ? "img.h5" : "mtp.h5");
+    m3::write_golden(f, *g);
+    const m3::GoldenRun back = m3::read_golden(f);
+    EXPECT_EQ(m3::first_difference(*g, back, 0.0), "") << f;
+    EXPECT_EQ(back.image_h, g->image_h);
+    EXPECT_EQ(back.mtp_k, g->mtp_k);
+    m3::h5::File h = m3::h5::File::open_read(f);
+    EXPECT_EQ(h.attr_int("/", "schema_version"), m3::kGoldenSchemaVersionExtras);
+  }
+  // Recomputed from what the file holds (the stored side is always a file's content, as --check has it).
+  const m3::GoldenRun gi_file = m3::read_golden(d.file("img.h5")), gm_file = m3::read_golden(d.file("mtp.h5"));
+  m3::GoldenExtras ex2;
+  ex2.image = &gi_file.image, ex2.image_h = 16, ex2.image_w = 24;
+  EXPECT_EQ(m3::first_difference(m3::make_golden(cfg, 9, m3::Precision::FP64, tokens, 3, rows, w, ex2), gi_file, 1e-12),
+            "");
+  auto bad = gi_file;
+  bad.vision_features(2, 5) += 1.0;
+  EXPECT_NE(m3::first_difference(gi, bad, 1e-9).find("vision/features at [2, 5]"), std::string::npos)
+      << m3::first_difference(gi, bad, 1e-9);
+  auto badm = gm_file;
+  badm.mtp_drafts[0][0] = (badm.mtp_drafts[0][0] + 1) % cfg.vocab_size;
+  EXPECT_NE(m3::first_difference(gm, badm, 1e-9).find("mtp/drafts of round 0"), std::string::npos);
+  // Tokens 0..N-1 must be the placeholders when an image is given.
+  std::vector<std::int32_t> wrong = tokens;
+  wrong[0] = 3;
+  EXPECT_THROW(m3::make_golden(cfg, 9, m3::Precision::FP64, wrong, 1, rows, w, ex), std::invalid_argument);
 }

@@ -72,11 +72,16 @@ TEST(SampledRows, TheBf16ReferencePassesFromItsOwnInputs) {
                           "logits"})
       EXPECT_NE(find(s, n), nullptr) << n;
   }
-  // The bf16 engine is the emulation itself: its rows match to fp32 summation order.
+  // The bf16 engine is the emulation itself: its rows match up to fp32 summation order, which the
+  // re-run on 8 rows changes (other GEMM shapes, FMA where the build has it). A last-bit fp32
+  // difference can flip one bf16 rounding of an output or an MLP intermediate: one flip moves a
+  // tensor's rel-L2 by about 2^-8 / sqrt(elements), ~2e-4 at tiny's 8 x 64 (CI saw 5.4e-5 on
+  // blk.1.moe_out at M3_TEST_SEED=3044506909104414071 under 1e-5). 1e-3 allows a few flips; a wrong
+  // kernel is off by O(1e-2) or more (CatchesDamageAtOrFeedingASampledRow).
   const auto s = m3::cmp::check_sampled_rows(r.cfg, r.w, r.prompt, r.bf16, r.rows);
   for (const auto& t : s.tensors)
     if (!t.is_index) {
-      EXPECT_LE(t.vs_ref.rel_l2, 1e-5) << t.name;
+      EXPECT_LE(t.vs_ref.rel_l2, 1e-3) << t.name;
     }
 }
 
