@@ -371,6 +371,27 @@ std::int64_t Model::check_append(const Sequence* seq, std::span<const std::int32
 
 std::vector<MatD> Model::forward(std::span<Sequence* const> seqs, std::span<const std::span<const std::int32_t>> tokens,
                                  const TraceFn& trace) {
+  return forward_impl(seqs, tokens, trace, nullptr);
+}
+
+MatD Model::prefill_embeds(Sequence& seq, std::span<const std::int32_t> tokens, const MatD& x, const TraceFn& trace) {
+  const ModelConfig& c = p_->cfg;
+  if (x.rows() != static_cast<Eigen::Index>(tokens.size()) || x.cols() != c.hidden_size)
+    throw std::invalid_argument(fmt::format("gpu::prefill_embeds: input rows [{}, {}], expected [{}, {}] (tokens, "
+                                            "hidden_size)",
+                                            x.rows(), x.cols(), tokens.size(), c.hidden_size));
+  if (static_cast<std::int64_t>(tokens.size()) > p_->opt.max_tokens)
+    throw std::invalid_argument(fmt::format("gpu::prefill_embeds: {} rows, at most max_tokens = {} (no chunking here)",
+                                            tokens.size(), p_->opt.max_tokens));
+  if (!x.allFinite()) throw std::invalid_argument("gpu::prefill_embeds: the input rows hold NaN or Inf");
+  Sequence* s[] = {&seq};
+  std::span<const std::int32_t> t[] = {tokens};
+  return std::move(forward_impl(s, t, trace, &x)[0]);
+}
+
+std::vector<MatD> Model::forward_impl(std::span<Sequence* const> seqs,
+                                      std::span<const std::span<const std::int32_t>> tokens, const TraceFn& trace,
+                                      const MatD* x_in) {
   Impl& P = *p_;
   const ModelConfig& c = P.cfg;
   const int nseq = static_cast<int>(seqs.size());
@@ -455,8 +476,12 @@ std::vector<MatD> Model::forward(std::span<Sequence* const> seqs, std::span<cons
       trace(s, name, TraceView{TraceView::DType::I32, m.data() + row0[s] * cols, rows[s], cols, cols});
   };
 
+  if (x_in) {  // the input rows in bf16, as the embedding table holds its rows (before the timed part)
+    const Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor> xf = x_in->cast<float>();  // [T, H]
+    P.h.upload(to_bf16(xf.data(), static_cast<std::size_t>(xf.size())).data(), static_cast<std::size_t>(xf.size()), S);
+  }
   P.t0.record(S);
-  embedding(P.embed.data(), P.tok.data(), Ti, V, H, P.h.data(), S);
+  if (!x_in) embedding(P.embed.data(), P.tok.data(), Ti, V, H, P.h.data(), S);
   for (int l = 0; l < c.num_hidden_layers; ++l) {
     LayerDev& L = P.layers[l];
     const std::string blk = fmt::format("blk.{}.", l);

@@ -99,10 +99,16 @@ class Model {
   // receives each name once per chunk, rows in order).
   MatD prefill(Sequence& seq, std::span<const std::int32_t> tokens, const TraceFn& trace = {});
   MatD decode(Sequence& seq, std::int32_t token, const TraceFn& trace = {});
+  // As m3::Model::prefill_embeds: one sequence from input rows x [T, H] (rounded to bf16 as the
+  // embedding table is) instead of the embedding gather, e.g. image features placed before a
+  // prompt (reference/vision.h). T <= max_tokens (no chunking); `tokens` are validated as in forward.
+  MatD prefill_embeds(Sequence& seq, std::span<const std::int32_t> tokens, const MatD& x, const TraceFn& trace = {});
 
   const ForwardTiming& last_timing() const;
 
  private:
+  std::vector<MatD> forward_impl(std::span<Sequence* const> seqs, std::span<const std::span<const std::int32_t>> tokens,
+                                 const TraceFn& trace, const MatD* x_in);
   struct Impl;
   std::unique_ptr<Impl> p_;
   // The checks forward() makes of sequence s appending `tokens` (who names the caller in the

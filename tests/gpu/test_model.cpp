@@ -10,6 +10,7 @@
 #include "gpu/model.h"
 #include "gpu/runtime/check.h"
 #include "reference/model.h"
+#include "reference/vision.h"
 #include "reference/weights.h"
 #include "tests/gpu/gpu_test_util.h"
 
@@ -239,3 +240,53 @@ TEST(GpuModel, BadRequestsAreRefusedBeforeAnyCacheChanges) {
 }
 
 }  // namespace
+
+// Input rows instead of the embedding gather (prefill_embeds): the tokens' own embedding rows give
+// prefill's logits bit for bit; the tiny vision tower's rows before a prompt agree with the bf16
+// reference's prefill_embeds under the model gate (rel-L2 <= 1e-2 against the emulation, or no
+// further from fp64 than twice the emulation is, plus 2^-8: DESIGN §4's rule for one tensor).
+TEST(GpuModel, PrefillFromInputRowsAndAnImage) {
+  M3_REQUIRE_GPU();
+  auto g = m3::test::test_rng();
+  SCOPED_TRACE(m3::test::seed_note());
+  const std::uint64_t seed = g();
+  const m3::ModelConfig cfg = m3::preset("tiny");
+  const auto w = m3::generate_weights(cfg, seed);
+  m3::gpu::ModelOptions o;
+  o.max_context = 512;
+  o.max_tokens = 256;
+  m3::gpu::Model model(cfg, w, o);
+  std::uniform_int_distribution<int> tok(0, cfg.vocab_size - 1);
+  std::vector<std::int32_t> prompt(70);
+  for (auto& t : prompt) t = tok(g);
+  auto rows_of = [&](const std::vector<std::int32_t>& t) {
+    m3::MatD x(static_cast<Eigen::Index>(t.size()), cfg.hidden_size);  // [T, H]
+    for (std::size_t i = 0; i < t.size(); ++i) x.row(static_cast<Eigen::Index>(i)) = w.embed_tokens.row(t[i]).cast<double>();
+    return x;
+  };
+  m3::gpu::Sequence a = model.new_sequence(), b = model.new_sequence();
+  const m3::MatD la = model.prefill(a, prompt), lb = model.prefill_embeds(b, prompt, rows_of(prompt));
+  EXPECT_TRUE(la == lb) << "the embedding rows as input must reproduce prefill bit for bit";
+
+  const m3::VisionConfig vc = m3::vision_preset("tiny");
+  const m3::MatD feats =
+      m3::vision_forward(vc, m3::generate_vision_weights(vc, seed), m3::synthetic_image(vc, 16, 24, seed), 16, 24);
+  std::vector<std::int32_t> with_image(static_cast<std::size_t>(feats.rows()), vc.image_token_id);
+  with_image.insert(with_image.end(), prompt.begin(), prompt.end());
+  m3::MatD x = rows_of(with_image);
+  x.topRows(feats.rows()) = feats;
+  m3::gpu::Sequence c = model.new_sequence();
+  const m3::MatD lg = model.prefill_embeds(c, with_image, x);
+  m3::Model rb(cfg, w, m3::Precision::BF16), rt(cfg, w, m3::Precision::FP64);
+  m3::Sequence sb = rb.new_sequence(), st = rt.new_sequence();
+  const m3::MatD lr = rb.prefill_embeds(sb, with_image, x), lt = rt.prefill_embeds(st, with_image, x);
+  const double vs_ref = (lg - lr).norm() / lr.norm(), vs_truth = (lg - lt).norm() / lt.norm(),
+               ref_truth = (lr - lt).norm() / lt.norm();
+  std::printf("[image + text, tiny] gpu vs bf16 ref %.3e, gpu vs fp64 %.3e, bf16 ref vs fp64 %.3e\n", vs_ref, vs_truth,
+              ref_truth);
+  EXPECT_TRUE(vs_ref <= 1e-2 || vs_truth <= 2 * ref_truth + 0x1p-8)
+      << "gpu vs bf16 ref " << vs_ref << ", vs fp64 " << vs_truth << " (bf16 ref vs fp64 " << ref_truth << ")";
+  m3::gpu::Sequence d = model.new_sequence();
+  EXPECT_THROW(model.prefill_embeds(d, with_image, rows_of(prompt)), std::invalid_argument);  // rows vs tokens
+  EXPECT_EQ(d.length(), 0);
+}
