@@ -6,6 +6,7 @@
 #include "compare/model_compare.h"
 #include "compare/model_sampled.h"
 #include "compare/tolerance.h"
+#include "reference/vision.h"
 #include "reference/weights.h"
 
 #if M3_HAVE_GPU
@@ -16,6 +17,7 @@
 #include <nlohmann/json.hpp>
 
 #include <algorithm>
+#include <optional>
 #include <cstdio>
 
 namespace m3::cli {
@@ -30,6 +32,7 @@ struct CompareArgs {
   bool fp8_index = false;
   bool all_rows = false;
   int sample_rows = -1;  // >= 0: the sampled-row mode with this many random rows beyond the fixed ones
+  std::string image;     // an image before the prompt: the CPU tower's rows feed both engines
   Format format = Format::TABLE;
 };
 
@@ -133,7 +136,20 @@ int compare(const CompareArgs& a) {
 #else
   if (gpu::device_count() == 0) throw std::invalid_argument("compare: no CUDA device is visible on this machine");
   const ModelConfig cfg = resolve_config(a.preset);
-  const auto prompt = load_tokens(a.tokens, cfg, a.seed);
+  auto prompt = load_tokens(a.tokens, cfg, a.seed);
+  // --image: the vision tower runs once on the CPU (reference/vision.h); its rows lead the prompt of
+  // every engine, so the comparison covers the text model consuming them (the tower has no GPU twin yet).
+  std::optional<MatD> feats;
+  std::string image_note;
+  if (!a.image.empty()) {
+    if (a.sample_rows >= 0) throw std::invalid_argument("compare: --image and --sample-rows together are not supported");
+    const VisionConfig vc = vision_preset(cfg.name);
+    const CliImage im = load_image(a.image, vc, a.seed);
+    feats = vision_forward(vc, generate_vision_weights(vc, a.seed), im.pixels, im.height, im.width);
+    prompt.insert(prompt.begin(), static_cast<std::size_t>(feats->rows()), vc.image_token_id);
+    image_note = fmt::format("image {}x{} ({}) -> {} leading tokens from the CPU vision tower", im.height, im.width,
+                             a.image, feats->rows());
+  }
   if (a.decode < 0) throw std::invalid_argument("--decode must be >= 0");
   const auto T = static_cast<std::int64_t>(prompt.size());
   if (T + a.decode > cfg.max_position_embeddings)
@@ -143,15 +159,23 @@ int compare(const CompareArgs& a) {
   auto progress = [&](const char* what) { std::fprintf(stderr, "compare: %s ...\n", what); };
   if (a.sample_rows >= 0) return compare_sampled(a, cfg, prompt);
   const ModelWeights<float> w = generate_weights(cfg, a.seed);
+  std::optional<MatD> x;  // [T, H] the prompt's input rows with the image's in front
+  if (feats) {
+    x.emplace(static_cast<Eigen::Index>(prompt.size()), cfg.hidden_size);
+    for (std::size_t i = 0; i < prompt.size(); ++i) x->row(static_cast<Eigen::Index>(i)) = w.embed_tokens.row(prompt[i]).cast<double>();
+    x->topRows(feats->rows()) = *feats;
+  }
+  const MatD* xp = x ? &*x : nullptr;
   progress("reference, bf16 emulation");
   ReferenceOptions ro;
   ro.fp8_index_cache = a.fp8_index;  // the emulation mirrors the GPU's storage; the fp64 truth stays exact
-  const cmp::EngineRun ref = cmp::run_reference(cfg, w, Precision::BF16, prompt, a.decode, nullptr, ro);
+  const cmp::EngineRun ref = cmp::run_reference(cfg, w, Precision::BF16, prompt, a.decode, nullptr, ro, 0, xp);
   progress("reference, fp64");
-  const cmp::EngineRun truth = cmp::run_reference(cfg, w, Precision::FP64, prompt, a.decode, &ref.greedy);
+  const cmp::EngineRun truth = cmp::run_reference(cfg, w, Precision::FP64, prompt, a.decode, &ref.greedy, {}, 0, xp);
   progress("gpu");
   cmp::GpuRunOptions go;
   go.fp8_index_cache = a.fp8_index;
+  go.input_rows = xp;
   const cmp::EngineRun test = cmp::run_gpu(cfg, w, prompt, a.decode, &ref.greedy, go);
   const cmp::ModelComparison mc = cmp::compare_runs(cfg, w, T, test, ref, truth);
   const cmp::EndToEnd& e = mc.e2e;
@@ -167,6 +191,7 @@ int compare(const CompareArgs& a) {
     j["prompt_tokens"] = T;
     j["decode_steps"] = a.decode;
     j["fp8_index_cache"] = a.fp8_index;
+    if (!image_note.empty()) j["image"] = image_note;
     j["timing_ms"] = {{"gpu_prefill", test.prefill_ms}, {"gpu_decode", test.decode_ms},
                       {"ref_bf16_prefill", ref.prefill_ms}, {"ref_bf16_decode", ref.decode_ms},
                       {"ref_fp64_prefill", truth.prefill_ms}, {"ref_fp64_decode", truth.decode_ms}};
@@ -199,6 +224,7 @@ int compare(const CompareArgs& a) {
   }
 
   fmt::print("# {}\n# {}\n# {}\n", command_line(), dev, cpu_description());
+  if (!image_note.empty()) fmt::print("{}\n", image_note);
   fmt::print("config {} ({} layers), seed {}, prompt {} tokens, {} decode steps, index-K cache {}\n", cfg.name,
              cfg.num_hidden_layers, a.seed, T, a.decode, a.fp8_index ? "fp8" : "bf16");
   fmt::print("time: gpu prefill {:.1f} ms, decode {:.1f} ms | reference bf16 {:.1f} + {:.1f} ms, fp64 {:.1f} + {:.1f} ms\n\n",
@@ -268,6 +294,9 @@ CLI::App* register_compare(CLI::App& app, int* exit_code) {
   cmd->add_option("--seed", args->seed, "Seed of the weights and of a drawn prompt")->capture_default_str();
   cmd->add_flag("--fp8-index", args->fp8_index, "GPU index-K cache in fp8 E4M3 (the bf16 reference rounds its index-K cache to E4M3 too; the fp64 truth stays exact)");
   cmd->add_flag("--quiet-failures", args->all_rows, "Do not print the failure lines under each table row");
+  cmd->add_option("--image", args->image,
+                  "An image before the prompt (synthetic:HxW or a PPM file): the CPU vision tower's rows feed the "
+                  "reference and the GPU alike (the tower itself has no GPU twin yet)");
   cmd->add_option("--sample-rows", args->sample_rows,
                   "Long-context mode: no reference forward; the GPU's prefill is checked op by op on the first/last "
                   "rows, block and top-k edges, the middle and N seeded random rows, each op re-run by the reference "

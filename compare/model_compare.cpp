@@ -75,9 +75,10 @@ TraceFn recorder(EngineRun& run) {
 }
 
 // Prefill + decode on any engine with the m3::Model interface.
+// x_in (optional): the prompt's input rows [T, H] in place of its embeddings (prefill_embeds, one call).
 template <class M>
 EngineRun drive(M& model, const std::vector<std::int32_t>& prompt, int steps, const std::vector<std::int32_t>* forced,
-                std::string engine, std::int64_t chunk = 0) {
+                std::string engine, std::int64_t chunk = 0, const MatD* x_in = nullptr) {
   using clock = std::chrono::steady_clock;
   EngineRun run;
   run.engine = std::move(engine);
@@ -87,8 +88,11 @@ EngineRun drive(M& model, const std::vector<std::int32_t>& prompt, int steps, co
   const auto rec = recorder(run);
   const std::span<const std::int32_t> all(prompt);
   const auto step = chunk > 0 ? static_cast<std::size_t>(chunk) : all.size();
-  for (std::size_t at = 0; at < all.size(); at += step)  // [T, V] in chunks (the engine may chunk further)
-    rows.push_back(model.prefill(seq, all.subspan(at, std::min(step, all.size() - at)), rec));
+  if (x_in)
+    rows.push_back(model.prefill_embeds(seq, all, *x_in, rec));
+  else
+    for (std::size_t at = 0; at < all.size(); at += step)  // [T, V] in chunks (the engine may chunk further)
+      rows.push_back(model.prefill(seq, all.subspan(at, std::min(step, all.size() - at)), rec));
   const auto t1 = clock::now();
   for (int i = 0; i < steps; ++i) {
     const MatD& last = rows.back();
@@ -349,10 +353,11 @@ bool ModelComparison::pass() const {
 
 EngineRun run_reference(const ModelConfig& cfg, const ModelWeights<float>& w, Precision p,
                         const std::vector<std::int32_t>& prompt, int steps, const std::vector<std::int32_t>* forced,
-                        const ReferenceOptions& opt, std::int64_t prefill_chunk) {
+                        const ReferenceOptions& opt, std::int64_t prefill_chunk, const MatD* input_rows) {
   Model model(cfg, w, p, opt);
   return drive(model, prompt, steps, forced,
-               fmt::format("ref-{}{}", precision_name(p), opt.fp8_index_cache ? "-fp8idx" : ""), prefill_chunk);
+               fmt::format("ref-{}{}", precision_name(p), opt.fp8_index_cache ? "-fp8idx" : ""), prefill_chunk,
+               input_rows);
 }
 
 #if M3_HAVE_GPU
@@ -365,7 +370,7 @@ EngineRun run_gpu(const ModelConfig& cfg, const ModelWeights<float>& w, const st
   mo.fp8_index_cache = o.fp8_index_cache;
   mo.last_logits_only = o.last_logits_only;
   gpu::Model model(cfg, w, mo);
-  return drive(model, prompt, steps, forced, o.fp8_index_cache ? "gpu-fp8idx" : "gpu");
+  return drive(model, prompt, steps, forced, o.fp8_index_cache ? "gpu-fp8idx" : "gpu", 0, o.input_rows);
 }
 #endif
 

@@ -118,13 +118,15 @@ ModelComparison compare_runs(const ModelConfig& cfg, const ModelWeights<float>& 
 EngineRun run_reference(const ModelConfig& cfg, const ModelWeights<float>& w, Precision p,
                         const std::vector<std::int32_t>& prompt, int steps,
                         const std::vector<std::int32_t>* forced, const ReferenceOptions& opt = {},
-                        std::int64_t prefill_chunk = 0);  // > 0: the prompt in chunks of this many tokens
+                        std::int64_t prefill_chunk = 0,  // > 0: the prompt in chunks of this many tokens
+                        const MatD* input_rows = nullptr);  // [T, H] in place of the prompt's embeddings (an image)
 
 #if M3_HAVE_GPU
 struct GpuRunOptions {
   bool fp8_index_cache = false;
   bool last_logits_only = false;  // gpu::ModelOptions::last_logits_only (long prompts, real vocabularies)
   std::int64_t max_tokens = 16384;
+  const MatD* input_rows = nullptr;  // [T, H] in place of the prompt's embeddings (gpu::Model::prefill_embeds)
 };
 // The same on the GPU model (m3::gpu::Model).
 EngineRun run_gpu(const ModelConfig& cfg, const ModelWeights<float>& w, const std::vector<std::int32_t>& prompt,

@@ -342,3 +342,32 @@ TEST(ModelCompare, SelectionFlipDoesNotHideAWrongAttentionRow) {
 }
 
 }  // namespace
+
+namespace {
+
+// run_reference with input rows (the path m3h compare --image drives): the prompt's own embedding
+// rows give exactly the run without them, logits and trace; rows with an image's features in front
+// change the run from the image on and leave the rows before it alone.
+TEST(ModelCompare, ReferenceRunFromInputRows) {
+  SCOPED_TRACE(m3::test::seed_note());
+  const std::uint64_t seed = m3::test::test_rng()();
+  const m3::ModelConfig cfg = m3::preset("tiny");
+  const auto w = m3::generate_weights(cfg, seed);
+  std::vector<std::int32_t> prompt(40);
+  for (int i = 0; i < 40; ++i) prompt[static_cast<std::size_t>(i)] = (i * 29 + 3) % cfg.vocab_size;
+  m3::MatD x(40, cfg.hidden_size);  // [T, H]
+  for (int i = 0; i < 40; ++i) x.row(i) = w.embed_tokens.row(prompt[static_cast<std::size_t>(i)]).cast<double>();
+  const auto plain = m3::cmp::run_reference(cfg, w, m3::Precision::FP32, prompt, 3, nullptr);
+  const auto rows = m3::cmp::run_reference(cfg, w, m3::Precision::FP32, prompt, 3, nullptr, {}, 0, &x);
+  EXPECT_TRUE(plain.logits == rows.logits);
+  EXPECT_EQ(plain.greedy, rows.greedy);
+  EXPECT_TRUE(plain.trace.at("blk.2.attn_out") == rows.trace.at("blk.2.attn_out"));
+  m3::MatD y = x;
+  y.block(10, 0, 4, cfg.hidden_size).setConstant(0.5);  // four "image" rows at 10..13
+  const auto img = m3::cmp::run_reference(cfg, w, m3::Precision::FP32, prompt, 3, nullptr, {}, 0, &y);
+  EXPECT_LE((img.logits.topRows(10) - plain.logits.topRows(10)).cwiseAbs().maxCoeff(),
+            1e-5 * plain.logits.cwiseAbs().maxCoeff());
+  EXPECT_GT((img.logits.middleRows(10, 30) - plain.logits.middleRows(10, 30)).cwiseAbs().maxCoeff(), 1e-3);
+}
+
+}  // namespace
