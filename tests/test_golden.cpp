@@ -16,9 +16,13 @@ const std::string kData = std::string(M3_SOURCE_DIR) + "/datasets/data/";
 
 std::string reproduce(const std::string& file, double tol) {
   const m3::GoldenRun stored = m3::read_golden(file);
+  m3::GoldenExtras ex;  // schema 2: the stored image and the MTP draft count
+  if (stored.image.size() > 0)
+    ex.image = &stored.image, ex.image_h = static_cast<int>(stored.image_h), ex.image_w = static_cast<int>(stored.image_w);
+  ex.mtp_k = stored.mtp_k;
   const m3::GoldenRun got = m3::make_golden(stored.config, stored.seed, stored.precision, stored.tokens,
                                             static_cast<int>(stored.decode_tokens.size()), stored.rows,
-                                            m3::generate_weights(stored.config, stored.seed));
+                                            m3::generate_weights(stored.config, stored.seed), ex);
   return m3::first_difference(got, stored, tol);
 }
 
@@ -59,6 +63,17 @@ std::string read_error(const std::string& f) {
 // Tolerances: see compare/cmd_golden.cpp (fp64 recomputation noise ~1e-13; float32 storage 6e-8).
 TEST(Golden, CommittedTinyReproduces) { EXPECT_EQ(reproduce(kData + "tiny.h5", 1e-9), ""); }
 TEST(Golden, CommittedSmallReproduces) { EXPECT_EQ(reproduce(kData + "small.h5", 1e-6), ""); }
+TEST(Golden, CommittedTinyImageReproduces) {
+  const m3::GoldenRun g = m3::read_golden(kData + "tiny_image.h5");
+  ASSERT_EQ(g.vision_features.rows(), 6);
+  EXPECT_EQ(reproduce(kData + "tiny_image.h5", 1e-9), "");
+}
+TEST(Golden, CommittedTinyMtpReproduces) {
+  const m3::GoldenRun g = m3::read_golden(kData + "tiny_mtp.h5");
+  ASSERT_EQ(g.mtp_k, 2);
+  ASSERT_FALSE(g.mtp_drafts.empty());
+  EXPECT_EQ(reproduce(kData + "tiny_mtp.h5", 1e-9), "");
+}
 
 TEST(Golden, SampledRowsCoverTheEdges) {
   auto r = m3::sample_rows(2200, 128, 16, 40, 0);
