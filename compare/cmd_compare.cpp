@@ -160,11 +160,7 @@ int compare(const CompareArgs& a) {
   if (a.sample_rows >= 0) return compare_sampled(a, cfg, prompt);
   const ModelWeights<float> w = generate_weights(cfg, a.seed);
   std::optional<MatD> x;  // [T, H] the prompt's input rows with the image's in front
-  if (feats) {
-    x.emplace(static_cast<Eigen::Index>(prompt.size()), cfg.hidden_size);
-    for (std::size_t i = 0; i < prompt.size(); ++i) x->row(static_cast<Eigen::Index>(i)) = w.embed_tokens.row(prompt[i]).cast<double>();
-    x->topRows(feats->rows()) = *feats;
-  }
+  if (feats) x = leading_image_rows(w.embed_tokens, prompt, *feats);
   const MatD* xp = x ? &*x : nullptr;
   progress("reference, bf16 emulation");
   ReferenceOptions ro;

@@ -208,14 +208,9 @@ int run(const RunArgs& a) {
   if (a.device == "cpu") {
     auto t0 = clock::now();
     ModelWeights<float> w = ck ? std::move(ck->weights) : generate_weights(cfg, a.seed);
-    if (image_feats) {
-      // The image's rows go at the positions of the placeholders put before the prompt (0..N-1), the
-      // text's own ids keep their embeddings, even an id equal to the placeholder's.
-      MatD x(static_cast<Eigen::Index>(prompt.size()), cfg.hidden_size);  // [T, H]
-      for (std::size_t i = 0; i < prompt.size(); ++i) x.row(static_cast<Eigen::Index>(i)) = w.embed_tokens.row(prompt[i]).cast<double>();
-      x.topRows(image_feats->rows()) = *image_feats;
-      image_x = std::move(x);
-    }
+    // The image's rows go at the positions of the placeholders put before the prompt (0..N-1); the
+    // text's own ids keep their embeddings, even an id equal to the placeholder's.
+    if (image_feats) image_x = leading_image_rows(w.embed_tokens, prompt, *image_feats);
     Model model(cfg, w, prec);
     w = ModelWeights<float>{};  // the model holds its own converted copy
     if (ck) ck.reset();

@@ -88,10 +88,7 @@ GoldenRun make_golden(const ModelConfig& cfg, std::uint64_t seed, Precision p, c
       throw std::invalid_argument(fmt::format("make_golden: the image gives {} rows, so tokens 0..{} must be the image "
                                               "placeholder {}",
                                               N, N - 1, vc.image_token_id));
-    MatD x(static_cast<Eigen::Index>(tokens.size()), cfg.hidden_size);  // [T, H]
-    for (std::size_t i = 0; i < tokens.size(); ++i) x.row(static_cast<Eigen::Index>(i)) = weights.embed_tokens.row(tokens[i]).cast<double>();
-    x.topRows(N) = g.vision_features;
-    logits = model.prefill_embeds(seq, tokens, x, rec.fn());
+    logits = model.prefill_embeds(seq, tokens, leading_image_rows(weights.embed_tokens, tokens, g.vision_features), rec.fn());
   } else {
     logits = model.prefill(seq, tokens, rec.fn());
   }

@@ -246,6 +246,23 @@ MatD vision_forward(const VisionConfig& vc, const VisionWeights<double>& w, cons
   return z;
 }
 
+MatD leading_image_rows(const MatF& embed_tokens, std::span<const std::int32_t> tokens, const MatD& features) {
+  const auto T = static_cast<Eigen::Index>(tokens.size());
+  if (features.rows() > T || (features.rows() > 0 && features.cols() != embed_tokens.cols()))
+    throw std::invalid_argument(fmt::format("leading_image_rows: features [{}, {}] for {} tokens of width {}",
+                                            features.rows(), features.cols(), T, embed_tokens.cols()));
+  MatD x(T, embed_tokens.cols());  // [T, H]
+  for (Eigen::Index i = 0; i < T; ++i) {
+    const auto t = tokens[static_cast<std::size_t>(i)];
+    if (t < 0 || t >= embed_tokens.rows())
+      throw std::out_of_range(fmt::format("leading_image_rows: token {} at {} outside the vocabulary [0, {})", t, i,
+                                          embed_tokens.rows()));
+    x.row(i) = embed_tokens.row(t).cast<double>();
+  }
+  x.topRows(features.rows()) = features;
+  return x;
+}
+
 MatD place_image_features(const MatD& embed_tokens, std::span<const std::int32_t> tokens, std::int32_t image_token_id,
                           const MatD& features) {
   if (features.rows() > 0 && features.cols() != embed_tokens.cols())

@@ -114,6 +114,13 @@ MatD vision_forward(const VisionConfig& vc, const VisionWeights<double>& w, cons
 void vision_rope3d(MatD& x, int heads, int head_dim, int rope_dims, double theta,
                    const std::vector<std::array<int, 3>>& pos);
 
+// Input rows of the text model for a prompt that starts with an image: the embeddings of `tokens`
+// (embed_tokens [V, H], the model's fp32 table) with rows 0..N-1 replaced by features [N, H], where
+// the N leading tokens are the image's placeholders (whatever ids the text after them holds).
+// Throws std::invalid_argument for fewer tokens than feature rows, a width mismatch or a token
+// outside the vocabulary.
+MatD leading_image_rows(const MatF& embed_tokens, std::span<const std::int32_t> tokens, const MatD& features);
+
 // Input rows of the text model: embeddings of `tokens` with the rows of image_token_id replaced,
 // in order, by `features` rows. Throws std::invalid_argument when the placeholder count differs
 // from features.rows() (naming both).

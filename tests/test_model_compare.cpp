@@ -7,6 +7,7 @@
 #include "reference/model.h"
 #include "reference/ops/moe_experts.h"
 #include "reference/ops/msa_attention.h"
+#include "reference/vision.h"
 #include "reference/weights.h"
 #include "tests/test_util.h"
 
@@ -355,8 +356,7 @@ TEST(ModelCompare, ReferenceRunFromInputRows) {
   const auto w = m3::generate_weights(cfg, seed);
   std::vector<std::int32_t> prompt(40);
   for (int i = 0; i < 40; ++i) prompt[static_cast<std::size_t>(i)] = (i * 29 + 3) % cfg.vocab_size;
-  m3::MatD x(40, cfg.hidden_size);  // [T, H]
-  for (int i = 0; i < 40; ++i) x.row(i) = w.embed_tokens.row(prompt[static_cast<std::size_t>(i)]).cast<double>();
+  const m3::MatD x = m3::leading_image_rows(w.embed_tokens, prompt, m3::MatD(0, cfg.hidden_size));  // [T, H]
   const auto plain = m3::cmp::run_reference(cfg, w, m3::Precision::FP32, prompt, 3, nullptr);
   const auto rows = m3::cmp::run_reference(cfg, w, m3::Precision::FP32, prompt, 3, nullptr, {}, 0, &x);
   EXPECT_TRUE(plain.logits == rows.logits);

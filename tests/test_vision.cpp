@@ -175,3 +175,18 @@ TEST(Vision, WeightsAreDeterministicAndTheM3PresetHasSpecDimensions) {
   // Tokens per image = T * H * W / 4 in patches of 14 (T = 1 after the 2-frame temporal patch).
   EXPECT_EQ(m3::patch_grid(m3v, 2016, 2016).tokens(m3v.merge), 144 * 144 / 4);
 }
+
+// The prompt-leading placement the CLI, golden files and comparisons use: features at rows 0..N-1,
+// every later row its token's embedding, even a token equal to the placeholder id.
+TEST(Vision, LeadingImageRowsKeepTheTextsOwnIds) {
+  const m3::VisionConfig vc = m3::vision_preset("tiny");
+  const m3::MatF emb = m3::MatF::Random(512, 64);
+  const MatD feats = MatD::Constant(2, 64, 7.0);
+  const std::vector<std::int32_t> t{vc.image_token_id, vc.image_token_id, 5, vc.image_token_id};
+  const MatD x = m3::leading_image_rows(emb, t, feats);
+  EXPECT_TRUE(x.topRows(2) == feats);
+  EXPECT_TRUE(x.row(2) == emb.row(5).cast<double>());
+  EXPECT_TRUE(x.row(3) == emb.row(vc.image_token_id).cast<double>());
+  EXPECT_THROW(m3::leading_image_rows(emb, std::vector<std::int32_t>{1}, feats), std::invalid_argument);
+  EXPECT_THROW(m3::leading_image_rows(emb, std::vector<std::int32_t>{1, 2, 600}, feats), std::out_of_range);
+}

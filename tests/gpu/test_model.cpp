@@ -259,10 +259,8 @@ TEST(GpuModel, PrefillFromInputRowsAndAnImage) {
   std::uniform_int_distribution<int> tok(0, cfg.vocab_size - 1);
   std::vector<std::int32_t> prompt(70);
   for (auto& t : prompt) t = tok(g);
-  auto rows_of = [&](const std::vector<std::int32_t>& t) {
-    m3::MatD x(static_cast<Eigen::Index>(t.size()), cfg.hidden_size);  // [T, H]
-    for (std::size_t i = 0; i < t.size(); ++i) x.row(static_cast<Eigen::Index>(i)) = w.embed_tokens.row(t[i]).cast<double>();
-    return x;
+  auto rows_of = [&](const std::vector<std::int32_t>& t) {  // [T, H] the tokens' own embedding rows
+    return m3::leading_image_rows(w.embed_tokens, t, m3::MatD(0, cfg.hidden_size));
   };
   m3::gpu::Sequence a = model.new_sequence(), b = model.new_sequence();
   const m3::MatD la = model.prefill(a, prompt), lb = model.prefill_embeds(b, prompt, rows_of(prompt));
@@ -273,8 +271,7 @@ TEST(GpuModel, PrefillFromInputRowsAndAnImage) {
       m3::vision_forward(vc, m3::generate_vision_weights(vc, seed), m3::synthetic_image(vc, 16, 24, seed), 16, 24);
   std::vector<std::int32_t> with_image(static_cast<std::size_t>(feats.rows()), vc.image_token_id);
   with_image.insert(with_image.end(), prompt.begin(), prompt.end());
-  m3::MatD x = rows_of(with_image);
-  x.topRows(feats.rows()) = feats;
+  const m3::MatD x = m3::leading_image_rows(w.embed_tokens, with_image, feats);
   m3::gpu::Sequence c = model.new_sequence();
   const m3::MatD lg = model.prefill_embeds(c, with_image, x);
   m3::Model rb(cfg, w, m3::Precision::BF16), rt(cfg, w, m3::Precision::FP64);
