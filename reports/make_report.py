@@ -100,6 +100,24 @@ class Figures:
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=8)
 
+    def breakdown(self, pts, unit, title, name):
+        """MSA's index / select / sparse times stacked per context against dense (keys *_us or *_ms)."""
+        fig, ax = self.plt.subplots(figsize=(6.5, 4))
+        xs = range(len(pts))
+        bottom = [0.0] * len(pts)
+        for part, label in (("index", "index"), ("select", "select"), ("sparse", "sparse attention")):
+            vals = [r[f"{part}_{unit}"] for r in pts]
+            ax.bar(xs, vals, bottom=bottom, label=f"MSA {label}")
+            bottom = [a + v for a, v in zip(bottom, vals)]
+        ax.plot(xs, [r[f"dense_{unit}"] for r in pts], "k^-", label="dense")
+        ax.set_yscale("log")
+        ax.set_xticks(list(xs))
+        ax.set_xticklabels([ctx(r["context"]) for r in pts])
+        ax.set_ylabel(unit)
+        ax.set_title(title)
+        ax.legend(fontsize=8)
+        return self.save(fig, name)
+
     def save(self, fig, name):
         path = os.path.join(self.dir, name)
         fig.tight_layout()
@@ -162,23 +180,8 @@ def decode_section(g, figs):
         ax.scatter([ONE_M], [PAPER["decode_1m"]], marker="*", s=150, c="k", zorder=5, label="paper (H800)")
         figs.context_axes(ax, "dense time / MSA time", "Decode speedup, one layer")
         md.append(figs.save(fig, "decode_speedup.png"))
-        fig, ax = plt.subplots(figsize=(6.5, 4))
         pts = sorted((r for r in dec if r["batch"] == min(r["batch"] for r in dec)), key=lambda r: r["context"])
-        labels = [ctx(r["context"]) for r in pts]
-        xs = range(len(pts))
-        bottom = [0.0] * len(pts)
-        for key, name in (("index_us", "index"), ("select_us", "select"), ("sparse_us", "sparse attention")):
-            vals = [r[key] for r in pts]
-            ax.bar(xs, vals, bottom=bottom, label=f"MSA {name}")
-            bottom = [a + v for a, v in zip(bottom, vals)]
-        ax.plot(xs, [r["dense_us"] for r in pts], "k^-", label="dense")
-        ax.set_yscale("log")
-        ax.set_xticks(list(xs))
-        ax.set_xticklabels(labels)
-        ax.set_ylabel("us")
-        ax.set_title(f"Decode time breakdown, b = {pts[0]['batch']}")
-        ax.legend(fontsize=8)
-        md.append(figs.save(fig, "decode_breakdown.png"))
+        md.append(figs.breakdown(pts, "us", f"Decode time breakdown, b = {pts[0]['batch']}", "decode_breakdown.png"))
     return "\n".join(md) + "\n"
 
 
@@ -234,22 +237,7 @@ def prefill_section(g, figs):
         ax.scatter([ONE_M], [PAPER["prefill_1m"]], marker="*", s=150, c="k", zorder=5, label="paper (H800)")
         figs.context_axes(ax, "dense time / MSA time", "Prefill speedup, one layer")
         md.append(figs.save(fig, "prefill_speedup.png"))
-        fig, ax = plt.subplots(figsize=(6.5, 4))
-        labels = [ctx(r["context"]) for r in pts]
-        xs = range(len(pts))
-        bottom = [0.0] * len(pts)
-        for key, name in (("index_ms", "index"), ("select_ms", "select"), ("sparse_ms", "sparse attention")):
-            vals = [r[key] for r in pts]
-            ax.bar(xs, vals, bottom=bottom, label=f"MSA {name}")
-            bottom = [a + v for a, v in zip(bottom, vals)]
-        ax.plot(xs, [r["dense_ms"] for r in pts], "k^-", label="dense")
-        ax.set_yscale("log")
-        ax.set_xticks(list(xs))
-        ax.set_xticklabels(labels)
-        ax.set_ylabel("ms")
-        ax.set_title("Prefill time breakdown, one layer")
-        ax.legend(fontsize=8)
-        md.append(figs.save(fig, "prefill_breakdown.png"))
+        md.append(figs.breakdown(pts, "ms", "Prefill time breakdown, one layer", "prefill_breakdown.png"))
     return "\n".join(md) + "\n"
 
 
