@@ -108,6 +108,22 @@ struct World {
   }
 };
 
+// One warm-up call (module load, shared-memory attributes and occupancy queries stay out of the
+// timings), then each iteration's CUDA-event time on the stream as the manual time.
+template <class F>
+void time_iterations(benchmark::State& state, m3::gpu::Stream& stream, F&& run) {
+  run();
+  stream.sync();
+  cudaStream_t s = stream.get();
+  m3::gpu::Event e0, e1;
+  for (auto _ : state) {
+    e0.record(s);
+    run();
+    e1.record(s);
+    state.SetIterationTime(e1.since(e0) * 1e-3);
+  }
+}
+
 World& world() {
   static World w;
   return w;
@@ -130,15 +146,7 @@ void bench(benchmark::State& state, bool prefill_form) {
       m3::gpu::msa_attention(w.q.data(), w.k.data(), w.v.data(), w.pos.data(), w.sel.data(), kT, n, kBlk, kTopK, kDims,
                              w.out.data(), s, w.ws_decode.data(), w.ws_decode.size());
   };
-  run();  // warm-up: module load, shared-memory attributes, occupancy queries stay out of the timings
-  w.stream.sync();
-  m3::gpu::Event e0, e1;
-  for (auto _ : state) {
-    e0.record(s);
-    run();
-    e1.record(s);
-    state.SetIterationTime(e1.since(e0) * 1e-3);
-  }
+  time_iterations(state, w.stream, run);
   const double flops = 4.0 * kDims.Hq * kDims.D * w.keys;
   state.counters["TFLOP/s"] = benchmark::Counter(flops * 1e-12, benchmark::Counter::kIsIterationInvariantRate);
   state.counters["keys/query"] = w.keys / kT;
@@ -186,15 +194,7 @@ void bench_index(benchmark::State& state, bool sm90) {
     if (sm90) m3::gpu::sm90_msa_index(w.iq.data(), w.ik.data(), n - kT, kT, n, nb, d, w.scores.data(), s);
     else m3::gpu::msa_index(w.iq.data(), w.ik.data(), w.pos.data(), kT, n, nb, d, w.scores.data(), s);
   };
-  run();
-  w.stream.sync();
-  m3::gpu::Event e0, e1;
-  for (auto _ : state) {
-    e0.record(s);
-    run();
-    e1.record(s);
-    state.SetIterationTime(e1.since(e0) * 1e-3);
-  }
+  time_iterations(state, w.stream, run);
   // Useful FLOPs: 2 * Hi * Di per visible (query, key) pair, keys 0..p a query.
   const double pairs = static_cast<double>(kT) * (n - kT) + 0.5 * static_cast<double>(kT) * (kT + 1);
   state.counters["TFLOP/s"] =
