@@ -135,14 +135,18 @@ void layer_slots(Slots& s, const ModelConfig& c, const std::string& p, LayerWeig
     s.one(a + "q_norm.weight", &L.attn.index_q_norm, Di, 0);
     s.one(a + "k_norm.weight", &L.attn.index_k_norm, Di, 0);
   }
-  if (mlp == MlpType::DENSE) {
+  // A SwiGLU MLP under prefix q: HF fuses gate and up (spec A.2), the official layout does not.
+  auto mlp_slots = [&](const std::string& q, ref::MlpWeights<float>* w, std::int64_t inter) {
     if (hf) {
-      s.gate_up(p + "mlp.gate_up_proj.weight", &L.mlp, Id, H);
+      s.gate_up(q + "gate_up_proj.weight", w, inter, H);
     } else {
-      s.one(p + "mlp.gate_proj.weight", &L.mlp.gate, Id, H);
-      s.one(p + "mlp.up_proj.weight", &L.mlp.up, Id, H);
+      s.one(q + "gate_proj.weight", &w->gate, inter, H);
+      s.one(q + "up_proj.weight", &w->up, inter, H);
     }
-    s.one(p + "mlp.down_proj.weight", &L.mlp.down, H, Id);
+    s.one(q + "down_proj.weight", &w->down, H, inter);
+  };
+  if (mlp == MlpType::DENSE) {
+    mlp_slots(p + "mlp.", &L.mlp, Id);
     return;
   }
   const std::string m = p + (hf ? "mlp." : "block_sparse_moe.");
@@ -164,15 +168,7 @@ void layer_slots(Slots& s, const ModelConfig& c, const std::string& p, LayerWeig
       s.one(q + "w2.weight", &x->down, H, I);
     }
   }
-  if (c.n_shared_experts > 0) {
-    if (hf) {
-      s.gate_up(m + "shared_experts.gate_up_proj.weight", &L.shared, Is, H);
-    } else {
-      s.one(m + "shared_experts.gate_proj.weight", &L.shared.gate, Is, H);
-      s.one(m + "shared_experts.up_proj.weight", &L.shared.up, Is, H);
-    }
-    s.one(m + "shared_experts.down_proj.weight", &L.shared.down, H, Is);
-  }
+  if (c.n_shared_experts > 0) mlp_slots(m + "shared_experts.", &L.shared, Is);
 }
 
 }  // namespace
