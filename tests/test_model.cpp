@@ -16,13 +16,7 @@
 namespace {
 
 using m3::MatD;
-
-std::vector<std::int32_t> random_tokens(int n, int vocab, std::mt19937_64& g) {
-  std::uniform_int_distribution<int> d(0, vocab - 1);
-  std::vector<std::int32_t> t(n);
-  for (auto& x : t) x = d(g);
-  return t;
-}
+using m3::test::random_tokens;
 
 struct Tiny {
   m3::ModelConfig cfg = m3::preset("tiny");

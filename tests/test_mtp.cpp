@@ -22,6 +22,7 @@
 namespace {
 
 using m3::MatD;
+using m3::test::random_tokens;
 
 struct TinyMtp {
   m3::ModelConfig cfg = m3::preset("tiny");
@@ -33,13 +34,6 @@ struct TinyMtp {
     mod = m3::generate_mtp_module(cfg, 1, seed, main);
   }
 };
-
-std::vector<std::int32_t> random_tokens(int n, int vocab, std::mt19937_64& g) {
-  std::uniform_int_distribution<int> d(0, vocab - 1);
-  std::vector<std::int32_t> t(n);
-  for (auto& x : t) x = d(g);
-  return t;
-}
 
 // 70 tokens: past K_blk * BLK = 64, so the module's MSA layer really selects.
 constexpr int kLen = 70;

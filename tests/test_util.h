@@ -12,6 +12,7 @@
 #include <limits>
 #include <random>
 #include <string>
+#include <vector>
 
 namespace m3::test {
 
@@ -47,6 +48,14 @@ Vec<T> randn_vec(Eigen::Index n, std::mt19937_64& g, double scale = 1.0) {
   Vec<T> v(n);
   for (Eigen::Index i = 0; i < n; ++i) v[i] = static_cast<T>(nd(g));
   return v;
+}
+
+// n token ids drawn uniformly from [0, vocab).
+inline std::vector<std::int32_t> random_tokens(int n, int vocab, std::mt19937_64& g) {
+  std::uniform_int_distribution<int> d(0, vocab - 1);
+  std::vector<std::int32_t> t(static_cast<std::size_t>(n));
+  for (auto& x : t) x = d(g);
+  return t;
 }
 
 // Fills with NaN so that any element an op forgets to write fails the comparison.
