@@ -176,12 +176,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     const std::uint32_t k_tile = sK + s * kKVBytes;
     reg_fence(sc);
     wgmma_fence();
-#pragma unroll
-    for (int ks = 0; ks < kD / 16; ++ks) {
-      const std::uint32_t qoff = (ks / 4) * kQHalf + (ks % 4) * 32;
-      const std::uint32_t koff = (ks / 4) * kKVHalf + (ks % 4) * 32;
-      wgmma_ss(sc, desc_sw128(q_rows + qoff, 16, 1024), desc_sw128(k_tile + koff, 16, 1024), 1);
-    }
+    wgmma_k128_ss(sc, q_rows, kQHalf, k_tile, kKVHalf, true);
     wgmma_commit();
   };
   // Issues O += P V for the V tile in stage s: 8 k-steps of 16 keys; V is [keys, D] with D

@@ -164,12 +164,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     const std::uint32_t k_tile = sK + s * kKBytes;
     reg_fence(sc);
     wgmma_fence();
-#pragma unroll
-    for (int ks = 0; ks < kDi / 16; ++ks) {
-      const std::uint32_t qoff = (ks / 4) * kQHalf + (ks % 4) * 32;
-      const std::uint32_t koff = (ks / 4) * kKHalf + (ks % 4) * 32;
-      wgmma_ss(sc, desc_sw128(q_tile + qoff, 16, 1024), desc_sw128(k_tile + koff, 16, 1024), ks > 0);
-    }
+    wgmma_k128_ss(sc, q_tile, kQHalf, k_tile, kKHalf, false);
     wgmma_commit();
     wgmma_wait<0>();
     reg_fence(sc);

@@ -130,6 +130,20 @@ __device__ __forceinline__ void wgmma_rs(float (&d)[64], const std::uint32_t (&a
 #undef M3_F64
 #undef M3_F8
 
+// d [64x128 fp32] (+)= A [64 rows, 128] * B [128 rows, 128]^T with A and B in the 128-byte-swizzled
+// two-column-half layout (sm90_attention_prefill.cu explains it): 8 k-steps of 16, steps 0-3 in
+// half 0 and 4-7 `a_half` / `b_half` bytes further. accumulate = false: the first step overwrites
+// d. Issues the wgmmas only: the caller fences before and commits after.
+__device__ __forceinline__ void wgmma_k128_ss(float (&d)[64], std::uint32_t a, std::uint32_t a_half, std::uint32_t b,
+                                              std::uint32_t b_half, bool accumulate) {
+#pragma unroll
+  for (int ks = 0; ks < 8; ++ks) {
+    const std::uint32_t aoff = (ks / 4) * a_half + (ks % 4) * 32;
+    const std::uint32_t boff = (ks / 4) * b_half + (ks % 4) * 32;
+    wgmma_ss(d, desc_sw128(a + aoff, 16, 1024), desc_sw128(b + boff, 16, 1024), accumulate || ks > 0);
+  }
+}
+
 // NaN-propagating max (PTX max.NaN): a NaN operand makes the result NaN, as the reference's
 // PropagateNaN reductions do; one instruction where fmaxf would drop the NaN.
 __device__ __forceinline__ float max_nan(float a, float b) {
