@@ -8,6 +8,7 @@
 #include <fmt/format.h>
 #include <fmt/ranges.h>
 
+#include <chrono>
 #include <fstream>
 #include <thread>
 
@@ -62,6 +63,21 @@ CliImage load_image(const std::string& spec, const VisionConfig& vc, std::uint64
     patch_grid(vc, im.height, im.width);  // the size check, before any tower work
   }
   return im;
+}
+
+PromptImage prepend_image(const std::string& spec, const ModelConfig& cfg, std::uint64_t seed,
+                          std::vector<std::int32_t>& prompt) {
+  const VisionConfig vc = vision_preset(cfg.name);
+  const CliImage im = load_image(spec, vc, seed);
+  const auto t0 = std::chrono::steady_clock::now();
+  PromptImage out;
+  out.features = vision_forward(vc, generate_vision_weights(vc, seed), im.pixels, im.height, im.width);  // [N, H]
+  const double ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
+  const auto n = static_cast<std::size_t>(out.features.rows());
+  out.summary = fmt::format("image {}x{} ({}) -> {} tokens (vision tower {}, {:.1f} ms), then {} text tokens", im.height,
+                            im.width, spec, n, vc.name, ms, prompt.size());
+  prompt.insert(prompt.begin(), n, vc.image_token_id);
+  return out;
 }
 
 std::uint64_t host_memory_bytes() {

@@ -42,6 +42,16 @@ struct CliImage {
 };
 CliImage load_image(const std::string& spec, const VisionConfig& vc, std::uint64_t seed);
 
+// `--image` for a prompt: loads the image (load_image, the vision part of cfg's preset), runs the
+// tower (seeded weights) and puts as many image-placeholder tokens before `prompt`. Returns the
+// tower's rows [N, H] (leading_image_rows places them) and a one-line summary with the tower's time.
+struct PromptImage {
+  MatD features;
+  std::string summary;
+};
+PromptImage prepend_image(const std::string& spec, const ModelConfig& cfg, std::uint64_t seed,
+                          std::vector<std::int32_t>& prompt);
+
 // A prompt from `--tokens`: a count N (N ids drawn from the seed, the same on every machine), a
 // text file of whitespace-separated ids, or FILE.h5:/dataset (an int32/int64 vector). Every id is
 // checked against the vocabulary and the length against max_position_embeddings.

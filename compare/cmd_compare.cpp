@@ -143,12 +143,9 @@ int compare(const CompareArgs& a) {
   std::string image_note;
   if (!a.image.empty()) {
     if (a.sample_rows >= 0) throw std::invalid_argument("compare: --image and --sample-rows together are not supported");
-    const VisionConfig vc = vision_preset(cfg.name);
-    const CliImage im = load_image(a.image, vc, a.seed);
-    feats = vision_forward(vc, generate_vision_weights(vc, a.seed), im.pixels, im.height, im.width);
-    prompt.insert(prompt.begin(), static_cast<std::size_t>(feats->rows()), vc.image_token_id);
-    image_note = fmt::format("image {}x{} ({}) -> {} leading tokens from the CPU vision tower", im.height, im.width,
-                             a.image, feats->rows());
+    PromptImage pi = prepend_image(a.image, cfg, a.seed, prompt);
+    feats = std::move(pi.features);
+    image_note = std::move(pi.summary);
   }
   if (a.decode < 0) throw std::invalid_argument("--decode must be >= 0");
   const auto T = static_cast<std::int64_t>(prompt.size());

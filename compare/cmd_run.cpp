@@ -77,7 +77,6 @@ int run_mtp(const RunArgs& a, const ModelConfig& cfg0, Precision prec, const std
   const ModelConfig mc = mtp_module_config(cfg);
   std::vector<Model> mods;
   for (auto& m : mw) mods.emplace_back(mc, m, prec);
-  cfg.num_mtp_modules = static_cast<int>(mods.size());  // what the printout reports
   std::vector<Model*> ptrs;
   for (auto& m : mods) ptrs.push_back(&m);
   MtpStats st;
@@ -93,7 +92,7 @@ int run_mtp(const RunArgs& a, const ModelConfig& cfg0, Precision prec, const std
     j["seed"] = a.seed;
     j["prompt_tokens"] = prompt.size();
     j["decode_steps"] = a.decode;
-    j["mtp"] = {{"modules", cfg.num_mtp_modules}, {"drafts_per_round", a.mtp}, {"rounds", st.rounds},
+    j["mtp"] = {{"modules", mods.size()}, {"drafts_per_round", a.mtp}, {"rounds", st.rounds},
                 {"drafted", st.drafted}, {"accepted", st.accepted}, {"accepted_at", st.accepted_at},
                 {"acceptance", rate}};
     j["ms"] = ms;
@@ -103,7 +102,7 @@ int run_mtp(const RunArgs& a, const ModelConfig& cfg0, Precision prec, const std
   }
   fmt::print("# {}\n# {}\n", command_line(), cpu_description());
   fmt::print("config {} ({} layers, H {}, V {}), precision {}, seed {}; {} MTP module(s), {} drafts a round\n", cfg.name,
-             cfg.num_hidden_layers, cfg.hidden_size, cfg.vocab_size, prec_name, a.seed, cfg.num_mtp_modules, a.mtp);
+             cfg.num_hidden_layers, cfg.hidden_size, cfg.vocab_size, prec_name, a.seed, mods.size(), a.mtp);
   fmt::print("prefill + {} tokens in {:.1f} ms: {} checking forwards, {} of {} drafts accepted ({:.1f}%), by slot: {}\n",
              a.decode, ms, st.rounds, st.accepted, st.drafted, 100 * rate, fmt::join(st.accepted_at, " "));
   fmt::print("(seeded weights: the modules were never trained, so acceptance is chance; the tokens are the\n"
@@ -151,16 +150,9 @@ int run(const RunArgs& a) {
     if (a.mtp > 0) throw std::invalid_argument("--image and --mtp together are not supported");
     // A golden file stores tokens, from which --check would rebuild a run without the image.
     if (!a.out.empty()) throw std::invalid_argument("--image: --out is not written for image runs (goldens carry no image yet)");
-    const VisionConfig vc = vision_preset(cfg.name);
-    CliImage im = load_image(a.image, vc, a.seed);
-    const int h = im.height, w = im.width;
-    const MatD px = std::move(im.pixels);
-    const auto t0 = std::chrono::steady_clock::now();
-    image_feats = vision_forward(vc, generate_vision_weights(vc, a.seed), px, h, w);  // [N, H]
-    const double vms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
-    prompt.insert(prompt.begin(), static_cast<std::size_t>(image_feats->rows()), vc.image_token_id);
-    image_line = fmt::format("image {}x{} ({}) -> {} tokens (vision tower {}, {:.1f} ms), then {} text tokens", h, w,
-                             a.image, image_feats->rows(), vc.name, vms, prompt.size() - image_feats->rows());
+    PromptImage pi = prepend_image(a.image, cfg, a.seed, prompt);
+    image_feats = std::move(pi.features);
+    image_line = std::move(pi.summary);
   }
   if (a.decode < 0) throw std::invalid_argument("--decode must be >= 0");
   if (static_cast<std::int64_t>(prompt.size()) + a.decode > cfg.max_position_embeddings)
