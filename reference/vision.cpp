@@ -175,25 +175,20 @@ void vision_rope3d(MatD& x, int heads, int hd, int rd, double theta, const std::
 }
 
 
-MatD vision_forward(const VisionConfig& vc, const VisionWeights<double>& w, const MatD& image, int height, int width,
-                    VisionTrace* trace) {
-  vc.validate();
+VisionPatches vision_patches(const VisionConfig& vc, const MatD& image, int height, int width) {
   const PatchGrid g = patch_grid(vc, height, width);
   if (image.rows() != vc.channels || image.cols() != static_cast<Eigen::Index>(height) * width)
-    throw std::invalid_argument(fmt::format("vision_forward: image [{}, {}], expected [channels, height*width] = [{}, {}]",
+    throw std::invalid_argument(fmt::format("vision_patches: image [{}, {}], expected [channels, height*width] = [{}, {}]",
                                             image.rows(), image.cols(), vc.channels,
                                             static_cast<Eigen::Index>(height) * width));
-  if (static_cast<int>(w.layers.size()) != vc.layers || w.patch_embed.rows() != vc.hidden)
-    throw std::invalid_argument("vision_forward: weights do not match the vision config");
-  auto emit = [&](const std::string& n, const MatD& m) {
-    if (trace) trace->tensors.emplace_back(n, m);
-  };
   const int p = vc.patch, tp = vc.temporal_patch, m = vc.merge, P = g.patches();
   const int K = vc.channels * tp * p * p;
   // Patches in merge-window order, flattened as the Conv3d weight [Hv, C, tp, p, p]; the image's
   // 2 frames are the same picture.
-  MatD patches(P, K);                              // [P, C*tp*p*p]
-  std::vector<std::array<int, 3>> pos;             // [P] (t, h, w)
+  VisionPatches out;
+  MatD& patches = out.rows;
+  patches.resize(P, K);                            // [P, C*tp*p*p]
+  std::vector<std::array<int, 3>>& pos = out.pos;  // [P] (t, h, w)
   int idx = 0;
   for (int wr = 0; wr < g.rows / m; ++wr)
     for (int wc = 0; wc < g.cols / m; ++wc)
@@ -208,6 +203,24 @@ MatD vision_forward(const VisionConfig& vc, const VisionWeights<double>& w, cons
                   patches(idx, ((ch * tp + t) * p + ky) * p + kx) =
                       image(ch, static_cast<Eigen::Index>(r * p + ky) * width + c * p + kx);
         }
+  return out;
+}
+
+MatD vision_forward(const VisionConfig& vc, const VisionWeights<double>& w, const MatD& image, int height, int width,
+                    VisionTrace* trace) {
+  vc.validate();
+  const PatchGrid g = patch_grid(vc, height, width);
+  if (image.rows() != vc.channels || image.cols() != static_cast<Eigen::Index>(height) * width)
+    throw std::invalid_argument(fmt::format("vision_forward: image [{}, {}], expected [channels, height*width] = [{}, {}]",
+                                            image.rows(), image.cols(), vc.channels,
+                                            static_cast<Eigen::Index>(height) * width));
+  if (static_cast<int>(w.layers.size()) != vc.layers || w.patch_embed.rows() != vc.hidden)
+    throw std::invalid_argument("vision_forward: weights do not match the vision config");
+  auto emit = [&](const std::string& n, const MatD& m) {
+    if (trace) trace->tensors.emplace_back(n, m);
+  };
+  const int m = vc.merge, P = g.patches();
+  const auto [patches, pos] = vision_patches(vc, image, height, width);  // [P, C*tp*p*p], [P]
   MatD x = patches * w.patch_embed.transpose();  // [P, Hv]
   emit("vis.patch_embed", x);
   x = layer_norm(x, w.pre_ln_w, w.pre_ln_b, vc.ln_eps);

@@ -101,6 +101,16 @@ struct PatchGrid {
 };
 PatchGrid patch_grid(const VisionConfig& vc, int height, int width);
 
+// The rows the Conv3d patch embedding multiplies: patches [P, C*tp*p*p] in merge-window order
+// (column ((ch*tp + t)*p + ky)*p + kx, the image duplicated to tp frames) and each patch's (t, h, w)
+// position; the first step of vision_forward, exposed for the GPU twin's test. Throws as
+// vision_forward does for a bad size.
+struct VisionPatches {
+  MatD rows;                             // [P, C*tp*p*p]
+  std::vector<std::array<int, 3>> pos;   // [P] (t = 0, h, w)
+};
+VisionPatches vision_patches(const VisionConfig& vc, const MatD& image, int height, int width);
+
 // The vision tower and projector: image [C, Hpx*Wpx] (channel rows, pixels row-major) with its
 // height and width -> features [tokens, H], one row a text token. `trace` (optional) receives
 // vis.patch_embed, vis.blk.{l}.out, vis.proj, vis.merged.
