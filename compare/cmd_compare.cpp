@@ -2,7 +2,9 @@
 // the DESIGN §4 table per op and per layer, the end-to-end block, a verdict and its exit code.
 //   m3h compare --preset tiny --tokens 300 --decode 16 [--format table|json] [--fp8-index]
 //   m3h compare --preset m3-layer --tokens 32768 --decode 0 --sample-rows 8   (long context, sampled rows)
+//   m3h compare --preset tiny --image synthetic:32x48 --vision-check         (+ the GPU vision tower)
 #include "compare/cli_common.h"
+#include "compare/metrics.h"
 #include "compare/model_compare.h"
 #include "compare/model_sampled.h"
 #include "compare/tolerance.h"
@@ -11,12 +13,14 @@
 
 #if M3_HAVE_GPU
 #include "gpu/runtime/device.h"
+#include "gpu/vision.h"
 #endif
 
 #include <fmt/format.h>
 #include <nlohmann/json.hpp>
 
 #include <algorithm>
+#include <chrono>
 #include <optional>
 #include <cstdio>
 
@@ -33,6 +37,7 @@ struct CompareArgs {
   bool all_rows = false;
   int sample_rows = -1;  // >= 0: the sampled-row mode with this many random rows beyond the fixed ones
   std::string image;     // an image before the prompt: the CPU tower's rows feed both engines
+  bool vision_check = false;  // with --image: also the GPU tower against the reference tower
   Format format = Format::TABLE;
 };
 
@@ -70,6 +75,68 @@ nlohmann::json to_json(const cmp::TensorCheck& t) {
 #endif
 
 #if M3_HAVE_GPU
+// --vision-check: the GPU vision tower (gpu/vision.h) against the fp64 reference tower on the
+// --image and the seeded vision weights, rel-L2 per traced tensor (vis.patch_embed,
+// vis.blk.{l}.out, vis.proj, vis.merged) gated by compare/tolerance.h's vision_rel_l2_gate: there
+// is no bf16-emulating tower reference, so the gate is against the truth. The text model's rows
+// still come from the CPU tower (the comparison below it stays one of the text model alone).
+struct VisionRow {
+  std::string name;
+  cmp::FloatMetrics m;
+  double gate = 0;
+  bool pass() const { return m.compared == m.count && m.ref_norm > 0 && m.rel_l2 <= gate; }
+};
+struct VisionReport {
+  std::vector<VisionRow> rows;
+  double gpu_ms = 0;  // one forward without the trace, after one with it
+  bool pass() const {
+    return !rows.empty() && std::all_of(rows.begin(), rows.end(), [](const VisionRow& r) { return r.pass(); });
+  }
+};
+
+VisionReport check_vision_tower(const ModelConfig& cfg, const std::string& spec, std::uint64_t seed) {
+  const VisionConfig vc = vision_preset(cfg.name);
+  const CliImage im = load_image(spec, vc, seed);
+  const VisionWeights<double> w = generate_vision_weights(vc, seed);  // the weights prepend_image used
+  VisionTrace ref_tr, gpu_tr;
+  vision_forward(vc, w, im.pixels, im.height, im.width, &ref_tr);
+  gpu::VisionTower tower(vc, w);
+  tower.forward(im.pixels, im.height, im.width, &gpu_tr);
+  const auto t0 = std::chrono::steady_clock::now();
+  tower.forward(im.pixels, im.height, im.width);
+  VisionReport rep;
+  rep.gpu_ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
+  for (const auto& [name, want] : ref_tr.tensors) {
+    const auto it = std::find_if(gpu_tr.tensors.begin(), gpu_tr.tensors.end(), [&](const auto& t) { return t.first == name; });
+    if (it == gpu_tr.tensors.end() || it->second.rows() != want.rows() || it->second.cols() != want.cols())
+      throw std::runtime_error(fmt::format("compare --vision-check: the GPU tower traced no {} [{}, {}]", name,
+                                           want.rows(), want.cols()));
+    const MatD& got = it->second;
+    VisionRow r{name, {}, cmp::vision_rel_l2_gate(name)};
+    // The elementwise rule is reported (pass %), not gated: the gate is rel-L2 against fp64.
+    r.m = cmp::compare_float({got.data(), static_cast<std::size_t>(got.size())},
+                             {want.data(), static_cast<std::size_t>(want.size())}, {want.rows(), want.cols()},
+                             cmp::kBf16.atol, cmp::kBf16.rtol);
+    rep.rows.push_back(std::move(r));
+  }
+  return rep;
+}
+
+nlohmann::json to_json(const VisionReport& v) {
+  nlohmann::json j;
+  j["gpu_forward_ms"] = v.gpu_ms;
+  j["pass"] = v.pass();
+  for (const auto& r : v.rows)
+    j["tensors"].push_back({{"name", r.name},
+                            {"rel_l2_gpu_vs_fp64", r.m.rel_l2},
+                            {"gate", r.gate},
+                            {"max_abs", r.m.max_abs},
+                            {"max_abs_at", r.m.max_at.at},
+                            {"elementwise_pass_pct", r.m.pass_pct},
+                            {"pass", r.pass()}});
+  return j;
+}
+
 // --sample-rows: the GPU's prefill checked op by op on sampled rows from its own inputs
 // (model_sampled.h): no reference forward, so it reaches m3-layer at long context.
 int compare_sampled(const CompareArgs& a, const ModelConfig& cfg, const std::vector<std::int32_t>& prompt) {
@@ -138,7 +205,8 @@ int compare(const CompareArgs& a) {
   const ModelConfig cfg = resolve_config(a.preset);
   auto prompt = load_tokens(a.tokens, cfg, a.seed);
   // --image: the vision tower runs once on the CPU (reference/vision.h); its rows lead the prompt of
-  // every engine, so the comparison covers the text model consuming them (the tower has no GPU twin yet).
+  // every engine, so the comparison covers the text model consuming them; --vision-check adds the
+  // GPU tower against the reference tower.
   std::optional<MatD> feats;
   std::string image_note;
   if (!a.image.empty()) {
@@ -147,6 +215,13 @@ int compare(const CompareArgs& a) {
     feats = std::move(pi.features);
     image_note = std::move(pi.summary);
   }
+  if (a.vision_check && a.image.empty()) throw std::invalid_argument("compare: --vision-check needs --image");
+  std::optional<VisionReport> vis;
+  if (a.vision_check) {
+    std::fprintf(stderr, "compare: vision tower, gpu vs fp64 reference ...\n");
+    vis = check_vision_tower(cfg, a.image, a.seed);
+  }
+  const bool vis_pass = !vis || vis->pass();
   if (a.decode < 0) throw std::invalid_argument("--decode must be >= 0");
   const auto T = static_cast<std::int64_t>(prompt.size());
   if (T + a.decode > cfg.max_position_embeddings)
@@ -211,9 +286,10 @@ int compare(const CompareArgs& a) {
                        {"greedy_tokens_ref", ref.greedy},
                        {"greedy_tokens_gpu", test.greedy}};
     j["failures"] = mc.failures;
-    j["pass"] = mc.pass();
+    if (vis) j["vision_tower"] = to_json(*vis);
+    j["pass"] = mc.pass() && vis_pass;
     fmt::print("{}\n", j.dump(2));
-    return mc.pass() ? kExitOk : kExitDisagree;
+    return mc.pass() && vis_pass ? kExitOk : kExitDisagree;
   }
 
   fmt::print("# {}\n# {}\n# {}\n", command_line(), dev, cpu_description());
@@ -263,9 +339,22 @@ int compare(const CompareArgs& a) {
   for (const auto& f : mc.failures) fmt::print("  {}\n", f);
   int failed = 0;
   for (const auto& t : mc.tensors) failed += !t.pass();
-  fmt::print("\nverdict: {} ({} of {} tensors fail, {} end-to-end failures)\n", mc.pass() ? "AGREE" : "DISAGREE", failed,
-             mc.tensors.size(), mc.failures.size());
-  return mc.pass() ? kExitOk : kExitDisagree;
+  if (vis) {
+    fmt::print("\nvision tower, gpu vs fp64 reference (gpu forward {:.2f} ms; gate: rel-L2 per stage, "
+               "compare/tolerance.h):\n{:<24} {:>10} {:>10} {:>22} {:>10} {:>8}  {}\n",
+               vis->gpu_ms, "tensor", "rel-L2", "max abs", "at (gpu / ref)", "gate", "elem %", "verdict");
+    for (const auto& r : vis->rows) {
+      failed += !r.pass();
+      fmt::print("{:<24} {:>10.3e} {:>10.3e} {:>22} {:>10.1e} {:>8.2f}  {}\n", r.name, r.m.rel_l2, r.m.max_abs,
+                 fmt::format("{} {:.4g}/{:.4g}", cmp::coord_str(r.m.max_at.at), r.m.max_at.got, r.m.max_at.want),
+                 r.gate, r.m.pass_pct, r.pass() ? "ok" : "FAIL");
+    }
+  }
+  const std::size_t n_tensors = mc.tensors.size() + (vis ? vis->rows.size() : 0);
+  const bool pass = mc.pass() && vis_pass;
+  fmt::print("\nverdict: {} ({} of {} tensors fail, {} end-to-end failures)\n", pass ? "AGREE" : "DISAGREE", failed,
+             n_tensors, mc.failures.size());
+  return pass ? kExitOk : kExitDisagree;
 #endif
 }
 
@@ -289,7 +378,10 @@ CLI::App* register_compare(CLI::App& app, int* exit_code) {
   cmd->add_flag("--quiet-failures", args->all_rows, "Do not print the failure lines under each table row");
   cmd->add_option("--image", args->image,
                   "An image before the prompt (synthetic:HxW or a PPM file): the CPU vision tower's rows feed the "
-                  "reference and the GPU alike (the tower itself has no GPU twin yet)");
+                  "reference and the GPU alike");
+  cmd->add_flag("--vision-check", args->vision_check,
+                "With --image: also run the GPU vision tower and check each traced tensor (vis.patch_embed, "
+                "vis.blk.{l}.out, vis.proj, vis.merged) against the fp64 reference tower (rel-L2 gate per stage)");
   cmd->add_option("--sample-rows", args->sample_rows,
                   "Long-context mode: no reference forward; the GPU's prefill is checked op by op on the first/last "
                   "rows, block and top-k edges, the middle and N seeded random rows, each op re-run by the reference "
