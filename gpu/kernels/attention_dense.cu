@@ -7,7 +7,13 @@
 //    in base 2, and accumulates P.V with P split into bf16 hi + lo parts (two MMAs), so that P
 //    carries ~16 significant bits instead of bf16's 8: the P.V sum is fp32-accurate.
 //  - At the end the 4 warps merge through shared memory and write one partial (o, m, l) per head.
-//  - A merge kernel combines the splits of each (query, head) and rounds once to bf16.
+//  - A merge kernel combines the splits of each (query, head) and rounds once to bf16. Sparse
+//    launches whose grid is well under one wave and whose splits are <= 16 instead run the splits
+//    of a (query, group, m-tile) as one thread-block cluster that merges through distributed
+//    shared memory (same formula, split order): no merge kernel, no partials in global memory.
+//    Sparse launches are also programmatic dependents of msa_select (PDL, attention_dense.h).
+//    Measured (H200, M3 decode at 1M, 16 blocks): b 1 18.7 -> 16.2 us; the whole index + select
+//    + sparse chain 107.5 -> 103 us with PDL (2026-11-29).
 //  - Paged caches (kv_cache.h) are a separate instantiation (the contiguous one is unchanged): a
 //    dense tile (64 keys aligned to 64) lies in one page, whose id is loaded one pipeline step
 //    ahead, so the cp.async addresses never wait on it; a sparse CTA translates its selected blocks
@@ -33,6 +39,7 @@ constexpr int kStages = 3;              // tiles in flight: 2 loading while 1 is
 constexpr int kRowsM = 16;              // MMA M: head rows of one m-tile
 constexpr int kMaxSlots = 64;           // selection slots one sparse CTA may take
 constexpr int kMinChunk = 2 * kTileKeys;  // shortest dense split: two tiles (both loads in flight)
+constexpr int kMaxCluster = 16;         // sparse splits merged in a cluster (Hopper's largest, non-portable)
 constexpr float kLog2e = 1.4426950408889634f;
 
 template <int D>
@@ -61,9 +68,12 @@ struct KeyMap {
   std::int64_t p = 0;
 };
 
-template <int D, bool kSparse, bool kPaged>
+// kCluster (sparse only): the splits of one (query, group, m-tile) are one thread-block cluster
+// (rank = split) and merge through distributed shared memory; no workspace, no merge kernel.
+template <int D, bool kSparse, bool kPaged, bool kCluster = false>
 __global__ void __launch_bounds__(kThreads, 2) attn_partial_kernel(const AttnLaunch a) {
   using C = Cfg<D>;
+  if constexpr (kSparse) pdl_wait();  // the selection comes from the kernel before (msa_select)
   extern __shared__ __align__(16) unsigned char smem[];
   bf16* sk = reinterpret_cast<bf16*>(smem);  // [kStages][kTileKeys][kStride]
   bf16* sv = sk + kStages * C::kTileElems;   // [kStages][kTileKeys][kStride]
@@ -79,8 +89,14 @@ __global__ void __launch_bounds__(kThreads, 2) attn_partial_kernel(const AttnLau
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const int G = a.Hq / a.Hkv, MT = (G + kRowsM - 1) / kRowsM;
   long x = blockIdx.x;
-  const int mt = static_cast<int>(x % MT); x /= MT;  // m-tiles of a chunk adjacent: share K/V in L2
-  const int split = static_cast<int>(x % a.splits); x /= a.splits;
+  int mt = 0, split = 0;
+  if constexpr (kCluster) {  // a cluster's CTAs are consecutive: the split varies fastest
+    split = static_cast<int>(x % a.splits); x /= a.splits;
+    mt = static_cast<int>(x % MT); x /= MT;
+  } else {
+    mt = static_cast<int>(x % MT); x /= MT;  // m-tiles of a chunk adjacent: share K/V in L2
+    split = static_cast<int>(x % a.splits); x /= a.splits;
+  }
   const int g = static_cast<int>(x % a.Hkv); x /= a.Hkv;
   const int qrow = static_cast<int>(x);  // b*T + t
   const int b = qrow / a.T;
@@ -321,6 +337,9 @@ __global__ void __launch_bounds__(kThreads, 2) attn_partial_kernel(const AttnLau
   __syncthreads();
 
   const int nrows = G - mt * kRowsM < kRowsM ? G - mt * kRowsM : kRowsM;
+  // Cluster merge: this CTA's merged rows go to shared memory past the warps' buffer.
+  float* cl_o = red + kWarps * kRowsM * C::kRedStride;  // [kRowsM, D]
+  float2* cl_ml = reinterpret_cast<float2*>(cl_o + kRowsM * D);  // [kRowsM] (max, sum)
   for (int idx = tid; idx < nrows * D; idx += kThreads) {
     const int r = idx / D, d = idx % D;
     float M = -INFINITY;
@@ -336,12 +355,58 @@ __global__ void __launch_bounds__(kThreads, 2) attn_partial_kernel(const AttnLau
         L += sw * s_l[w][r];
       }
     }
-    const int h = g * G + mt * kRowsM + r;
-    const std::int64_t prow = (static_cast<std::int64_t>(qrow) * a.Hq + h) * a.splits + split;
-    a.part_o[prow * D + d] = acc;
-    if (d == 0) a.part_ml[prow] = make_float2(M, L);
+    if constexpr (kCluster) {
+      cl_o[r * D + d] = acc;
+      if (d == 0) cl_ml[r] = make_float2(M, L);
+    } else {
+      const int h = g * G + mt * kRowsM + r;
+      const std::int64_t prow = (static_cast<std::int64_t>(qrow) * a.Hq + h) * a.splits + split;
+      a.part_o[prow * D + d] = acc;
+      if (d == 0) a.part_ml[prow] = make_float2(M, L);
+    }
+  }
+  if constexpr (kCluster) {
+    // The attn_merge_kernel formula over the cluster's splits, in split order; CTA `split` takes
+    // rows split, split + splits, ... The barrier publishes every CTA's rows (release / acquire);
+    // the second keeps each CTA's shared memory alive until the others have read it.
+    __cluster_barrier_arrive();
+    __cluster_barrier_wait();
+    float* s_w = s_m[0];   // [kMaxCluster] split weights of the row (s_m, s_l are free after the CTA merge)
+    float* s_wl = s_l[0];  // [kMaxCluster] weight x sum of each split
+    for (int r = split; r < nrows; r += a.splits) {
+      // Warp 0 gathers the splits' (max, sum) (one remote load a lane), forms the weights.
+      float L = 0.f;
+      if (warp == 0) {
+        const float2 ml = lane < a.splits ? static_cast<const float2*>(__cluster_map_shared_rank(cl_ml, lane))[r]
+                                          : make_float2(-INFINITY, 0.f);
+        float M = ml.x;
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) M = fmaxf(M, __shfl_xor_sync(0xffffffffu, M, o));
+        const float w = ml.x == -INFINITY ? 0.f : exp2f(ml.x - M);  // an empty split weighs nothing
+        if (lane < a.splits) {
+          s_w[lane] = w;
+          s_wl[lane] = w * ml.y;
+        }
+      }
+      __syncthreads();
+      for (int c = 0; c < a.splits; ++c) L += s_wl[c];
+      for (int d = tid; d < D; d += kThreads) {
+        float acc = 0.f;
+        // Independent remote loads, issued back to back; summed in split order.
+#pragma unroll 4
+        for (int c = 0; c < a.splits; ++c) acc += s_w[c] * static_cast<const float*>(__cluster_map_shared_rank(cl_o, c))[r * D + d];
+        const int h = g * G + mt * kRowsM + r;
+        // No key at all (an empty selection, a position outside [0, N)): 0/0 -> NaN, on purpose.
+        a.out[(static_cast<std::int64_t>(qrow) * a.Hq + h) * D + d] = __float2bfloat16_rn(L > 0.f ? acc / L : NAN);
+      }
+      __syncthreads();  // s_w is rewritten for the next row
+    }
+    __cluster_barrier_arrive();
+    __cluster_barrier_wait();
   }
 }
+
+int partial_slots(int D, bool sparse);
 
 constexpr int kMergeThreads = 256;  // 8 split lanes x 32 threads of 4 output dims (D <= 128)
 
@@ -427,7 +492,63 @@ int prepare() {
 template <int D, bool kSparse, bool kPaged>
 void launch_partial(const AttnLaunch& a, long ctas, cudaStream_t s) {
   prepare<D, kSparse, kPaged>();
-  attn_partial_kernel<D, kSparse, kPaged><<<static_cast<unsigned>(ctas), kThreads, Cfg<D>::kSmemBytes, s>>>(a);
+  void (*kernel)(const AttnLaunch) = attn_partial_kernel<D, kSparse, kPaged>;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;  // sparse: overlaps msa_select's tail
+  attr[0].val.programmaticStreamSerializationAllowed = kSparse ? 1 : 0;
+  cudaLaunchConfig_t cfg{};
+  cfg.gridDim = dim3(static_cast<unsigned>(ctas));
+  cfg.blockDim = dim3(kThreads);
+  cfg.dynamicSmemBytes = Cfg<D>::kSmemBytes;
+  cfg.stream = s;
+  cfg.attrs = attr;
+  cfg.numAttrs = 1;
+  M3_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kernel, a));
+}
+
+// Sparse, splits <= kMaxCluster: clusters of `splits` CTAs (16 is past the portable 8: allowed
+// explicitly; Hopper schedules it).
+// Returns false (nothing launched) where the device cannot hold one such cluster: the caller then
+// takes the workspace path. The answer is cached per (device, kernel, cluster size).
+template <int D, bool kPaged>
+bool launch_cluster(const AttnLaunch& a, long ctas, cudaStream_t s) {
+  void (*kernel)(const AttnLaunch) = attn_partial_kernel<D, true, kPaged, true>;
+  static_assert(Cfg<D>::kRedBytes + kRowsM * (D + 2) * 4 <= Cfg<D>::kSmemBytes, "cluster rows fit the pipeline's smem");
+  resident_ctas(reinterpret_cast<const void*>(kernel), kThreads, Cfg<D>::kSmemBytes);
+  static std::mutex mu;
+  static std::map<std::pair<int, int>, bool> fits;  // (device, cluster size) -> schedulable
+  int dev = 0;
+  M3_CUDA_CHECK(cudaGetDevice(&dev));
+  cudaLaunchAttribute attr[2];
+  attr[0].id = cudaLaunchAttributeClusterDimension;
+  attr[0].val.clusterDim.x = static_cast<unsigned>(a.splits);
+  attr[0].val.clusterDim.y = 1;
+  attr[0].val.clusterDim.z = 1;
+  attr[1].id = cudaLaunchAttributeProgrammaticStreamSerialization;  // overlaps msa_select's tail
+  attr[1].val.programmaticStreamSerializationAllowed = 1;
+  cudaLaunchConfig_t cfg{};
+  cfg.gridDim = dim3(static_cast<unsigned>(ctas));
+  cfg.blockDim = dim3(kThreads);
+  cfg.dynamicSmemBytes = Cfg<D>::kSmemBytes;
+  cfg.stream = s;
+  cfg.attrs = attr;
+  cfg.numAttrs = 2;
+  {
+    std::lock_guard<std::mutex> lock(mu);
+    auto it = fits.find({dev, a.splits});
+    if (it == fits.end()) {
+      bool ok = true;
+      if (a.splits > 8)
+        ok = cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1) == cudaSuccess;
+      int clusters = 0;
+      ok = ok && cudaOccupancyMaxActiveClusters(&clusters, kernel, &cfg) == cudaSuccess && clusters > 0;
+      (void)cudaGetLastError();  // a refused query leaves no sticky error; clear the last one
+      it = fits.emplace(std::make_pair(dev, a.splits), ok).first;
+    }
+    if (!it->second) return false;
+  }
+  M3_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kernel, a));
+  return true;
 }
 
 template <int D>
@@ -435,6 +556,14 @@ void launch(const AttnLaunch& a, cudaStream_t s) {
   const int G = a.Hq / a.Hkv, MT = (G + kRowsM - 1) / kRowsM;
   const long ctas = static_cast<long>(a.B) * a.T * a.Hkv * MT * a.splits;
   const bool paged = a.pages.table != nullptr;
+  // Clusters only where the grid is well under one wave: clusters are placed whole inside a GPC,
+  // so a grid near a full wave of single CTAs would spill into a second wave (measured, H200,
+  // b 8 at 1M: 256 CTAs in clusters of 8 took 45.6 us against 28.8 us with the merge kernel).
+  if (a.sel && a.splits <= kMaxCluster && ctas * 2 <= partial_slots(D, true) &&
+      (paged ? launch_cluster<D, true>(a, ctas, s) : launch_cluster<D, false>(a, ctas, s))) {
+    M3_CUDA_CHECK_LAUNCH();
+    return;
+  }
   if (a.sel) paged ? launch_partial<D, true, true>(a, ctas, s) : launch_partial<D, true, false>(a, ctas, s);
   else paged ? launch_partial<D, false, true>(a, ctas, s) : launch_partial<D, false, false>(a, ctas, s);
   M3_CUDA_CHECK_LAUNCH();

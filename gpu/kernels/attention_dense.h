@@ -115,6 +115,13 @@ __device__ __forceinline__ void cp_async16(std::uint32_t dst, const void* src, b
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(n));
 }
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+// Programmatic dependent launch (sm_90): the MSA decode chain index -> select -> sparse attention
+// is launched with cudaLaunchAttributeProgrammaticStreamSerialization, so each kernel's launch and
+// CTA set-up overlap the tail of the one before. A producer lets its dependents launch
+// (pdl_trigger); a consumer waits for the whole preceding grid and its memory (pdl_wait) before
+// reading anything that grid wrote. Both are no-ops in a kernel launched without the attribute.
+__device__ __forceinline__ void pdl_trigger() { asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory"); }
+__device__ __forceinline__ void pdl_wait() { asm volatile("griddepcontrol.wait;\n" ::: "memory"); }
 template <int N>
 __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");

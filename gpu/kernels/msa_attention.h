@@ -4,7 +4,13 @@
 // fp32 online softmax over that union, fp32 accumulation, one bf16 rounding of the output.
 // Query-outer split-K: one CTA per (query, KV group, a few selected blocks), the G heads of the
 // group together (each selected K/V row read once per group), partial (o, m, l) per CTA merged by
-// log-sum-exp (the machinery of attention_dense.h, detail::attention_run).
+// log-sum-exp (the machinery of attention_dense.h, detail::attention_run): for small grids (decode)
+// the splits of one (query, group) form a thread-block cluster and merge in distributed shared
+// memory, else a merge kernel reads fp32 partials from the workspace (which is then unused, but
+// still required: whether a cluster fits is the device's answer at launch).
+// Launched as a programmatic dependent (PDL) of the kernel before it in the stream: it waits for
+// that grid before reading anything, so any producer order is safe; after msa_select its launch
+// overlaps the selection's tail.
 //
 // Batching as in attention_dense.h: B sequences, q / q_pos / out rows b*T + t, cache rows b*N + j,
 // sel rows (b*Hkv + g)*T + t (msa_select's layout per sequence). B = 1 is the reference's layout.

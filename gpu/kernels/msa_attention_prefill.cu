@@ -18,7 +18,9 @@
 //
 // Measured on an H200 (bench_gpu --benchmark_filter=MsaPrefill, M3 geometry, T = 4096 at the end
 // of N keys, 15 random + own block): 4.5 / 4.6 / 5.1 / 7.5 ms at N = 16K / 64K / 256K / 1M
-// (59 / 58 / 52 / 35 TFLOP/s attended), against 6.4 ms at every N for the decode-form kernel.
+// (59 / 58 / 52 / 35 TFLOP/s attended) with 1008-query chunks, against 6.4 ms at every N for the
+// decode-form kernel; with the whole 4096 queries in one chunk (kPartialBudget) 4.30 ms at 256K and
+// 4.83 ms at 1M (2026-11-29). The ncu figures below are for 1008-query chunks.
 // ncu: block_kernel is 80% of it (3.6 ms at 16K, 6.0 ms at 1M: ~14 us a tile a CTA, latency-bound:
 // metadata loads -> K/V load -> MMAs -> 32 KB of partial stores, with 2 CTAs of 4 warps an SM),
 // merge_kernel 0.56 ms (the 2.1 GB of fp32 partials read back), list building < 0.2 ms (0.6 ms at
@@ -53,7 +55,11 @@ constexpr int kSub = 64;            // keys a sub-tile (S accumulators of 8 n-ti
 constexpr int kMaxBlk = 128;
 constexpr int kScanThreads = 1024;
 constexpr int kMergeWarps = 8;
-constexpr std::size_t kPartialBudget = std::size_t{512} << 20;  // bytes of partials a chunk
+// Bytes of partials a chunk. Larger chunks put more queries in each (group, block) list, so a
+// tile's K/V load serves more rows: measured (H200, T 4096 at the end of N, M3 geometry) 512 MiB
+// (T_c 1008) / 2 GiB (4032) / 4 GiB (4096: one chunk): 7.54 / 5.12 / 4.83 ms at N = 1M and 5.13 /
+// 4.50 / 4.30 ms at 256K. 4 GiB holds 8064 queries at M3 geometry; small models take T whole.
+constexpr std::size_t kPartialBudget = std::size_t{4} << 30;
 constexpr long kMaxEntries = 1L << 29;  // selection entries a chunk: E and the tile bound (<= 2E) fit int32
 constexpr float kLog2e = 1.4426950408889634f;
 

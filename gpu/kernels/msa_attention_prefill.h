@@ -39,14 +39,16 @@
 // Hkv*ceil(N/blk) < 2^29; q, k, v, out and the workspace 16-byte aligned; with a page table,
 // pages_per_seq * kPageRows >= N.
 //
-// Workspace (msa_attention_prefill_workspace_bytes), with T_c = min(T, floor(512 MiB / (Hq * k_blk
+// Workspace (msa_attention_prefill_workspace_bytes), with T_c = min(T, floor(4 GiB / (Hq * k_blk
 // * (4D + 8)))) (and Hkv * T_c * k_blk <= 2^29; T_c >= 1), E = Hkv * T_c * k_blk, QT = floor(64 / G),
 // K = Hkv * ceil(N / blk), each part rounded up to 256 bytes, plus 256 bytes of alignment slack:
 //   partial o   T_c * Hq * k_blk * D * 4        partial (m, l)   T_c * Hq * k_blk * 8
 //   sort keys and values, in and out   4 * E * 4    list counts and offsets   3 * K * 4 + 8
 //   tile table  (ceil(E / QT) + min(K, E)) * 16   radix-sort scratch (cub, for E items)
-// M3 geometry (Hq 64, Hkv 4, D 128, k_blk 16): 520 KiB of partials a query, T_c = 1008, ~0.54 GB
-// in all (the lists add ~1 MB a chunk at N = 1M).
+// M3 geometry (Hq 64, Hkv 4, D 128, k_blk 16): 520 KiB of partials a query, T_c = 8064 (~4.3 GB
+// in all; a 4096-query chunk takes ~2.2 GB; the lists add ~1 MB a chunk at N = 1M). The budget is
+// large on purpose: at 1M keys a chunk of 1008 queries leaves ~2 queries a (group, block) list,
+// a half-empty tile for every K/V block load (msa_attention_prefill.cu has the measurements).
 #pragma once
 
 #include "gpu/kernels/attention_dense.h"

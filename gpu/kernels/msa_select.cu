@@ -65,6 +65,8 @@ __device__ int block_exclusive_sum(int v, int* warp_tot) {
 }
 
 __global__ void __launch_bounds__(kThreads) msa_select_kernel(const SelLaunch a) {
+  detail::pdl_wait();     // the scores come from the index kernel before it
+  detail::pdl_trigger();  // the sparse attention may launch: it waits for this grid
   extern __shared__ __align__(16) unsigned char smem[];
   unsigned long long* chosen = reinterpret_cast<unsigned long long*>(smem);  // [K_blk]
   unsigned* keys = reinterpret_cast<unsigned*>(smem + 8 * a.K_blk);         // [NB]
@@ -233,6 +235,8 @@ __device__ __forceinline__ void warp_push(bool pred, unsigned long long v, unsig
 // depends on the row only, so all CTAs of a cluster take it together.
 template <int E>
 __global__ void __launch_bounds__(kSplitThreads) msa_select_split_kernel(const SelLaunch a, const int P) {
+  detail::pdl_wait();
+  detail::pdl_trigger();
   __shared__ unsigned long long cand[kMaxSplitCtas * kMaxSplitK];  // CTA 0's: [P, kMaxSplitK] each CTA's best
   __shared__ int cand_n[kMaxSplitCtas];
   __shared__ unsigned long long best[kMaxSplitK];  // this CTA's best (key, id), unordered
@@ -456,7 +460,17 @@ void launch_single(const SelLaunch& a, long long rows, int dev, cudaStream_t s) 
   // Raises the kernel's limit to the device maximum once per device (cached).
   if (smem + kStatic > 48 * 1024) detail::resident_ctas(reinterpret_cast<const void*>(msa_select_kernel), kThreads,
                                                    static_cast<int>(max_smem - kStatic));
-  msa_select_kernel<<<static_cast<unsigned>(rows), kThreads, smem, s>>>(a);
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  cudaLaunchConfig_t cfg{};
+  cfg.gridDim = dim3(static_cast<unsigned>(rows));
+  cfg.blockDim = dim3(kThreads);
+  cfg.dynamicSmemBytes = smem;
+  cfg.stream = s;
+  cfg.attrs = attr;
+  cfg.numAttrs = 1;
+  M3_CUDA_CHECK(cudaLaunchKernelEx(&cfg, msa_select_kernel, a));
   M3_CUDA_CHECK_LAUNCH();
 }
 
@@ -466,18 +480,20 @@ void launch_split(const SelLaunch& a, long long rows, cudaStream_t s) {
   if (rows * P > 2147483647LL)
     throw GpuError("msa_select: B*Hi*T = " + std::to_string(rows) + " rows times " + std::to_string(P) +
                    " CTAs a row exceed the grid limit");
-  cudaLaunchAttribute attr[1];
+  cudaLaunchAttribute attr[2];
   attr[0].id = cudaLaunchAttributeClusterDimension;
   attr[0].val.clusterDim.x = static_cast<unsigned>(P);
   attr[0].val.clusterDim.y = 1;
   attr[0].val.clusterDim.z = 1;
+  attr[1].id = cudaLaunchAttributeProgrammaticStreamSerialization;  // overlaps the index kernel's tail
+  attr[1].val.programmaticStreamSerializationAllowed = 1;
   cudaLaunchConfig_t cfg{};
   cfg.gridDim = dim3(static_cast<unsigned>(rows * P));
   cfg.blockDim = dim3(kSplitThreads);
   cfg.dynamicSmemBytes = 0;
   cfg.stream = s;
   cfg.attrs = attr;
-  cfg.numAttrs = 1;
+  cfg.numAttrs = 2;
   if (chunk <= 4 * kSplitThreads) M3_CUDA_CHECK(cudaLaunchKernelEx(&cfg, msa_select_split_kernel<4>, a, P));
   else M3_CUDA_CHECK(cudaLaunchKernelEx(&cfg, msa_select_split_kernel<16>, a, P));
   M3_CUDA_CHECK_LAUNCH();

@@ -19,6 +19,8 @@
 //   workspace and no state between launches (distributed shared memory + cluster barriers), so
 //   concurrent launches on any streams and devices are safe. Needs K_blk <= 64, NB <= 32768.
 //
+// Both are launched as programmatic dependents (PDL) of the kernel before them (msa_index lets
+// them launch early) and wait for that grid before reading the scores.
 // Batching: B sequences of T queries; q_pos rows b*T + t; scores and sel rows (b*Hi + i)*T + t
 // (the reference's layouts per sequence). A position < 0 or with floor(p/BLK) >= NB (its own
 // block has no score column) is a precondition violation the device cannot throw on: its rows
