@@ -3,7 +3,7 @@
 //   A 16x16 (row): a0 = (g, 2t), a1 = (g+8, 2t), a2 = (g, 2t+8), a3 = (g+8, 2t+8)     (pairs along k)
 //   B 16x8 (col):  b0 = (k 2t..2t+1, n g), b1 = (k 2t+8.., n g)
 //   C 16x8 fp32:   c0, c1 = (g, 2t), (g, 2t+1);  c2, c3 = (g+8, 2t), (g+8, 2t+1)
-// S = Q K^T: B[k = d][n = key] is K's row `key`, so b0/b1 are plain u32 loads from K rows in smem.
+// S = Q K^T: B[k = d][n = key] is K's row `key`: ldmatrix (no transpose) from K rows in smem.
 // O = P V: the C layout of two adjacent n8 score tiles is the A layout of one k16 step (P never
 // leaves registers); B[k = key][n = d] is V transposed: ldmatrix .trans loads it from V rows.
 // Shared rows are padded by 8 bf16 (16 bytes): the 8 rows a fragment load touches then start in
@@ -38,17 +38,42 @@ __device__ __forceinline__ std::uint32_t pack_bf16(float lo, float hi) {
 
 __device__ __forceinline__ std::uint32_t ld_u32(const bf16* p) { return *reinterpret_cast<const std::uint32_t*>(p); }
 
-// Rows [row0, row0 + 64) of x (stride ld, head columns already offset) -> sm [64][D+8]; rows >= P
-// are zero (never garbage: a zero weight times a NaN would still be NaN).
+__device__ __forceinline__ std::uint32_t smem_addr(const void* p) {
+  return static_cast<std::uint32_t>(__cvta_generic_to_shared(p));
+}
+
+// Four 8x8 bf16 matrices from shared memory, lane l giving the address of row l % 8 of matrix l / 8.
+template <bool kTrans>
+__device__ __forceinline__ void ldmatrix_x4(std::uint32_t (&r)[4], const bf16* row) {
+  if constexpr (kTrans)
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(smem_addr(row)));
+  else
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(smem_addr(row)));
+}
+
+// Rows [row0, row0 + 64) of x (stride ld, head columns already offset) -> sm [64][D+8] with
+// cp.async (16 bytes a copy, bypassing L1), committed as one group; rows >= P are zero-filled
+// (src-size 0: nothing read), never garbage: a zero weight times a NaN would still be NaN.
 template <int D>
-__device__ __forceinline__ void load_tile(bf16 (*sm)[D + 8], const bf16* x, int ld, int row0, int P) {
+__device__ __forceinline__ void load_tile_async(bf16 (*sm)[D + 8], const bf16* x, int ld, int row0, int P) {
   constexpr int kChunks = D / 8;  // 16-byte chunks a row
   for (int i = threadIdx.x; i < kBN * kChunks; i += kThreads) {
     const int r = i / kChunks, c = (i % kChunks) * 8;
-    uint4 val = make_uint4(0, 0, 0, 0);
-    if (row0 + r < P) val = *reinterpret_cast<const uint4*>(x + static_cast<size_t>(row0 + r) * ld + c);
-    *reinterpret_cast<uint4*>(&sm[r][c]) = val;
+    const bool in = row0 + r < P;
+    const bf16* src = x + static_cast<size_t>(in ? row0 + r : 0) * ld + c;
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(&sm[r][c])), "l"(src),
+                 "r"(in ? 16 : 0));
   }
+  asm volatile("cp.async.commit_group;\n" ::);
+}
+
+template <int kPending>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending));
 }
 
 template <int D>
@@ -64,7 +89,8 @@ __global__ void __launch_bounds__(kThreads) vision_attention_kernel(const bf16* 
 
   // Q fragments stay in registers for the whole key loop: qf[kk] covers dims [16kk, 16kk + 16).
   static_assert(kBM == kBN, "the Q tile borrows the K buffer");
-  load_tile<D>(ks, q, ld, q0, P);
+  load_tile_async<D>(ks, q, ld, q0, P);
+  cp_async_wait<0>();
   __syncthreads();
   std::uint32_t qf[D / 16][4];
   const int r0 = warp * 16 + g;
@@ -79,18 +105,34 @@ __global__ void __launch_bounds__(kThreads) vision_attention_kernel(const bf16* 
   float o[D / 8][4] = {};                     // [16 rows, D] of this warp, C layout per n8 tile
   float m[2] = {-INFINITY, -INFINITY};        // running max (log2 units) of rows g and g+8
   float l[2] = {0.f, 0.f};                    // this thread's share of the running sums
+  // Loads overlap the MMAs: V(n) streams in during S = Q K(n)^T, K(n+1) during O += P V(n); one K
+  // and one V buffer suffice (the shared memory of the synchronous version).
+  __syncthreads();  // every warp holds its Q fragments: ks is free
+  load_tile_async<D>(ks, k, ld, 0, P);
   for (int kv0 = 0; kv0 < P; kv0 += kBN) {
-    __syncthreads();  // everyone is done with the previous tile (and with Q)
-    load_tile<D>(ks, k, ld, kv0, P);
-    load_tile<D>(vs, v, ld, kv0, P);
-    __syncthreads();
+    cp_async_wait<0>();
+    __syncthreads();  // K(n) visible to all; every warp is done with V(n-1)
+    load_tile_async<D>(vs, v, ld, kv0, P);
 
     float s[kBN / 8][4] = {};  // scores [16 rows, 64 keys]
+    // K rows 8nt..8nt+15 (two n8 tiles), dims 16kk..16kk+15: four matrices (keys +0/+8) x (dims +0/+8).
 #pragma unroll
-    for (int nt = 0; nt < kBN / 8; ++nt)
+    for (int nt = 0; nt < kBN / 8; nt += 2)
 #pragma unroll
-      for (int kk = 0; kk < D / 16; ++kk)
-        mma_bf16(s[nt], qf[kk], ld_u32(&ks[nt * 8 + g][kk * 16 + 2 * t]), ld_u32(&ks[nt * 8 + g][kk * 16 + 2 * t + 8]));
+      for (int kk = 0; kk < D / 16; ++kk) {
+        std::uint32_t b[4];
+        ldmatrix_x4<false>(b, &ks[nt * 8 + (lane % 8) + (lane / 16) * 8][kk * 16 + ((lane / 8) % 2) * 8]);
+        mma_bf16(s[nt], qf[kk], b[0], b[1]);
+        mma_bf16(s[nt + 1], qf[kk], b[2], b[3]);
+      }
+    __syncthreads();  // every warp is done with K(n)
+    if (kv0 + kBN < P) {
+      load_tile_async<D>(ks, k, ld, kv0 + kBN, P);
+      cp_async_wait<1>();  // V(n) landed; K(n+1) may still be in flight
+    } else {
+      cp_async_wait<0>();
+    }
+    __syncthreads();  // V(n) visible to all
 
     float mx[2] = {m[0], m[1]};
 #pragma unroll
@@ -138,11 +180,8 @@ __global__ void __launch_bounds__(kThreads) vision_attention_kernel(const bf16* 
       // V rows 16kk..16kk+15, dims 16dn..16dn+15 as two B fragments: matrices (rows +0/+8) x (dims +0/+8).
 #pragma unroll
       for (int dn = 0; dn < D / 16; ++dn) {
-        const bf16* row = &vs[kk * 16 + (lane % 8) + ((lane / 8) % 2) * 8][dn * 16 + (lane / 16) * 8];
         std::uint32_t b[4];
-        asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-                     : "=r"(b[0]), "=r"(b[1]), "=r"(b[2]), "=r"(b[3])
-                     : "r"(static_cast<std::uint32_t>(__cvta_generic_to_shared(row))));
+        ldmatrix_x4<true>(b, &vs[kk * 16 + (lane % 8) + ((lane / 8) % 2) * 8][dn * 16 + (lane / 16) * 8]);
         mma_bf16(o[2 * dn], pa, b[0], b[1]);
         mma_bf16(o[2 * dn + 1], pa, b[2], b[3]);
       }
