@@ -242,9 +242,11 @@ TEST(GpuModel, BadRequestsAreRefusedBeforeAnyCacheChanges) {
 }  // namespace
 
 // Input rows instead of the embedding gather (prefill_embeds): the tokens' own embedding rows give
-// prefill's logits bit for bit; the tiny vision tower's rows before a prompt agree with the bf16
-// reference's prefill_embeds under the model gate (rel-L2 <= 1e-2 against the emulation, or no
-// further from fp64 than twice the emulation is, plus 2^-8: DESIGN §4's rule for one tensor).
+// prefill's logits bit for bit; the tiny vision tower's rows before a prompt pass the DESIGN §4 gate
+// of compare_runs against the bf16 reference's prefill_embeds, op by op and on the logits (with its
+// flip rules: a bare logits rel-L2 bound failed on the H200 at M3_TEST_SEED=7781923799708685366,
+// 4.4e-2 against the emulation's 7.9e-3 from fp64, identically on two kernel versions: one near-tie
+// flip moving a whole row, which the comparison's rules exist to tell from a defect).
 TEST(GpuModel, PrefillFromInputRowsAndAnImage) {
   M3_REQUIRE_GPU();
   auto g = m3::test::test_rng();
@@ -271,18 +273,21 @@ TEST(GpuModel, PrefillFromInputRowsAndAnImage) {
       m3::vision_forward(vc, m3::generate_vision_weights(vc, seed), m3::synthetic_image(vc, 16, 24, seed), 16, 24);
   std::vector<std::int32_t> with_image(static_cast<std::size_t>(feats.rows()), vc.image_token_id);
   with_image.insert(with_image.end(), prompt.begin(), prompt.end());
-  const m3::MatD x = m3::leading_image_rows(w.embed_tokens, with_image, feats);
-  m3::gpu::Sequence c = model.new_sequence();
-  const m3::MatD lg = model.prefill_embeds(c, with_image, x);
-  m3::Model rb(cfg, w, m3::Precision::BF16), rt(cfg, w, m3::Precision::FP64);
-  m3::Sequence sb = rb.new_sequence(), st = rt.new_sequence();
-  const m3::MatD lr = rb.prefill_embeds(sb, with_image, x), lt = rt.prefill_embeds(st, with_image, x);
-  const double vs_ref = (lg - lr).norm() / lr.norm(), vs_truth = (lg - lt).norm() / lt.norm(),
-               ref_truth = (lr - lt).norm() / lt.norm();
-  std::printf("[image + text, tiny] gpu vs bf16 ref %.3e, gpu vs fp64 %.3e, bf16 ref vs fp64 %.3e\n", vs_ref, vs_truth,
-              ref_truth);
-  EXPECT_TRUE(vs_ref <= 1e-2 || vs_truth <= 2 * ref_truth + 0x1p-8)
-      << "gpu vs bf16 ref " << vs_ref << ", vs fp64 " << vs_truth << " (bf16 ref vs fp64 " << ref_truth << ")";
+  const m3::MatD x = m3::leading_image_rows(w.embed_tokens, with_image, feats);  // [T, H]
+  const auto ref = m3::cmp::run_reference(cfg, w, m3::Precision::BF16, with_image, 0, nullptr, {}, 0, &x);
+  const auto truth = m3::cmp::run_reference(cfg, w, m3::Precision::FP64, with_image, 0, nullptr, {}, 0, &x);
+  m3::cmp::GpuRunOptions go;
+  go.input_rows = &x;
+  const auto gpu = m3::cmp::run_gpu(cfg, w, with_image, 0, nullptr, go);
+  const auto mc = m3::cmp::compare_runs(cfg, w, static_cast<std::int64_t>(with_image.size()), gpu, ref, truth);
+  std::printf("[image + text, tiny] logits rel-L2 gpu vs bf16 ref %.3e, gpu vs fp64 %.3e, bf16 ref vs fp64 %.3e, "
+              "top-1 %.4f\n",
+              mc.e2e.logits_rel_l2, mc.e2e.logits_err_test, mc.e2e.logits_err_ref, mc.e2e.top1_agree);
+  for (const auto& t : mc.tensors)
+    for (const auto& f : t.failures) ADD_FAILURE() << t.name << ": " << f;
+  for (const auto& f : mc.failures) ADD_FAILURE() << f;
+  EXPECT_TRUE(mc.pass());
+  EXPECT_GT(mc.tensors.size(), 10u);  // the whole trace was compared, not just the logits
   m3::gpu::Sequence d = model.new_sequence();
   EXPECT_THROW(model.prefill_embeds(d, with_image, rows_of(prompt)), std::invalid_argument);  // rows vs tokens
   EXPECT_EQ(d.length(), 0);
