@@ -145,8 +145,9 @@ def decode_section(g, figs):
           "Time is the median of CUDA-event timings with L2 flushed; `% copy` is the necessary bytes over "
           f"the time, as a fraction of the measured device copy ({copy:.0f} GB/s). The layer share is "
           "attention's part of the layer time (dense / MSA), the rest (norms, projections, router, "
-          "experts) measured for the same batch. Dense decode passes 100% of the copy figure at long context: "
-          "it only reads, and a read-only stream runs faster than a copy, which reads and writes.",
+          "experts) measured for the same batch. The copy counts read + write bytes; a read-only stream (both "
+          "decodes) can pass 100% of it (study runs before 2026-11-29's second one measured the copy on "
+          "128 MiB, ~12% low, and showed dense decode at 108-110%).",
           "",
           table(["b", "n", "dense us", "MSA us", "speedup", "MSA fp8 us", "speedup fp8", "dense % copy",
                  "MSA % copy", "attention share of layer"], rows), ""]
