@@ -3,8 +3,10 @@
 #pragma once
 
 #include "compare/model_compare.h"
+#include "compare/tolerance.h"
 #include "reference/weights.h"
 
+#include <span>
 #include <string>
 #include <vector>
 
@@ -26,5 +28,24 @@ TensorCheck check_index(const std::string& name, const MatF& test, const MatF& r
 // ref::moe_experts on rows of x_in with the given experts and weights, in the bf16 emulation.
 MatF moe_rows_with_choice(const ModelConfig& cfg, const LayerWeights<float>& L, const MatF& x_in, const MatF& experts,
                           const MatF& weights, const std::vector<Eigen::Index>& rows);
+// The attention output of `rows` (prompt positions) from the engine's own q [T, Hq*D], k, v
+// [T, Hkv*D] and, on an MSA layer, its selection sel [Hi*T, K_blk] (head-major), through the
+// reference op in fp32 with the output rounded to bf16 once: [rows.size(), Hq*D]. A selection the
+// reference refuses (an id out of range, a duplicate) gives NaN rows, and its reason in *refused.
+MatF attn_rows_with_selection(const ModelConfig& cfg, bool msa, const MatF& q, const MatF& k, const MatF& v,
+                              const MatF* sel, std::int64_t T, const std::vector<Eigen::Index>& rows,
+                              std::string* refused = nullptr);
+// ref::msa_index of index-query rows idx_q [n, Hi*Di] at positions pos against the engine's whole
+// index-K cache idx_k [T, Di], rounded to E4M3 first where the engine scored against an fp8 cache
+// (its traced keys stay bf16): [Hi*n, NB] head-major, fp32 scores.
+MatF index_scores_from(const ModelConfig& cfg, const MatF& idx_q, const MatF& idx_k, std::span<const std::int64_t> pos,
+                       bool fp8_index_cache);
+// The verdict of one op's tier (compare/tolerance.h) on rows that the engine and the reference
+// computed from the same inputs (sampled rows, the own-inputs rule): same row count, non-finite
+// values at the same places, rel-L2 <= tol.rel_l2, every element within tol.atol + tol.rtol |want|,
+// a non-zero reference. `where` ends the rel-L2 line ("on the sampled rows"). m gets the metrics
+// over the common leading columns; returns the failure lines (none: the rows agree).
+std::vector<std::string> op_tier_failures(const MatF& got, const MatF& want, const Tolerance& tol, const std::string& where,
+                                          FloatMetrics& m);
 
 }  // namespace m3::cmp::detail

@@ -5,11 +5,9 @@
 
 #include "compare/model_compare_detail.h"
 #include "compare/tolerance.h"
-#include "reference/ops/attention_dense.h"
 #include "reference/ops/linear.h"
 #include "reference/ops/lm_head.h"
 #include "reference/ops/moe_router.h"
-#include "reference/ops/msa_attention.h"
 #include "reference/ops/msa_index.h"
 #include "reference/ops/msa_select.h"
 #include "reference/ops/qk_norm_rope.h"
@@ -89,27 +87,50 @@ struct Checker {
     TensorCheck t;
     t.name = name;
     t.layer = name.rfind("blk.", 0) == 0 ? std::atoi(name.c_str() + 4) : -1;
-    const Eigen::Index cols = std::min(got.cols(), want.cols());
-    const MatF a = left(got, cols), b = left(want, cols);
-    t.vs_ref = compare_float(flat(a), flat(b), {a.rows(), a.cols()}, tol.atol, tol.rtol);
     t.bound = tol.rel_l2;
-    if (got.rows() != want.rows())
-      t.failures.push_back(fmt::format("{} rows, the reference {}", got.rows(), want.rows()));
-    else if (!add_nonfinite_failure(t.vs_ref, t.failures)) {
-      if (!(t.vs_ref.rel_l2 <= tol.rel_l2))
-        t.failures.push_back(fmt::format("rel-L2 {:.3e} > {:.0e} on the sampled rows", t.vs_ref.rel_l2, tol.rel_l2));
-      else if (t.vs_ref.violations > 0)
-        t.failures.push_back(fmt::format("{} of {} elements outside {:.3g} + {:.3g}|b|, first at {}", t.vs_ref.violations,
-                                         t.vs_ref.compared, tol.atol, tol.rtol,
-                                         t.vs_ref.first.empty() ? "?" : coord_str(t.vs_ref.first.front().at)));
-    }
-    if (t.vs_ref.ref_norm == 0 && t.vs_ref.compared > 0) t.failures.push_back("the reference is all zero: a vacuous check");
+    t.failures = op_tier_failures(got, want, tol, "on the sampled rows", t.vs_ref);
     t.rule = t.failures.empty() ? "rows" : "";
     out.push_back(std::move(t));
   }
 };
 
 }  // namespace
+
+namespace detail {  // shared with model_compare.cpp's own-inputs rule through model_compare_detail.h
+
+std::vector<std::string> op_tier_failures(const MatF& got, const MatF& want, const Tolerance& tol, const std::string& where,
+                                          FloatMetrics& m) {
+  std::vector<std::string> failures;
+  const Eigen::Index cols = std::min(got.cols(), want.cols());
+  const MatF a = left(got, cols), b = left(want, cols);
+  m = compare_float(flat(a), flat(b), {a.rows(), a.cols()}, tol.atol, tol.rtol);
+  if (got.rows() != want.rows())
+    failures.push_back(fmt::format("{} rows, the reference {}", got.rows(), want.rows()));
+  else if (!add_nonfinite_failure(m, failures)) {
+    if (!(m.rel_l2 <= tol.rel_l2))
+      failures.push_back(fmt::format("rel-L2 {:.3e} > {:.0e} {}", m.rel_l2, tol.rel_l2, where));
+    else if (m.violations > 0)
+      failures.push_back(fmt::format("{} of {} elements outside {:.3g} + {:.3g}|b|, first at {}", m.violations, m.compared,
+                                     tol.atol, tol.rtol, m.first.empty() ? "?" : coord_str(m.first.front().at)));
+  }
+  if (m.ref_norm == 0 && m.compared > 0) failures.push_back("the reference is all zero: a vacuous check");
+  return failures;
+}
+
+MatF index_scores_from(const ModelConfig& cfg, const MatF& idx_q, const MatF& idx_k, std::span<const std::int64_t> pos,
+                       bool fp8_index_cache) {
+  MatF scores;  // [Hi*n, NB]
+  if (!fp8_index_cache) {
+    ref::msa_index(idx_q, idx_k, pos, cfg.msa_dims(), scores);
+    return scores;
+  }
+  MatF ik8 = idx_k;  // [T, Di] the cache's E4M3 values
+  round_e4m3_inplace(ik8);
+  ref::msa_index(idx_q, ik8, pos, cfg.msa_dims(), scores);
+  return scores;
+}
+
+}  // namespace detail
 
 SampledComparison check_sampled_rows(const ModelConfig& cfg, const ModelWeights<float>& w,
                                      const std::vector<std::int32_t>& prompt, const EngineRun& test,
@@ -160,22 +181,15 @@ SampledComparison check_sampled_rows(const ModelConfig& cfg, const ModelWeights<
     c.check(b + "k", c.rows_of(*k), proj_norm_rope(L.attn.k_proj, L.attn.k_norm, Hkv, D), t_qk);
     ref::linear(x, rounded(L.attn.v_proj), y);
     c.check(b + "v", c.rows_of(*v), rounded(y), t_lin);
-    MatF attn;  // [S, Hq*D]
+    const MatF* sel = nullptr;  // [Hi*T, K_blk] the engine's selection (MSA layers)
     if (msa) {
-      const MatF *iq = c.find(b + "idx_q"), *ik = c.find(b + "idx_k"), *bs = c.find(b + "block_scores"),
-                 *sel = c.find(b + "selection");
+      const MatF *iq = c.find(b + "idx_q"), *ik = c.find(b + "idx_k"), *bs = c.find(b + "block_scores");
+      sel = c.find(b + "selection");
       if (!iq || !ik || !bs || !sel) return sc;
       c.check(b + "idx_q", c.rows_of(*iq), proj_norm_rope(L.attn.index_q_proj, L.attn.index_q_norm, Hi, Di), t_qk);
       c.check(b + "idx_k", c.rows_of(*ik), proj_norm_rope(L.attn.index_k_proj, L.attn.index_k_norm, 1, Di), t_qk);
       // Block scores of the sampled queries against the engine's whole index-K cache.
-      MatF scores;  // [Hi*S, NB]
-      if (fp8_index_cache) {
-        MatF ik8 = *ik;  // [T, Di] the cache's E4M3 values
-        round_e4m3_inplace(ik8);
-        ref::msa_index(c.rows_of(*iq), ik8, pos, cfg.msa_dims(), scores);
-      } else {
-        ref::msa_index(c.rows_of(*iq), *ik, pos, cfg.msa_dims(), scores);
-      }
+      const MatF scores = index_scores_from(cfg, c.rows_of(*iq), *ik, pos, fp8_index_cache);  // [Hi*S, NB]
       const MatF own = c.head_rows_of(*bs, Hi);  // [Hi*S, NB'] the engine's
       c.check(b + "block_scores", own, scores, tolerance("msa_index", Precision::FP32));
       // The selection from the engine's own scores, exactly (ties by the rule).
@@ -184,22 +198,20 @@ SampledComparison check_sampled_rows(const ModelConfig& cfg, const ModelWeights<
       const MatF got_sel = c.head_rows_of(*sel, Hi);
       sc.tensors.push_back(check_index(b + "selection", got_sel, want.cast<float>(), own.cast<double>(), 0.0,
                                        want.cast<float>()));
-      // The attention of those rows with the engine's own selection: its kernel, not its choice.
-      try {
-        ref::msa_attention(c.rows_of(*q), *k, *v, pos, MatI(got_sel.cast<int>()), cfg.index_block_size,
-                           cfg.attn_dims(), attn);
-      } catch (const std::exception& e) {  // ids the reference refuses (a duplicate, out of range)
-        TensorCheck t;
-        t.name = b + "attn_out";
-        t.layer = l;
-        t.failures.push_back(fmt::format("not re-run: the engine's selection is invalid ({})", e.what()));
-        sc.tensors.push_back(std::move(t));
-        attn.resize(0, 0);  // the layer carries on from the engine's attn_out rows
-      }
-    } else {
-      ref::attention_dense(c.rows_of(*q), *k, *v, pos, cfg.attn_dims(), attn);
     }
-    if (attn.size() > 0) c.check(b + "attn_out", c.rows_of(*ao), rounded(attn), t_bf16);
+    // The attention of those rows with the engine's own selection: its kernel, not its choice.
+    std::string refused;  // why the reference refuses the engine's inputs (a selection id out of range, a duplicate)
+    const MatF attn = attn_rows_with_selection(cfg, msa, *q, *k, *v, sel, T,  // [S, Hq*D]
+                                               std::vector<Eigen::Index>(rows.begin(), rows.end()), &refused);
+    if (refused.empty()) {
+      c.check(b + "attn_out", c.rows_of(*ao), attn, t_bf16);
+    } else {  // the layer carries on from the engine's attn_out rows
+      TensorCheck t;
+      t.name = b + "attn_out";
+      t.layer = l;
+      t.failures.push_back(fmt::format("not re-run: the engine's selection is invalid ({})", refused));
+      sc.tensors.push_back(std::move(t));
+    }
     // o_proj, the residual add and the FFN norm, from the engine's attention output.
     ref::linear(c.rows_of(*ao), rounded(L.attn.o_proj), y);
     const MatF h_mid = rounded(h_prev + rounded(y));

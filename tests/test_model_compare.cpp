@@ -7,6 +7,8 @@
 #include "reference/model.h"
 #include "reference/ops/moe_experts.h"
 #include "reference/ops/msa_attention.h"
+#include "reference/ops/msa_index.h"
+#include "reference/ops/msa_select.h"
 #include "reference/vision.h"
 #include "reference/weights.h"
 #include "tests/test_util.h"
@@ -15,6 +17,7 @@
 
 #include <algorithm>
 #include <limits>
+#include <numeric>
 
 namespace {
 
@@ -151,6 +154,21 @@ TEST(ModelCompare, CatchesManyWrongTop1Rows) {
   EXPECT_TRUE(top1_failed);
 }
 
+// What a correct MoE kernel writes as row t of layer l's moe_out for the engine's experts `ids`
+// [1, K_e]: the reference's op on the engine's input row with its weights, bf16 weights and rounding
+// points. [1, H]
+m3::MatF moe_row_with(const Runs& r, const EngineRun& e, int l, Eigen::Index t, const m3::MatI& ids) {
+  const auto wb = m3::convert_weights<float>(r.w, m3::Precision::BF16);
+  const std::string b = "blk." + std::to_string(l) + ".";
+  m3::MatF x = e.trace.at(b + "ffn_norm").row(t), wts = e.trace.at(b + "expert_weights").row(t), y;  // [1, H], [1, K_e]
+  const auto& L = wb.layers[static_cast<std::size_t>(l)];
+  m3::ref::moe_experts(x, ids, wts, L.experts, L.shared, r.cfg.routed_scaling_factor,
+                       m3::ref::SwigluParams{r.cfg.swiglu_alpha, r.cfg.swiglu_limit, r.cfg.swiglu_beta}, y,
+                       m3::ref::Rounding::BF16);
+  m3::round_bf16_inplace(y);
+  return y;
+}
+
 // An engine that picks other experts for one token at a near-tie (layer 3, tiny's last): what a
 // GPU does legitimately when its router scores differ from the reference's by rounding. `moe_row`
 // is what it writes as that token's moe_out: here the reference's own moe_experts with the
@@ -191,16 +209,10 @@ struct FlippedToken {
     m3::MatF& ex = bad.trace.at("blk.3.experts");  // [T + steps, K_e]
     for (int j = 0; j < K; ++j)
       if (std::lround(ex(t0, j)) == best_order[K - 1]) ex(t0, j) = static_cast<float>(best_order[K]);
-    // Its moe_out row: the reference's op on the engine's input with those experts (bf16 weights
-    // and rounding points).
-    const auto wb = m3::convert_weights<float>(r.w, m3::Precision::BF16);
-    m3::MatF x = bad.trace.at("blk.3.ffn_norm").row(t0), wts = bad.trace.at("blk.3.expert_weights").row(t0), y;
-    m3::MatI ids(1, K);
+    // Its moe_out row: the reference's op on the engine's input with those experts.
+    m3::MatI ids(1, K);  // [1, K_e]
     for (int j = 0; j < K; ++j) ids(0, j) = static_cast<int>(std::lround(ex(t0, j)));
-    m3::ref::moe_experts(x, ids, wts, wb.layers[3].experts, wb.layers[3].shared, r.cfg.routed_scaling_factor,
-                         m3::ref::SwigluParams{r.cfg.swiglu_alpha, r.cfg.swiglu_limit, r.cfg.swiglu_beta}, y,
-                         m3::ref::Rounding::BF16);
-    m3::round_bf16_inplace(y);
+    const m3::MatF y = moe_row_with(r, bad, 3, t0, ids);  // [1, H]
     m3::MatF& mo = bad.trace.at("blk.3.moe_out");
     mo.row(t0) = correct_kernel ? y.row(0) : (3.0f * y.row(0)).eval();
     bad.trace.at("blk.3.out").row(t0).array() += 1.0f;
@@ -340,6 +352,194 @@ TEST(ModelCompare, SelectionFlipDoesNotHideAWrongAttentionRow) {
   EXPECT_GE(ao->rows_rerun, 1);
   EXPECT_FALSE(ao->pass());
   EXPECT_FALSE(mc.pass());
+}
+
+// The own-inputs rule (model_compare.h). An engine built from the bf16 reference itself, so that
+// nothing differs but what is made to differ. With flip_layer >= 0, token t0 picks other experts at
+// that layer at an exact tie (set so in all three runs' router logits: a tie a GPU may break the
+// other way), and its moe_out row is the reference op's with those experts. At layer 2 t0's key,
+// value and index-key rows are then the last token's at kGain times their size: t0's hidden state
+// has moved, so every later token attends other inputs (legitimately where t0 flipped at an earlier
+// layer; a defect upstream otherwise). The gain makes the later tokens' attention and block scores
+// (and, without the flip, t0's own k, v, idx_k rows) fail the gate by 2x or more on every draw,
+// also where tiny's 2x-truth bound is loose (0.29 at layer 2 on some draws, whose bf16 emulation
+// is 0.14 from the truth). The engine's layer-2 block scores, selection and attn_out are
+// what the reference ops make of its own inputs, in fp64: another arithmetic than the rule's fp32
+// re-run, as a kernel's is.
+struct Contaminated {
+  static constexpr Eigen::Index kT = 70;
+  static constexpr int kLayer = 2;         // the contaminated layer (tiny: MSA attention + MoE)
+  static constexpr float kGain = 4.0f;     // see above
+  EngineRun bad;
+  Eigen::Index t0 = 5;  // early, inside block 0: 64 later tokens see it
+  bool tie_made = false;
+  Contaminated(Runs& r, int flip_layer) : bad(r.ref) {
+    bad.engine = "test";
+    if (flip_layer >= 0) flip_experts(r, flip_layer);
+    contaminate(r);
+  }
+  void flip_experts(Runs& r, int l) {
+    const std::string b = "blk." + std::to_string(l) + ".";
+    const auto& bias = r.w.layers[static_cast<std::size_t>(l)].router_bias;
+    const int K = r.cfg.num_experts_per_tok;
+    m3::MatF& lg = r.ref.trace.at(b + "router_logits");  // [T, E]
+    std::vector<std::pair<double, int>> s;                 // biased scores, descending
+    for (Eigen::Index e = 0; e < lg.cols(); ++e)
+      s.push_back({1.0 / (1.0 + std::exp(-static_cast<double>(lg(t0, e)))) + bias(e), static_cast<int>(e)});
+    std::sort(s.begin(), s.end(), [](auto& x, auto& y) { return x.first > y.first; });
+    const int chosen = s[static_cast<std::size_t>(K - 1)].second, left_out = s[static_cast<std::size_t>(K)].second;
+    // The left-out expert's sigmoid that ties its biased score with the last chosen one's.
+    const double target = s[static_cast<std::size_t>(K - 1)].first - bias(left_out);
+    if (!(target > 0 && target < 1)) return;  // the caller asserts tie_made
+    lg(t0, left_out) = static_cast<float>(std::log(target / (1 - target)));
+    r.truth.trace.at(b + "router_logits").row(t0) = lg.row(t0);
+    bad.trace.at(b + "router_logits").row(t0) = lg.row(t0);
+    m3::MatF& ex = bad.trace.at(b + "experts");  // [T, K_e]
+    m3::MatI ids(1, K);                          // [1, K_e]
+    for (int j = 0; j < K; ++j) {
+      if (std::lround(ex(t0, j)) == chosen) ex(t0, j) = static_cast<float>(left_out);
+      ids(0, j) = static_cast<int>(std::lround(ex(t0, j)));
+    }
+    bad.trace.at(b + "moe_out").row(t0) = moe_row_with(r, bad, l, t0, ids);
+    tie_made = true;
+  }
+  void contaminate(const Runs& r) {
+    const std::string b = "blk." + std::to_string(kLayer) + ".";
+    for (const char* n : {"k", "v", "idx_k"}) {
+      m3::MatF& m = bad.trace.at(b + n);  // [T, Hkv*D] or [T, Di]
+      m.row(t0) = kGain * m.row(kT - 1);
+    }
+    std::vector<std::int64_t> pos(static_cast<std::size_t>(kT));  // [T]
+    std::iota(pos.begin(), pos.end(), std::int64_t{0});
+    auto d = [&](const char* n) { return m3::MatD(bad.trace.at(b + n).cast<double>()); };
+    m3::MatD scores, y;  // [Hi*T, NB], [T, Hq*D]
+    m3::ref::msa_index<double>(d("idx_q"), d("idx_k"), pos, r.cfg.msa_dims(), scores);
+    const m3::MatF scores_f = scores.cast<float>();  // [Hi*T, NB] fp32, as traced
+    m3::MatI sel;                                    // [Hi*T, K_blk]
+    m3::ref::msa_select(scores_f, pos, r.cfg.msa_dims(), sel);
+    m3::ref::msa_attention<double>(d("q"), d("k"), d("v"), pos, sel, r.cfg.index_block_size, r.cfg.attn_dims(), y);
+    m3::MatF out = y.cast<float>();  // [T, Hq*D]
+    m3::round_bf16_inplace(out);
+    bad.trace.at(b + "block_scores") = scores_f;
+    bad.trace.at(b + "selection") = sel.cast<float>();
+    bad.trace.at(b + "attn_out") = out;
+  }
+  // The last token after t0 whose layer-2 selection (every head) is the reference's: a row that no
+  // flip rule re-runs, only the own-inputs rule. -1: none.
+  Eigen::Index unflipped_later_row(const Runs& r) const {
+    const std::string n = "blk." + std::to_string(kLayer) + ".selection";
+    const m3::MatF &a = bad.trace.at(n), &b = r.ref.trace.at(n);  // [Hi*T, K_blk]
+    for (Eigen::Index t = kT - 1; t > t0; --t) {
+      bool same = true;
+      for (int h = 0; h < r.cfg.index_n_heads; ++h) same &= a.row(h * kT + t) == b.row(h * kT + t);
+      if (same) return t;
+    }
+    return -1;
+  }
+};
+
+std::string first_failure(const m3::cmp::TensorCheck* t) {
+  return t == nullptr ? "(not compared)" : t->failures.empty() ? "" : t->failures[0];
+}
+
+// (1) An expert flip at layer 1 moves every later token's layer-2 attention and index scores beyond
+// the gate; each is what the reference op makes of the engine's own inputs, so the run passes.
+TEST(ModelCompare, OwnInputsRuleAcceptsAttentionContaminatedByAnEarlierFlip) {
+  SCOPED_TRACE(m3::test::seed_note());
+  Runs r;
+  Contaminated f(r, /*flip_layer=*/1);
+  ASSERT_TRUE(f.tie_made);
+  const auto mc = m3::cmp::compare_runs(r.cfg, r.w, Contaminated::kT, f.bad, r.ref, r.truth);
+  for (const auto& t : mc.tensors) EXPECT_TRUE(t.pass()) << t.name << ": " << first_failure(&t);
+  for (const auto& fl : mc.failures) ADD_FAILURE() << fl;
+  const auto* ex = find(mc, "blk.1.experts");
+  ASSERT_NE(ex, nullptr);
+  EXPECT_GE(ex->ix.rows_differ, 1) << "the flip is made";
+  const auto *ao = find(mc, "blk.2.attn_out"), *bs = find(mc, "blk.2.block_scores"), *v = find(mc, "blk.2.v");
+  ASSERT_TRUE(ao && bs && v);
+  // The rule applies only where the gate failed: the contamination is real, and the rule is what passes it.
+  EXPECT_EQ(ao->rule, "own-inputs") << "vs bf16 " << ao->vs_ref.rel_l2 << ", vs fp64 " << ao->err_test << " (bound " << ao->bound << ")";
+  EXPECT_EQ(ao->rows_own_inputs, Contaminated::kT);
+  EXPECT_EQ(bs->rule, "own-inputs") << "vs bf16 " << bs->vs_ref.rel_l2 << ", vs fp64 " << bs->err_test << " (bound " << bs->bound << ")";
+  EXPECT_EQ(bs->rows_own_inputs, r.cfg.index_n_heads * Contaminated::kT);
+  EXPECT_GE(v->rows_excluded, 1) << "t0's own value row is left out, not forgiven";
+  EXPECT_EQ(find(mc, "blk.1.attn_out")->rows_own_inputs, 0) << "no flip before layer 1";
+}
+
+// (2) The same run with a real defect in one later token's attention row, a row no flip rule
+// re-runs: 3x the row, or two heads of different KV groups swapped. The rule re-runs it and fails.
+TEST(ModelCompare, OwnInputsRuleDoesNotHideAWrongAttentionRow) {
+  SCOPED_TRACE(m3::test::seed_note());
+  Runs r;
+  Contaminated f(r, /*flip_layer=*/1);
+  ASSERT_TRUE(f.tie_made);
+  const Eigen::Index t1 = f.unflipped_later_row(r);
+  ASSERT_GT(t1, f.t0) << "every later token's selection moved";
+  const int D = r.cfg.head_dim, Hq = r.cfg.num_attention_heads;
+  for (const char* defect : {"3x row", "swapped heads"}) {
+    SCOPED_TRACE(defect);
+    EngineRun bad = f.bad;
+    m3::MatF& ao = bad.trace.at("blk.2.attn_out");  // [T, Hq*D]
+    if (std::string(defect) == "3x row") {
+      ao.row(t1) *= 3.0f;
+    } else {
+      const m3::MatF h0 = ao.block(t1, 0, 1, D);  // [1, D] head 0 (KV group 0) <-> head Hq-1 (the last group)
+      ao.block(t1, 0, 1, D) = ao.block(t1, (Hq - 1) * D, 1, D);
+      ao.block(t1, (Hq - 1) * D, 1, D) = h0;
+    }
+    const auto mc = m3::cmp::compare_runs(r.cfg, r.w, Contaminated::kT, bad, r.ref, r.truth);
+    const auto* t = find(mc, "blk.2.attn_out");
+    ASSERT_NE(t, nullptr);
+    EXPECT_FALSE(t->pass());
+    EXPECT_EQ(t->rows_own_inputs, Contaminated::kT);  // t1 is not flipped: only this rule re-runs its row
+    bool named = false;
+    for (const auto& fl : t->failures) named |= fl.rfind("own inputs", 0) == 0;
+    EXPECT_TRUE(named) << first_failure(t);
+    EXPECT_FALSE(mc.pass());
+    EXPECT_TRUE(find(mc, "blk.2.block_scores")->pass()) << "the defect is in the attention alone";
+  }
+}
+
+// (3) Without a flip before layer 2 the rule does not apply, so a damaged attn_out fails on the gate:
+// a run with no flip at all and one attention row 5x; the contaminated inputs of (1) with no flip
+// (a defect upstream: t0's own k, v and index key are wrong, and fail as their own tensors); and the
+// same with the flip at layer 2 itself (after its attention: t0's layer-2 keys must be the reference's).
+TEST(ModelCompare, OwnInputsRuleNeedsAFlipAtAnEarlierLayer) {
+  SCOPED_TRACE(m3::test::seed_note());
+  Runs r;
+  {
+    SCOPED_TRACE("no flip, one row 5x");
+    EngineRun bad = r.ref;
+    // The largest row after t0, 5x: its error (4x the row) is ~0.7 of the tensor's norm, 2.5x the
+    // loosest 2x-truth bound seen at tiny's layer 2 (0.29, where the bf16 emulation itself is 0.14
+    // from the truth); a later row 3x can pass there (its rows average many values: small norms).
+    m3::MatF& ao = bad.trace.at("blk.2.attn_out");  // [T, Hq*D]
+    Eigen::Index row = 6;
+    for (Eigen::Index t = 6; t < Contaminated::kT; ++t)
+      if (ao.row(t).norm() > ao.row(row).norm()) row = t;
+    ao.row(row) *= 5.0f;
+    const auto mc = m3::cmp::compare_runs(r.cfg, r.w, Contaminated::kT, bad, r.ref, r.truth);
+    const auto* t = find(mc, "blk.2.attn_out");
+    ASSERT_NE(t, nullptr);
+    EXPECT_EQ(mc.e2e.rows_flipped, 0);
+    EXPECT_FALSE(t->pass());
+    EXPECT_EQ(t->rows_own_inputs, 0);
+    EXPECT_EQ(t->rule, "");
+  }
+  for (const int flip_layer : {-1, Contaminated::kLayer}) {
+    SCOPED_TRACE("contaminated inputs, flip at layer " + std::to_string(flip_layer));
+    Contaminated f(r, flip_layer);
+    ASSERT_TRUE(flip_layer < 0 || f.tie_made);
+    const auto mc = m3::cmp::compare_runs(r.cfg, r.w, Contaminated::kT, f.bad, r.ref, r.truth);
+    for (const char* n : {"blk.2.attn_out", "blk.2.block_scores", "blk.2.k", "blk.2.v", "blk.2.idx_k"}) {
+      const auto* t = find(mc, n);
+      ASSERT_NE(t, nullptr) << n;
+      EXPECT_FALSE(t->pass()) << n;
+      EXPECT_EQ(t->rows_own_inputs, 0) << n;
+    }
+    EXPECT_FALSE(mc.pass());
+    EXPECT_TRUE(find(mc, "blk.2.moe_out")->pass()) << "a flip there is fine (its row is re-run)";
+  }
 }
 
 }  // namespace
