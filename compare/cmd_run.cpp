@@ -11,6 +11,7 @@
 #include "reference/vision.h"
 #if M3_HAVE_GPU
 #include "gpu/model.h"
+#include "gpu/mtp.h"
 #include "gpu/runtime/device.h"
 #endif
 
@@ -23,6 +24,7 @@
 #include <cstring>
 #include <fstream>
 #include <iterator>
+#include <memory>
 #include <optional>
 #include <sstream>
 #include <type_traits>
@@ -56,7 +58,7 @@ int run_mtp(const RunArgs& a, const ModelConfig& cfg0, Precision prec, const std
             const std::vector<std::int32_t>& prompt, std::optional<Checkpoint>& ck) {
   ModelConfig cfg = cfg0;
   std::vector<ModelWeights<float>> mw;  // the modules' weights
-  std::optional<Model> main_model;
+  ModelWeights<float> w;                // the main model's
   if (ck) {
     if (ck->mtp.empty())
       throw std::invalid_argument(fmt::format("--mtp: the checkpoint has no MTP modules (mtp.layers.{{i}}.*; its config "
@@ -65,23 +67,48 @@ int run_mtp(const RunArgs& a, const ModelConfig& cfg0, Precision prec, const std
     if (k > static_cast<int>(ck->mtp.size()))
       throw std::invalid_argument(fmt::format("--mtp-modules {}: the checkpoint has {} MTP modules", k, ck->mtp.size()));
     mw.assign(std::make_move_iterator(ck->mtp.begin()), std::make_move_iterator(ck->mtp.begin() + k));
-    main_model.emplace(cfg, ck->weights, prec);
+    w = std::move(ck->weights);
     ck.reset();
   } else {
     cfg.num_mtp_modules = a.mtp_modules > 0 ? a.mtp_modules : std::max(1, cfg0.num_mtp_modules);
-    const ModelWeights<float> w = generate_weights(cfg, a.seed);
+    w = generate_weights(cfg, a.seed);
     for (int i = 0; i < cfg.num_mtp_modules; ++i) mw.push_back(generate_mtp_module(cfg, i, a.seed, w));
-    main_model.emplace(cfg, w, prec);
   }
-  Model& main = *main_model;
   const ModelConfig mc = mtp_module_config(cfg);
-  std::vector<Model> mods;
-  for (auto& m : mw) mods.emplace_back(mc, m, prec);
-  std::vector<Model*> ptrs;
-  for (auto& m : mods) ptrs.push_back(&m);
+  const std::size_t n_mods = mw.size();
   MtpStats st;
+  std::vector<std::int32_t> toks;
+  std::string device_line = cpu_description();
   const auto t0 = std::chrono::steady_clock::now();
-  const auto toks = generate_mtp(main, ptrs, prompt, a.decode, a.mtp, &st);
+  if (a.device == "gpu") {
+#if M3_HAVE_GPU
+    device_line = gpu::describe(gpu::device_info(0));
+    gpu::ModelOptions o;
+    o.max_batch = 1;
+    const std::int64_t T = static_cast<std::int64_t>(prompt.size());
+    o.max_context = a.max_context > 0 ? a.max_context : T + a.decode + a.mtp + 1;
+    // generate_mtp hands whole prompts to forward (the main prefill, the modules' first catch-up)
+    // and k + 1 tokens to each check: one call must hold the prompt.
+    o.max_tokens = T + a.mtp + 1;
+    gpu::Model main(cfg, w, o);
+    w = ModelWeights<float>{};
+    std::vector<std::unique_ptr<gpu::Model>> mods;
+    std::vector<gpu::Model*> ptrs;
+    for (auto& m : mw) {
+      mods.push_back(std::make_unique<gpu::Model>(mc, m, o));
+      ptrs.push_back(mods.back().get());
+    }
+    toks = gpu::generate_mtp(main, ptrs, prompt, a.decode, a.mtp, &st);
+#endif
+  } else {
+    Model main(cfg, w, prec);
+    w = ModelWeights<float>{};
+    std::vector<Model> mods;
+    for (auto& m : mw) mods.emplace_back(mc, m, prec);
+    std::vector<Model*> ptrs;
+    for (auto& m : mods) ptrs.push_back(&m);
+    toks = generate_mtp(main, ptrs, prompt, a.decode, a.mtp, &st);
+  }
   const double ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
   const double rate = st.drafted > 0 ? static_cast<double>(st.accepted) / st.drafted : 0.0;
   if (a.format == Format::JSON) {
@@ -92,7 +119,8 @@ int run_mtp(const RunArgs& a, const ModelConfig& cfg0, Precision prec, const std
     j["seed"] = a.seed;
     j["prompt_tokens"] = prompt.size();
     j["decode_steps"] = a.decode;
-    j["mtp"] = {{"modules", mods.size()}, {"drafts_per_round", a.mtp}, {"rounds", st.rounds},
+    j["device"] = a.device;
+    j["mtp"] = {{"modules", n_mods}, {"drafts_per_round", a.mtp}, {"rounds", st.rounds},
                 {"drafted", st.drafted}, {"accepted", st.accepted}, {"accepted_at", st.accepted_at},
                 {"acceptance", rate}};
     j["ms"] = ms;
@@ -100,9 +128,9 @@ int run_mtp(const RunArgs& a, const ModelConfig& cfg0, Precision prec, const std
     fmt::print("{}\n", j.dump(2));
     return kExitOk;
   }
-  fmt::print("# {}\n# {}\n", command_line(), cpu_description());
+  fmt::print("# {}\n# {}\n", command_line(), device_line);
   fmt::print("config {} ({} layers, H {}, V {}), precision {}, seed {}; {} MTP module(s), {} drafts a round\n", cfg.name,
-             cfg.num_hidden_layers, cfg.hidden_size, cfg.vocab_size, prec_name, a.seed, mods.size(), a.mtp);
+             cfg.num_hidden_layers, cfg.hidden_size, cfg.vocab_size, prec_name, a.seed, n_mods, a.mtp);
   fmt::print("prefill + {} tokens in {:.1f} ms: {} checking forwards, {} of {} drafts accepted ({:.1f}%), by slot: {}\n",
              a.decode, ms, st.rounds, st.accepted, st.drafted, 100 * rate, fmt::join(st.accepted_at, " "));
   fmt::print("(seeded weights: the modules were never trained, so acceptance is chance; the tokens are the\n"
@@ -163,7 +191,6 @@ int run(const RunArgs& a) {
   if (a.mtp_modules < 0 || (a.mtp_modules > 0 && a.mtp == 0))
     throw std::invalid_argument(fmt::format("--mtp-modules {}: expected >= 1, and only with --mtp", a.mtp_modules));
   if (a.mtp > 0) {
-    if (a.device != "cpu") throw std::invalid_argument("--mtp: MTP drafting runs on the CPU reference only (issue 7)");
     if (!a.out.empty()) throw std::invalid_argument("--mtp: --out is not written for drafted runs");
     return run_mtp(a, cfg, prec, prec_name, prompt, ck);
   }
@@ -346,8 +373,8 @@ CLI::App* register_run(CLI::App& app, int* exit_code) {
                   "placeholder tokens");
   cmd->add_option("--mtp", args->mtp,
                   "Draft this many tokens a round with MTP modules (spec §7) and check them with the model: the "
-                  "same greedy tokens, fewer model forwards when drafts are right; prints the acceptance (CPU, "
-                  "seeded weights)")
+                  "same greedy tokens, fewer model forwards when drafts are right; prints the acceptance (seeded "
+                  "weights or a checkpoint's modules; CPU reference or --device gpu)")
       ->capture_default_str();
   cmd->add_option("--mtp-modules", args->mtp_modules,
                   "MTP modules for --mtp: the first M of the checkpoint's, or M seeded ones (default: all the "

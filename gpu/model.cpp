@@ -121,6 +121,19 @@ Sequence::Sequence(Sequence&&) noexcept = default;
 Sequence& Sequence::operator=(Sequence&&) noexcept = default;
 std::int64_t Sequence::length() const { return s_ ? s_->len : 0; }
 
+void Sequence::truncate(std::int64_t n) {
+  const std::int64_t len = length();
+  if (n < 0 || n > len)
+    throw std::invalid_argument(fmt::format("gpu::Sequence::truncate: n = {}, expected 0 <= n <= length() = {}", n, len));
+  if (!s_) return;
+  const std::size_t keep = static_cast<std::size_t>((n + kPageRows - 1) / kPageRows);
+  if (s_->pages.size() > keep) {  // later positions are rewritten before anything reads them
+    s_->pool->free.insert(s_->pool->free.end(), s_->pages.begin() + static_cast<std::ptrdiff_t>(keep), s_->pages.end());
+    s_->pages.resize(keep);
+  }
+  s_->len = n;
+}
+
 struct Model::Impl {
   ModelConfig cfg;
   ModelOptions opt;
@@ -135,6 +148,10 @@ struct Model::Impl {
 
   DeviceBuffer<bf16> embed, final_norm, lm_head;  // [V, H], [H], [V, H]
   std::vector<LayerDev> layers;
+  // An MTP module's input (spec §7; weights.mtp_in): x = eh_proj([enorm(e) ; hnorm(h_prev)]).
+  bool mtp = false;
+  DeviceBuffer<bf16> enorm, hnorm, eh_proj;  // [H], [H], [H, 2H]
+  DeviceBuffer<bf16> mtp_cat, mtp_tmp;       // [Tm, 2H] (embedding half first), [Tm, H]
 
   // Activations for max_tokens rows (Tm).
   DeviceBuffer<std::int32_t> tok;          // [Tm]
@@ -186,8 +203,6 @@ Model::Model(ModelConfig cfg, const ModelWeights<float>& w, ModelOptions opt) : 
   if (static_cast<int>(w.layers.size()) != cfg.num_hidden_layers)
     throw std::invalid_argument(fmt::format("gpu::Model: weights have {} layers, expected num_hidden_layers = {}",
                                             w.layers.size(), cfg.num_hidden_layers));
-  if (w.mtp_in)  // it would silently run from the token embeddings instead of eh_proj([e ; h])
-    throw std::invalid_argument("gpu::Model: an MTP module's weights (mtp_in): the GPU path has no MTP input yet");
   Impl& P = *p_;
   P.cfg = cfg;
   P.opt = opt;
@@ -221,6 +236,18 @@ Model::Model(ModelConfig cfg, const ModelWeights<float>& w, ModelOptions opt) : 
   P.embed = upload(w.embed_tokens);
   P.final_norm = upload(w.norm);
   P.lm_head = upload(w.lm_head);
+  if (w.mtp_in) {
+    const MtpInputWeights<float>& m = *w.mtp_in;
+    if (m.enorm.size() != H || m.hnorm.size() != H || m.eh_proj.rows() != H || m.eh_proj.cols() != 2 * H)
+      throw std::invalid_argument(fmt::format("gpu::Model: MTP input enorm [{}], hnorm [{}], eh_proj [{}, {}], expected "
+                                              "[{}], [{}], [{}, {}]",
+                                              m.enorm.size(), m.hnorm.size(), m.eh_proj.rows(), m.eh_proj.cols(), H, H,
+                                              H, 2 * H));
+    P.mtp = true;
+    P.enorm = upload(m.enorm);
+    P.hnorm = upload(m.hnorm);
+    P.eh_proj = upload(m.eh_proj);
+  }
   int Wp_max = 0, Id_max = 0;
   const std::size_t slots_total = static_cast<std::size_t>(n_pages) * kPageRows;
   for (int l = 0; l < c.num_hidden_layers; ++l) {
@@ -333,6 +360,10 @@ Model::Model(ModelConfig cfg, const ModelWeights<float>& w, ModelOptions opt) : 
     P.r_experts = DeviceBuffer<std::int32_t>(T * K);
   }
   P.logits = DeviceBuffer<float>(T * V);
+  if (P.mtp) {  // (3 * H * Tm bf16: a few percent of an MTP module's one layer; not in plan_memory)
+    P.mtp_cat = DeviceBuffer<bf16>(T * 2 * H);
+    P.mtp_tmp = DeviceBuffer<bf16>(T * H);
+  }
   M3_CUDA_CHECK(cudaDeviceSynchronize());
 }
 
@@ -374,6 +405,29 @@ std::vector<MatD> Model::forward(std::span<Sequence* const> seqs, std::span<cons
   return forward_impl(seqs, tokens, trace, nullptr);
 }
 
+std::vector<MatD> Model::forward(std::span<Sequence* const> seqs, std::span<const std::span<const std::int32_t>> tokens,
+                                 const TraceFn& trace, std::span<const MatD* const> h_in, std::vector<MatD>* hidden_out) {
+  return forward_impl(seqs, tokens, trace, nullptr, h_in, hidden_out);
+}
+
+bool Model::takes_hidden_states() const { return p_->mtp; }
+
+MatD Model::final_norm(const MatD& h) const {
+  const Impl& P = *p_;
+  const int H = P.cfg.hidden_size;
+  if (h.cols() != H)
+    throw std::invalid_argument(fmt::format("gpu::final_norm: [{}, {}], expected {} columns", h.rows(), h.cols(), H));
+  if (h.rows() == 0) return MatD(0, H);
+  if (!h.allFinite()) throw std::invalid_argument("gpu::final_norm: the rows hold NaN or Inf");
+  const Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor> hf = h.cast<float>();  // [T, H]
+  const std::size_t n = static_cast<std::size_t>(hf.size());
+  DeviceBuffer<bf16> x(n), y(n);  // [T, H] each
+  cudaStream_t S = P.stream.get();
+  x.upload(to_bf16(hf.data(), n).data(), n, S);
+  rms_norm(x.data(), P.final_norm.data(), P.cfg.rms_norm_eps, y.data(), static_cast<int>(h.rows()), H, S);
+  return download_rows(y.data(), h.rows(), H, H, S).cast<double>();
+}
+
 MatD Model::prefill_embeds(Sequence& seq, std::span<const std::int32_t> tokens, const MatD& x, const TraceFn& trace) {
   const ModelConfig& c = p_->cfg;
   if (x.rows() != static_cast<Eigen::Index>(tokens.size()) || x.cols() != c.hidden_size)
@@ -391,7 +445,8 @@ MatD Model::prefill_embeds(Sequence& seq, std::span<const std::int32_t> tokens, 
 
 std::vector<MatD> Model::forward_impl(std::span<Sequence* const> seqs,
                                       std::span<const std::span<const std::int32_t>> tokens, const TraceFn& trace,
-                                      const MatD* x_in) {
+                                      const MatD* x_in, std::span<const MatD* const> h_in,
+                                      std::vector<MatD>* hidden_out) {
   Impl& P = *p_;
   const ModelConfig& c = P.cfg;
   const int nseq = static_cast<int>(seqs.size());
@@ -410,6 +465,18 @@ std::vector<MatD> Model::forward_impl(std::span<Sequence* const> seqs,
   if (T > P.opt.max_tokens)
     throw std::invalid_argument(fmt::format("gpu::forward: {} tokens in one call, the model was planned for max_tokens = {} "
                                             "(prefill() chunks long prompts)", T, P.opt.max_tokens));
+  if (!P.mtp && !h_in.empty())
+    throw std::invalid_argument("gpu::forward: h_in given to a model without MTP input weights (mtp_in)");
+  if (P.mtp && !x_in && h_in.size() != seqs.size())
+    throw std::invalid_argument(fmt::format("gpu::forward: an MTP module's model needs h_in for each of the {} sequences, "
+                                            "got {}", seqs.size(), h_in.size()));
+  for (std::size_t s = 0; s < h_in.size(); ++s)
+    if (!h_in[s] || h_in[s]->rows() != static_cast<Eigen::Index>(tokens[s].size()) ||
+        h_in[s]->cols() != c.hidden_size || !h_in[s]->allFinite())
+      throw std::invalid_argument(fmt::format(
+          "gpu::forward: h_in of sequence {} is {}, expected [{}, {}] (tokens, hidden_size), finite", s,
+          h_in[s] ? fmt::format("[{}, {}]", h_in[s]->rows(), h_in[s]->cols()) : std::string("missing"),
+          tokens[s].size(), c.hidden_size));
   check_free_pages(*P.pool, pages_needed, "gpu::forward");
 
   // Pages, positions, slots, page tables.
@@ -480,8 +547,36 @@ std::vector<MatD> Model::forward_impl(std::span<Sequence* const> seqs,
     const Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor> xf = x_in->cast<float>();  // [T, H]
     P.h.upload(to_bf16(xf.data(), static_cast<std::size_t>(xf.size())).data(), static_cast<std::size_t>(xf.size()), S);
   }
+  const bool mtp_input = P.mtp && !x_in;
+  if (mtp_input) {  // h_prev rows in bf16, in the row order of the tokens (before the timed part)
+    std::vector<float> hp(static_cast<std::size_t>(T) * H);  // [T, H]
+    for (int s = 0; s < nseq; ++s)
+      for (std::int64_t i = 0; i < rows[s]; ++i)
+        for (int j = 0; j < H; ++j) hp[static_cast<std::size_t>((row0[s] + i) * H + j)] = static_cast<float>((*h_in[s])(i, j));
+    P.o.upload(to_bf16(hp.data(), hp.size()).data(), hp.size(), S);
+  }
   P.t0.record(S);
-  if (!x_in) embedding(P.embed.data(), P.tok.data(), Ti, V, H, P.h.data(), S);
+  if (mtp_input) {
+    // Spec §7: x = eh_proj([enorm(Embed(token)) ; hnorm(h_prev)]), the embedding zeroed at
+    // position 0. [e ; h] is assembled in mtp_cat [T, 2H] so that eh_proj is one GEMM with one
+    // rounding, as the reference's linear over the concatenation.
+    embedding(P.embed.data(), P.tok.data(), Ti, V, H, P.a.data(), S);
+    for (std::int64_t r = 0; r < T; ++r)
+      if (pos[static_cast<std::size_t>(r)] == 0) M3_CUDA_CHECK(cudaMemsetAsync(P.a.data() + r * H, 0, H * sizeof(bf16), S));
+    const std::size_t row_b = static_cast<std::size_t>(H) * sizeof(bf16);
+    rms_norm(P.a.data(), P.enorm.data(), eps, P.mtp_tmp.data(), Ti, H, S);
+    M3_CUDA_CHECK(cudaMemcpy2DAsync(P.mtp_cat.data(), 2 * row_b, P.mtp_tmp.data(), row_b, row_b, T,
+                                    cudaMemcpyDeviceToDevice, S));
+    rms_norm(P.o.data(), P.hnorm.data(), eps, P.mtp_tmp.data(), Ti, H, S);
+    M3_CUDA_CHECK(cudaMemcpy2DAsync(P.mtp_cat.data() + H, 2 * row_b, P.mtp_tmp.data(), row_b, row_b, T,
+                                    cudaMemcpyDeviceToDevice, S));
+    linear(P.cublas.get(), P.mtp_cat.data(), P.eh_proj.data(), P.h.data(), Ti, 2 * H, H, S);
+    emit("mtp.enorm", P.mtp_cat.data(), H, 2 * H);
+    emit("mtp.hnorm", P.mtp_cat.data() + H, H, 2 * H);
+    emit("mtp.x", P.h.data(), H, H);
+  } else if (!x_in) {
+    embedding(P.embed.data(), P.tok.data(), Ti, V, H, P.h.data(), S);
+  }
   for (int l = 0; l < c.num_hidden_layers; ++l) {
     LayerDev& L = P.layers[l];
     const std::string blk = fmt::format("blk.{}.", l);
@@ -596,6 +691,11 @@ std::vector<MatD> Model::forward_impl(std::span<Sequence* const> seqs,
   emit(fmt::format("blk.{}.out", c.num_hidden_layers - 1), P.h.data(), H, H);
   linear(P.cublas.get(), P.a.data(), P.lm_head.data(), P.logits.data(), Ti, H, V, S);
   P.t1.record(S);
+  if (hidden_out) {  // the residual stream after the last layer, before the final norm
+    const MatF hf = download_rows(P.h.data(), T, H, H, S);  // [T, H]
+    hidden_out->clear();
+    for (int s = 0; s < nseq; ++s) hidden_out->push_back(hf.middleRows(row0[s], rows[s]).cast<double>());
+  }
   // The rows that leave the device: all ([T, V], sequence s at row0[s]), or each sequence's last
   // (last_logits_only: [nseq, V], sequence s at row s).
   const bool last = P.opt.last_logits_only;

@@ -66,6 +66,9 @@ class Sequence {
   Sequence(Sequence&&) noexcept;
   Sequence& operator=(Sequence&&) noexcept;
   std::int64_t length() const;
+  // As m3::Sequence::truncate: forget positions n .. length()-1 (0 <= n <= length(), else
+  // std::invalid_argument); pages past the first ceil(n/128) return to the pool.
+  void truncate(std::int64_t n);
 
  private:
   friend class Model;
@@ -94,6 +97,20 @@ class Model {
   // pool before touching a cache. At most options().max_tokens tokens in all.
   std::vector<MatD> forward(std::span<Sequence* const> seqs,
                             std::span<const std::span<const std::int32_t>> tokens, const TraceFn& trace = {});
+  // As m3::Model::forward with MTP inputs and outputs:
+  //   h_in: an MTP module's model (weights with mtp_in) needs, per sequence, the previous hidden
+  //         states [T_s, H]; x = eh_proj([enorm(Embed(token), zeroed at position 0) ; hnorm(h_in)])
+  //         replaces the embedding gather (traced as mtp.enorm, mtp.hnorm, mtp.x). Rounded to bf16.
+  //   hidden_out (optional): per sequence, the residual stream after the last layer [T_s, H].
+  // Throws std::invalid_argument for h_in given to a model without MTP input, missing or of the
+  // wrong shape for one with it, or holding NaN / Inf.
+  std::vector<MatD> forward(std::span<Sequence* const> seqs, std::span<const std::span<const std::int32_t>> tokens,
+                            const TraceFn& trace, std::span<const MatD* const> h_in, std::vector<MatD>* hidden_out);
+  // Whether this is an MTP module's model (its forward takes h_in).
+  bool takes_hidden_states() const;
+  // This model's final norm applied to hidden states h [T, H] (hidden_out rows) on the GPU, bf16
+  // in and out (widened): the h_prev the MTP modules take from the main model.
+  MatD final_norm(const MatD& h) const;
 
   // One sequence; prompts longer than max_tokens run in chunks of max_tokens (the trace then
   // receives each name once per chunk, rows in order).
@@ -108,7 +125,8 @@ class Model {
 
  private:
   std::vector<MatD> forward_impl(std::span<Sequence* const> seqs, std::span<const std::span<const std::int32_t>> tokens,
-                                 const TraceFn& trace, const MatD* x_in);
+                                 const TraceFn& trace, const MatD* x_in, std::span<const MatD* const> h_in = {},
+                                 std::vector<MatD>* hidden_out = nullptr);
   struct Impl;
   std::unique_ptr<Impl> p_;
   // The checks forward() makes of sequence s appending `tokens` (who names the caller in the

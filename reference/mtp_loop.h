@@ -1,0 +1,134 @@
+// The MTP draft-and-check schedule of generate_mtp (reference/mtp.h documents it), written once for
+// any engine whose model and sequence types offer what m3::Model and m3::Sequence do:
+//   ModelT::new_sequence(), ModelT::config(), ModelT::final_norm(MatD [T, H]) -> MatD [T, H],
+//   ModelT::forward(span<SeqT*>, span<span<const int32>>, TraceFn, span<const MatD*> h_in,
+//                   std::vector<MatD>* hidden_out) -> std::vector<MatD> logits,
+//   SeqT::truncate(n).
+// m3::generate_mtp (the reference) and m3::gpu::generate_mtp (gpu/mtp.h) validate their arguments
+// and call it, so both engines draft and check on the same schedule.
+#pragma once
+
+#include "reference/model.h"
+#include "reference/mtp.h"
+
+#include <algorithm>
+#include <cstdint>
+#include <span>
+#include <vector>
+
+namespace m3::detail {
+
+// One forward of one sequence with optional previous hidden states; returns logits [T, V] and
+// sets hidden [T, H] (the residual stream after the last layer).
+template <class ModelT, class SeqT>
+MatD mtp_step(ModelT& m, SeqT& s, std::span<const std::int32_t> tokens, const MatD* h_in, MatD& hidden) {
+  SeqT* seqs[] = {&s};
+  std::span<const std::int32_t> toks[] = {tokens};
+  const MatD* hin[] = {h_in};
+  std::vector<MatD> hid;
+  MatD logits = h_in ? m.forward(seqs, toks, {}, hin, &hid)[0] : m.forward(seqs, toks, {}, {}, &hid)[0];
+  hidden = std::move(hid[0]);
+  return logits;
+}
+
+inline void mtp_append_rows(MatD& m, const MatD& rows) {
+  const Eigen::Index n = m.rows();
+  m.conservativeResize(n + rows.rows(), rows.cols());
+  m.bottomRows(rows.rows()) = rows;
+}
+
+// The loop of generate_mtp after its argument checks (modules non-empty, k >= 1, steps >= 0).
+template <class ModelT>
+std::vector<std::int32_t> mtp_loop(ModelT& main, std::span<ModelT* const> modules, std::span<const std::int32_t> prompt,
+                                   int steps, int k, MtpStats* stats) {
+  using SeqT = decltype(main.new_sequence());
+  const ModelConfig& c = main.config();
+  const int count = static_cast<int>(modules.size());
+  MtpStats st;
+  st.accepted_at.assign(static_cast<std::size_t>(k), 0);
+
+  SeqT ms = main.new_sequence();
+  MatD hm;  // [n, H] the main model's hidden states of every position in its cache
+  MatD logits = mtp_step(main, ms, prompt, nullptr, hm);
+  std::vector<std::int32_t> hist(prompt.begin(), prompt.end());  // x_0 .. x_{n-1}: the main cache
+  std::int32_t pending = greedy_token(logits, logits.rows() - 1);  // x_n
+  std::vector<SeqT> seqs;
+  for (ModelT* m : modules) seqs.push_back(m->new_sequence());
+  std::int64_t fed = 0;  // the module caches hold positions [0, fed), each (x_{p+1}, h_p)
+
+  std::vector<std::int32_t> out;
+  if (steps == 0) {
+    if (stats) *stats = std::move(st);
+    return out;
+  }
+  for (;;) {
+    out.push_back(pending);
+    if (static_cast<int>(out.size()) >= steps) break;
+    const auto n = static_cast<std::int64_t>(hist.size());
+    const int remaining = steps - static_cast<int>(out.size());
+    const int kk = static_cast<int>(std::min<std::int64_t>({k, remaining, c.max_position_embeddings - n - 1}));
+    ++st.rounds;
+    if (kk <= 0) {  // nothing left worth drafting: a plain decode step
+      MatD h;
+      const MatD lg = mtp_step(main, ms, std::span<const std::int32_t>(&pending, 1), nullptr, h);
+      mtp_append_rows(hm, h);
+      hist.push_back(pending);
+      pending = greedy_token(lg, 0);
+      continue;
+    }
+    // Draft step 0: the modules catch up on positions fed .. n-1 (x_{p+1}, h_p; x_n = pending).
+    std::vector<std::int32_t> feed;
+    for (std::int64_t p = fed; p < n; ++p) feed.push_back(p + 1 < n ? hist[static_cast<std::size_t>(p + 1)] : pending);
+    const MatD hfeed = main.final_norm(hm.middleRows(fed, n - fed));  // [n - fed, H] after the final norm
+    std::vector<std::int32_t> d;                    // d_1 .. d_kk
+    MatD hprev;                                     // [1, H] the last draft step's hidden state
+    for (int j = 0; j < kk; ++j) {
+      const int owner = j % count;
+      const std::int32_t tok_in = j == 0 ? pending : d.back();  // every module takes the same input
+      const MatD h_in = hprev;
+      std::int32_t next = -1;
+      MatD h_next;
+      for (int m = 0; m < count; ++m) {
+        MatD h;
+        const MatD lg = j == 0 ? mtp_step(*modules[m], seqs[m], feed, &hfeed, h)
+                               : mtp_step(*modules[m], seqs[m], std::span<const std::int32_t>(&tok_in, 1), &h_in, h);
+        if (m == owner) {
+          next = greedy_token(lg, lg.rows() - 1);
+          h_next = h.bottomRows(1);
+        }
+      }
+      d.push_back(next);
+      hprev = std::move(h_next);
+    }
+    fed = n;
+    // The check: x_n, d_1 .. d_kk at positions n .. n+kk in one main forward.
+    std::vector<std::int32_t> check{pending};
+    check.insert(check.end(), d.begin(), d.end());
+    MatD h;
+    const MatD lg = mtp_step(main, ms, check, nullptr, h);  // [kk+1, V]
+    int a = 0;
+    while (a < kk && greedy_token(lg, a) == d[static_cast<std::size_t>(a)]) ++a;
+    st.drafted += kk;
+    st.accepted += a;
+    st.drafts.push_back(d);
+    for (int j = 0; j < a; ++j) ++st.accepted_at[static_cast<std::size_t>(j)];
+    // Keep x_n, d_1 .. d_a; forget the rest in the main cache and every draft entry in the modules.
+    ms.truncate(n + a + 1);
+    mtp_append_rows(hm, h.topRows(a + 1));
+    for (SeqT& s : seqs) s.truncate(fed);
+    hist.push_back(pending);
+    bool done = false;
+    for (int j = 0; j < a && !done; ++j) {
+      hist.push_back(d[static_cast<std::size_t>(j)]);
+      out.push_back(d[static_cast<std::size_t>(j)]);
+      done = static_cast<int>(out.size()) >= steps;
+    }
+    if (done) break;
+    pending = greedy_token(lg, a);
+  }
+  out.resize(static_cast<std::size_t>(steps));
+  if (stats) *stats = std::move(st);
+  return out;
+}
+
+}  // namespace m3::detail

@@ -1,0 +1,260 @@
+// MTP modules on the GPU (gpu::Model with MTP input weights, gpu::generate_mtp) against the
+// reference (label gpu; skips without a GPU):
+//   one module forward from the main model's hidden states: its input path (mtp.enorm, mtp.hnorm,
+//   mtp.x) and logits within DESIGN §4's one-tensor gate of the bf16 reference (tokens whose MoE
+//   experts flipped at a near-tie left out of the logits check: a whole row then moves legitimately);
+//   draft-and-check decoding: the tokens are the GPU's own greedy tokens (up to a near-tie), and
+//   the drafts the reference's, so that the reference's check accepts what it accepts of its own;
+//   truncate, final_norm and bad requests.
+#include "compare/tolerance.h"
+#include "gpu/model.h"
+#include "gpu/mtp.h"
+#include "reference/model.h"
+#include "reference/mtp.h"
+#include "reference/weights.h"
+#include "tests/gpu/gpu_test_util.h"
+#include "tests/test_util.h"
+
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <functional>
+#include <map>
+#include <set>
+#include <string>
+#include <vector>
+
+namespace {
+
+using m3::MatD;
+
+struct Tiny {
+  m3::ModelConfig cfg = m3::preset("tiny");
+  m3::ModelWeights<float> main, mod;  // the main model, MTP module 0
+  explicit Tiny(std::uint64_t seed) {
+    cfg.num_mtp_modules = 1;
+    main = m3::generate_weights(cfg, seed);
+    mod = m3::generate_mtp_module(cfg, 0, seed, main);
+  }
+};
+
+// Traced tensors of one sequence, widened to fp64.
+struct Traces {
+  std::map<std::string, MatD> t;
+  m3::TraceFn fn() {
+    return [this](int, const std::string& name, const m3::TraceView& v) {
+      MatD m(v.rows, v.cols);
+      for (std::int64_t r = 0; r < v.rows; ++r)
+        for (std::int64_t c = 0; c < v.cols; ++c) m(r, c) = v.at(r, c);
+      t[name] = std::move(m);
+    };
+  }
+};
+
+double rel_l2(const MatD& a, const MatD& b) { return (a - b).norm() / b.norm(); }
+
+// DESIGN §4's gate for one float tensor: the emulation's bound, or no further from the fp64 truth
+// than twice the emulation is, plus 2^-8.
+void expect_gate(const std::string& what, const MatD& gpu, const MatD& ref, const MatD& truth) {
+  const double vs_ref = rel_l2(gpu, ref), vs_truth = rel_l2(gpu, truth), ref_truth = rel_l2(ref, truth);
+  std::printf("[mtp %s] gpu vs bf16 ref %.3e, gpu vs fp64 %.3e, bf16 ref vs fp64 %.3e\n", what.c_str(), vs_ref, vs_truth,
+              ref_truth);
+  EXPECT_TRUE(vs_ref <= m3::cmp::kBf16.rel_l2 || vs_truth <= m3::cmp::kAttnErrFactor * ref_truth + m3::cmp::kAttnFloor)
+      << what << ": gpu vs bf16 ref " << vs_ref << ", vs fp64 " << vs_truth << " (bf16 ref vs fp64 " << ref_truth << ")";
+}
+
+// Rows [0, T) whose expert sets agree between two traces of blk.0.experts ([T, K] ids).
+std::vector<Eigen::Index> same_expert_rows(const MatD& a, const MatD& b) {
+  std::vector<Eigen::Index> rows;
+  for (Eigen::Index r = 0; r < a.rows(); ++r) {
+    std::set<double> sa(a.row(r).data(), a.row(r).data() + a.cols()), sb(b.row(r).data(), b.row(r).data() + b.cols());
+    if (sa == sb) rows.push_back(r);
+  }
+  return rows;
+}
+
+MatD take_rows(const MatD& m, const std::vector<Eigen::Index>& rows) {
+  MatD out(static_cast<Eigen::Index>(rows.size()), m.cols());
+  for (std::size_t i = 0; i < rows.size(); ++i) out.row(static_cast<Eigen::Index>(i)) = m.row(rows[i]);
+  return out;
+}
+
+}  // namespace
+
+// 70 tokens (past tiny's K_blk * BLK = 64: the module's MSA layer selects), h_prev = the main
+// model's own final-normed hidden states, as generate_mtp feeds them.
+TEST(GpuMtp, ModuleForwardFromTheMainHiddenStatesPassesTheGate) {
+  M3_REQUIRE_GPU();
+  auto g = m3::test::test_rng();
+  SCOPED_TRACE(m3::test::seed_note());
+  Tiny t(g());
+  const m3::ModelConfig mc = m3::mtp_module_config(t.cfg);
+  const auto prompt = m3::test::random_tokens(70, t.cfg.vocab_size, g);
+  m3::Model main_ref(t.cfg, t.main, m3::Precision::BF16);
+  m3::Sequence ms = main_ref.new_sequence();
+  m3::Sequence* mseq[] = {&ms};
+  std::span<const std::int32_t> mtok[] = {prompt};
+  std::vector<MatD> hid;
+  main_ref.forward(mseq, mtok, {}, {}, &hid);
+  const MatD h_prev = main_ref.final_norm(hid[0]);  // [T, H]
+  std::vector<std::int32_t> next(prompt.begin() + 1, prompt.end());
+  next.push_back(prompt.front());  // x_{p+1} for p = 0 .. T-1 (any token: the values are what matter)
+
+  auto run_ref = [&](m3::Precision p, Traces& tr, MatD& hidden) {
+    m3::Model m(mc, t.mod, p);
+    m3::Sequence s = m.new_sequence();
+    m3::Sequence* seqs[] = {&s};
+    std::span<const std::int32_t> toks[] = {next};
+    const MatD* hin[] = {&h_prev};
+    std::vector<MatD> h;
+    MatD lg = m.forward(seqs, toks, tr.fn(), hin, &h)[0];
+    hidden = h[0];
+    return lg;
+  };
+  Traces tb, tt, tg;
+  MatD hb, ht, hg;
+  const MatD lb = run_ref(m3::Precision::BF16, tb, hb), lt = run_ref(m3::Precision::FP64, tt, ht);
+  m3::gpu::ModelOptions o;
+  o.max_context = 256;
+  o.max_tokens = 128;
+  m3::gpu::Model module(mc, t.mod, o);
+  ASSERT_TRUE(module.takes_hidden_states());
+  m3::gpu::Sequence s = module.new_sequence();
+  m3::gpu::Sequence* seqs[] = {&s};
+  std::span<const std::int32_t> toks[] = {next};
+  const MatD* hin[] = {&h_prev};
+  std::vector<MatD> h;
+  const MatD lg = module.forward(seqs, toks, tg.fn(), hin, &h)[0];
+  hg = h[0];
+  ASSERT_EQ(hg.rows(), 70);
+  for (const char* name : {"mtp.enorm", "mtp.hnorm", "mtp.x"}) {
+    ASSERT_TRUE(tg.t.count(name)) << name << " not traced";
+    expect_gate(name, tg.t[name], tb.t[name], tt.t[name]);
+  }
+  // A token whose experts flipped at a near-tie moves its whole row: left out (and counted).
+  const auto keep = same_expert_rows(tg.t["blk.0.experts"], tb.t["blk.0.experts"]);
+  std::printf("[mtp] %zu of 70 tokens with the reference's experts\n", keep.size());
+  EXPECT_GE(keep.size(), 60u) << "more than a few expert flips in one layer: not near-ties";
+  expect_gate("hidden_out", take_rows(hg, keep), take_rows(hb, keep), take_rows(ht, keep));
+  expect_gate("logits", take_rows(lg, keep), take_rows(lb, keep), take_rows(lt, keep));
+  EXPECT_EQ(s.length(), 70);
+}
+
+// generate_mtp on the GPU: its tokens are the GPU's plain greedy tokens (the batched check and
+// single decode steps run different kernels: a mismatch must sit at a near-tie of the greedy
+// run's logits, and nothing after it is compared), and round by round its drafts are the
+// reference's, so the reference's check accepts the GPU's drafts exactly as it accepts its own.
+TEST(GpuMtp, DraftsAreTheReferenceDraftsAndTokensTheGreedyOnes) {
+  M3_REQUIRE_GPU();
+  auto g = m3::test::test_rng();
+  SCOPED_TRACE(m3::test::seed_note());
+  Tiny t(g());
+  const m3::ModelConfig mc = m3::mtp_module_config(t.cfg);
+  const auto prompt = m3::test::random_tokens(67, t.cfg.vocab_size, g);
+  const int steps = 24, k = 3;
+  m3::gpu::ModelOptions o;
+  o.max_context = 256;
+  o.max_tokens = 128;
+  m3::gpu::Model gmain(t.cfg, t.main, o), gmod(mc, t.mod, o);
+  m3::gpu::Model* gmods[] = {&gmod};
+  m3::MtpStats gst;
+  const auto gtok = m3::gpu::generate_mtp(gmain, gmods, prompt, steps, k, &gst);
+  MatD glog;
+  const auto ggreedy = m3::gpu::generate_greedy(gmain, prompt, steps, &glog);
+  ASSERT_EQ(gtok.size(), static_cast<std::size_t>(steps));
+  int agree = 0;
+  while (agree < steps && gtok[static_cast<std::size_t>(agree)] == ggreedy[static_cast<std::size_t>(agree)]) ++agree;
+  if (agree < steps) {  // only at a near-tie: the two best logits within the bf16 tie tolerance
+    const Eigen::Index row = static_cast<Eigen::Index>(prompt.size()) - 1 + agree;
+    std::vector<double> v(glog.row(row).data(), glog.row(row).data() + glog.cols());
+    std::partial_sort(v.begin(), v.begin() + 2, v.end(), std::greater<>());
+    EXPECT_LE(v[0] - v[1], m3::cmp::kBf16.tie_rtol * std::max(1.0, std::abs(v[0])))
+        << "MTP token " << agree << " differs from plain greedy decoding away from a near-tie";
+  }
+  std::printf("[gpu mtp] %d of %d tokens as plain greedy; %d rounds, %lld of %lld drafts accepted\n", agree, steps,
+              gst.rounds, static_cast<long long>(gst.accepted), static_cast<long long>(gst.drafted));
+
+  m3::Model rmain(t.cfg, t.main, m3::Precision::BF16), rmod(mc, t.mod, m3::Precision::BF16);
+  m3::Model* rmods[] = {&rmod};
+  m3::MtpStats rst;
+  const auto rtok = m3::generate_mtp(rmain, rmods, prompt, steps, k, &rst);
+  // Rounds compare while both runs have the same history (their tokens agree up to there).
+  int same_tokens = 0;
+  while (same_tokens < agree && gtok[static_cast<std::size_t>(same_tokens)] == rtok[static_cast<std::size_t>(same_tokens)])
+    ++same_tokens;
+  std::size_t rounds = 0, same_rounds = 0, emitted = 0;
+  for (; rounds < std::min(gst.drafts.size(), rst.drafts.size()); ++rounds) {
+    if (gst.drafts[rounds] != rst.drafts[rounds]) break;
+    ++same_rounds;
+    // A round emits its pending token plus the accepted drafts: stop where the histories part.
+    int acc = 0;
+    while (acc < static_cast<int>(rst.drafts[rounds].size()) &&
+           emitted + 1 + acc < rtok.size() && rst.drafts[rounds][acc] == rtok[emitted + 1 + acc])
+      ++acc;
+    emitted += 1 + acc;
+    if (static_cast<int>(emitted) >= same_tokens) break;
+  }
+  std::printf("[gpu mtp] drafts equal to the reference's in the first %zu rounds (tokens agree on %d); reference "
+              "accepted %lld of %lld\n",
+              same_rounds, same_tokens, static_cast<long long>(rst.accepted), static_cast<long long>(rst.drafted));
+  EXPECT_GE(same_tokens, std::min(agree, 8)) << "the GPU and reference greedy tokens part early";
+  if (same_tokens >= 8) EXPECT_GE(same_rounds, 2u) << "the GPU's drafts differ from the reference's from the start";
+  if (same_tokens == steps && agree == steps) {
+    EXPECT_EQ(gst.drafts, rst.drafts) << "same history, same drafts expected (no near-tie in the tokens)";
+    EXPECT_EQ(gst.accepted, rst.accepted);
+    EXPECT_EQ(gst.accepted_at, rst.accepted_at);
+  }
+}
+
+TEST(GpuMtp, TruncateFinalNormAndBadRequests) {
+  M3_REQUIRE_GPU();
+  auto g = m3::test::test_rng();
+  SCOPED_TRACE(m3::test::seed_note());
+  Tiny t(g());
+  m3::gpu::ModelOptions o;
+  o.max_context = 512;
+  o.max_tokens = 200;
+  o.max_batch = 2;
+  m3::gpu::Model main(t.cfg, t.main, o), mod(m3::mtp_module_config(t.cfg), t.mod, o);
+  EXPECT_FALSE(main.takes_hidden_states());
+  const auto prompt = m3::test::random_tokens(150, t.cfg.vocab_size, g);
+  // Truncate: decoding after cutting back equals decoding the shorter prompt.
+  m3::gpu::Sequence a = main.new_sequence(), b = main.new_sequence();
+  main.prefill(a, prompt);
+  a.truncate(129);
+  EXPECT_EQ(a.length(), 129);
+  main.prefill(b, std::span<const std::int32_t>(prompt).first(129));
+  const MatD da = main.decode(a, prompt[129]), db = main.decode(b, prompt[129]);
+  EXPECT_TRUE(da == db) << "decode after truncate(129) must equal decode after a 129-token prefill";
+  EXPECT_THROW(a.truncate(131), std::invalid_argument);
+  EXPECT_THROW(a.truncate(-1), std::invalid_argument);
+  // final_norm against the reference's (bf16 in, one rounding out).
+  const MatD h = m3::test::randn<double>(5, t.cfg.hidden_size, g);
+  m3::Model rmain(t.cfg, t.main, m3::Precision::BF16);
+  const MatD hb = h.unaryExpr([](double x) { return static_cast<double>(m3::round_bf16(static_cast<float>(x))); });  // [5, H] bf16 values
+  expect_gate("final_norm", main.final_norm(hb), rmain.final_norm(hb), m3::Model(t.cfg, t.main, m3::Precision::FP64).final_norm(hb));
+  EXPECT_THROW(main.final_norm(MatD(2, t.cfg.hidden_size + 1)), std::invalid_argument);
+  // h_in: refused for the main model, required (and shaped) for the module.
+  m3::gpu::Sequence c = main.new_sequence(), d = mod.new_sequence();
+  const std::vector<std::int32_t> two{1, 2};
+  const MatD h2 = MatD::Ones(2, t.cfg.hidden_size), h3 = MatD::Ones(3, t.cfg.hidden_size);
+  m3::gpu::Sequence* cs[] = {&c};
+  m3::gpu::Sequence* ds[] = {&d};
+  std::span<const std::int32_t> tk[] = {two};
+  const MatD* good[] = {&h2};
+  const MatD* bad[] = {&h3};
+  std::vector<MatD> hid;
+  EXPECT_THROW(main.forward(cs, tk, {}, good, &hid), std::invalid_argument);
+  EXPECT_THROW(mod.forward(ds, tk, {}, {}, &hid), std::invalid_argument);
+  EXPECT_THROW(mod.forward(ds, tk, {}, bad, &hid), std::invalid_argument);
+  EXPECT_EQ(d.length(), 0);
+  m3::gpu::Model* none[] = {nullptr};
+  EXPECT_THROW(m3::gpu::generate_mtp(main, none, prompt, 4, 2), std::invalid_argument);
+  m3::gpu::Model* self[] = {&main};
+  EXPECT_THROW(m3::gpu::generate_mtp(main, self, prompt, 4, 2), std::invalid_argument);
+  m3::gpu::Model* mods[] = {&mod};
+  EXPECT_THROW(m3::gpu::generate_mtp(main, mods, prompt, 4, 0), std::invalid_argument);
+  EXPECT_THROW(m3::gpu::generate_mtp(main, mods, prompt, -1, 2), std::invalid_argument);
+}
