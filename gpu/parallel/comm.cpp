@@ -14,11 +14,6 @@
 
 namespace m3::gpu {
 
-int& this_rank() {
-  thread_local int rank = -1;
-  return rank;
-}
-
 void throw_nccl_error(const char* call, ncclResult_t r, const char* file, int line) {
   int dev = -1;
   cudaGetDevice(&dev);
@@ -27,7 +22,7 @@ void throw_nccl_error(const char* call, ncclResult_t r, const char* file, int li
   const char* last = ncclGetLastError(nullptr);
   if (last != nullptr && *last != '\0') msg += fmt::format(" (NCCL: {})", last);
   msg += fmt::format(" at {}:{} (device {}", file, line, dev);
-  const int rank = this_rank() >= 0 ? this_rank() : check_rank();
+  const int rank = check_rank();
   if (rank >= 0) msg += fmt::format(", rank {}", rank);
   msg += ")";
   throw GpuError(msg);
@@ -159,7 +154,7 @@ void Team::run(const std::function<void(Rank&)>& f) {
 
   const auto body = [&](int r) {
     Outcome o;
-    this_rank() = r;
+    check_rank() = r;
     try {
       M3_CUDA_CHECK(cudaSetDevice(ranks_[static_cast<std::size_t>(r)]->device_));
       f(*ranks_[static_cast<std::size_t>(r)]);
@@ -170,7 +165,7 @@ void Team::run(const std::function<void(Rank&)>& f) {
     } catch (...) {
       o = {Kind::FAILED, "an exception not derived from std::exception"};
     }
-    this_rank() = -1;
+    check_rank() = -1;
     // Raised before taking the lock, so peers polling in Rank::sync stop as early as possible.
     if (o.kind != Kind::OK) abort_.store(true, std::memory_order_release);
     {

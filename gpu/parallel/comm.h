@@ -51,9 +51,8 @@ struct TeamAborted : GpuError {
   using GpuError::GpuError;
 };
 
-// The rank of the calling thread inside Team::run, -1 elsewhere. Thread-local: check_rank()
-// (gpu/runtime/check.h) is one value per process and cannot tell N rank threads apart.
-int& this_rank();
+// The rank of the calling thread inside Team::run is check_rank() (gpu/runtime/check.h, thread-local):
+// Team sets it in each rank's thread, so M3_CUDA_CHECK and M3_NCCL_CHECK both name the rank.
 
 [[noreturn]] void throw_nccl_error(const char* call, ncclResult_t r, const char* file, int line);
 

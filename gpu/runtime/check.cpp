@@ -4,7 +4,7 @@
 namespace m3::gpu {
 
 int& check_rank() {
-  static int rank = -1;
+  thread_local int rank = -1;  // gpu/parallel's Team runs one thread a rank and sets each thread's
   return rank;
 }
 

@@ -15,7 +15,8 @@ struct GpuError : std::runtime_error {
   using std::runtime_error::runtime_error;
 };
 
-// The rank printed by the check macros; -1 (single process) prints none. Set by gpu/parallel.
+// The rank printed by the check macros, per thread; -1 (outside a rank) prints none. Set by
+// gpu/parallel's Team in each rank's thread.
 int& check_rank();
 
 [[noreturn]] void throw_gpu_error(const char* lib, const char* call, const std::string& what, const char* file,

@@ -88,10 +88,10 @@ TEST(CommSingleRankCounts, ExchangeReturnsTheOwnCount) {
   M3_REQUIRE_GPUS(1);
   std::vector<std::size_t> got;
   TeamCache::get(1).run([&](Rank& r) {
-    EXPECT_EQ(gpu::this_rank(), 0);
+    EXPECT_EQ(gpu::check_rank(), 0);
     got = gpu::all_to_all_counts(r, std::vector<std::size_t>{1000003});
   });
-  EXPECT_EQ(gpu::this_rank(), -1);
+  EXPECT_EQ(gpu::check_rank(), -1);
   EXPECT_EQ(got, std::vector<std::size_t>{1000003});
 }
 
