@@ -3,15 +3,20 @@
 //   m3h compare --preset tiny --tokens 300 --decode 16 [--format table|json] [--fp8-index]
 //   m3h compare --preset m3-layer --tokens 32768 --decode 0 --sample-rows 8   (long context, sampled rows)
 //   m3h compare --preset tiny --image synthetic:32x48 --vision-check         (+ the GPU vision tower)
+//   m3h compare --preset tiny --tokens 70 --decode 24 --mtp 3                (MTP drafts, mtp_compare.h)
 #include "compare/cli_common.h"
 #include "compare/metrics.h"
 #include "compare/model_compare.h"
 #include "compare/model_sampled.h"
+#include "compare/mtp_compare.h"
 #include "compare/tolerance.h"
+#include "reference/mtp.h"
 #include "reference/vision.h"
 #include "reference/weights.h"
 
 #if M3_HAVE_GPU
+#include "gpu/model.h"
+#include "gpu/mtp.h"
 #include "gpu/runtime/device.h"
 #include "gpu/vision.h"
 #endif
@@ -21,6 +26,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <memory>
 #include <optional>
 #include <cstdio>
 
@@ -38,6 +44,7 @@ struct CompareArgs {
   int sample_rows = -1;  // >= 0: the sampled-row mode with this many random rows beyond the fixed ones
   std::string image;     // an image before the prompt: the CPU tower's rows feed both engines
   bool vision_check = false;  // with --image: also the GPU tower against the reference tower
+  int mtp = 0;                // > 0: MTP drafts a round; the drafts are compared (compare_mtp)
   Format format = Format::TABLE;
 };
 
@@ -196,6 +203,87 @@ int compare_sampled(const CompareArgs& a, const ModelConfig& cfg, const std::vec
 }
 #endif
 
+#if M3_HAVE_GPU
+// --mtp K: generate_mtp on the bf16 reference and on the GPU (main model + seeded modules, the
+// same weights), `--decode` tokens each; the GPU's drafts are verified by the reference's tokens
+// round by round (mtp_compare.h).
+int compare_mtp(const CompareArgs& a, const ModelConfig& cfg0, const std::vector<std::int32_t>& prompt) {
+  ModelConfig cfg = cfg0;
+  cfg.num_mtp_modules = std::max(1, cfg0.num_mtp_modules);
+  const ModelWeights<float> w = generate_weights(cfg, a.seed);
+  std::vector<ModelWeights<float>> mw;
+  for (int i = 0; i < cfg.num_mtp_modules; ++i) mw.push_back(generate_mtp_module(cfg, i, a.seed, w));
+  const ModelConfig mc = mtp_module_config(cfg);
+  const auto T = static_cast<std::int64_t>(prompt.size());
+  auto clock_ms = [](auto t0) {
+    return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
+  };
+  std::fprintf(stderr, "compare: reference bf16, generate_mtp ...\n");
+  MtpStats rst, gst;
+  std::vector<std::int32_t> rtok, gtok;
+  auto t0 = std::chrono::steady_clock::now();
+  {
+    Model main(cfg, w, Precision::BF16);
+    std::vector<Model> mods;
+    for (const auto& m : mw) mods.emplace_back(mc, m, Precision::BF16);
+    std::vector<Model*> ptrs;
+    for (auto& m : mods) ptrs.push_back(&m);
+    rtok = generate_mtp(main, ptrs, prompt, a.decode, a.mtp, &rst);
+  }
+  const double ref_ms = clock_ms(t0);
+  std::fprintf(stderr, "compare: gpu, generate_mtp ...\n");
+  t0 = std::chrono::steady_clock::now();
+  {
+    gpu::ModelOptions o;
+    o.max_batch = 1;
+    o.max_context = T + a.decode + a.mtp + 1;
+    o.max_tokens = T + a.mtp + 1;  // whole prompts go through one forward (the main prefill, the modules' catch-up)
+    gpu::Model main(cfg, w, o);
+    std::vector<std::unique_ptr<gpu::Model>> mods;
+    std::vector<gpu::Model*> ptrs;
+    for (const auto& m : mw) {
+      mods.push_back(std::make_unique<gpu::Model>(mc, m, o));
+      ptrs.push_back(mods.back().get());
+    }
+    gtok = gpu::generate_mtp(main, ptrs, prompt, a.decode, a.mtp, &gst);
+  }
+  const double gpu_ms = clock_ms(t0);
+  const cmp::MtpComparison c = cmp::compare_mtp_runs(rtok, rst, gtok, gst);
+  const std::string dev = gpu::describe(gpu::device_info(0));
+  if (a.format == Format::JSON) {
+    nlohmann::json j;
+    j["command"] = command_line();
+    j["device"] = dev;
+    j["config"] = cfg.name;
+    j["seed"] = a.seed;
+    j["prompt_tokens"] = T;
+    j["decode_steps"] = a.decode;
+    j["mtp"] = {{"modules", mw.size()}, {"drafts_per_round", a.mtp}, {"tokens_agree", c.tokens_agree},
+                {"rounds_ref", c.rounds_ref}, {"rounds_gpu", c.rounds_test}, {"rounds_compared", c.rounds_compared},
+                {"drafts_equal", c.drafts_equal}, {"accepted_by_ref", c.accepted_by_ref},
+                {"accepted_ref", c.accepted_ref}, {"accepted_gpu_own", gst.accepted}, {"drafted_gpu", gst.drafted},
+                {"tokens_ref", rtok}, {"tokens_gpu", gtok}, {"ms_ref", ref_ms}, {"ms_gpu", gpu_ms}};
+    j["failures"] = c.failures;
+    j["pass"] = c.pass();
+    fmt::print("{}\n", j.dump(2));
+    return c.pass() ? kExitOk : kExitDisagree;
+  }
+  fmt::print("# {}\n# {}\n# {}\n", command_line(), dev, cpu_description());
+  fmt::print("config {} ({} layers), seed {}, prompt {} tokens, {} tokens with {} MTP module(s), {} drafts a round\n",
+             cfg.name, cfg.num_hidden_layers, a.seed, T, a.decode, mw.size(), a.mtp);
+  fmt::print("time: reference bf16 {:.1f} ms, gpu {:.1f} ms\n", ref_ms, gpu_ms);
+  fmt::print("tokens: {} of {} agree (the greedy tokens of each engine's main model)\n", c.tokens_agree, c.steps);
+  fmt::print("rounds: reference {}, gpu {}; {} drafted from the same history, {} with identical drafts\n", c.rounds_ref,
+             c.rounds_test, c.rounds_compared, c.drafts_equal);
+  fmt::print("acceptance over those rounds: the reference's check accepts {} of the gpu's drafts and {} of its own "
+             "(gpu's own check: {} of {} drafts in all)\n",
+             c.accepted_by_ref, c.accepted_ref, gst.accepted, gst.drafted);
+  for (const auto& f : c.failures) fmt::print("  {}\n", f);
+  fmt::print("\nverdict: {}\n", c.pass() ? "AGREE" : "DISAGREE");
+  return c.pass() ? kExitOk : kExitDisagree;
+}
+#endif
+
 int compare(const CompareArgs& a) {
 #if !M3_HAVE_GPU
   (void)a;
@@ -229,6 +317,13 @@ int compare(const CompareArgs& a) {
                                         cfg.max_position_embeddings));
   const bool human = a.format == Format::TABLE;
   auto progress = [&](const char* what) { std::fprintf(stderr, "compare: %s ...\n", what); };
+  if (a.mtp < 0) throw std::invalid_argument(fmt::format("compare: --mtp {}, expected >= 1 drafts a round (0: off)", a.mtp));
+  if (a.mtp > 0) {
+    if (a.sample_rows >= 0 || !a.image.empty() || a.fp8_index)
+      throw std::invalid_argument("compare: --mtp goes with none of --sample-rows, --image, --fp8-index");
+    if (a.decode < 1) throw std::invalid_argument("compare: --mtp needs --decode >= 1 tokens to draft");
+    return compare_mtp(a, cfg, prompt);
+  }
   if (a.sample_rows >= 0) return compare_sampled(a, cfg, prompt);
   const ModelWeights<float> w = generate_weights(cfg, a.seed);
   std::optional<MatD> x;  // [T, H] the prompt's input rows with the image's in front
@@ -386,6 +481,11 @@ CLI::App* register_compare(CLI::App& app, int* exit_code) {
                   "Long-context mode: no reference forward; the GPU's prefill is checked op by op on the first/last "
                   "rows, block and top-k edges, the middle and N seeded random rows, each op re-run by the reference "
                   "from the GPU's own inputs (e.g. --preset m3-layer --tokens 32768 --decode 0 --sample-rows 8)")
+      ->check(CLI::NonNegativeNumber);
+  cmd->add_option("--mtp", args->mtp,
+                  "MTP mode: greedy decoding with this many drafts a round (seeded MTP modules) on the bf16 "
+                  "reference and on the GPU; the GPU's drafts are verified by the reference's tokens round by round "
+                  "and must be accepted exactly as the reference's own (--decode tokens)")
       ->check(CLI::NonNegativeNumber);
   add_format_option(cmd, &args->format);
   cmd->callback([args, exit_code] { *exit_code = compare(*args); });

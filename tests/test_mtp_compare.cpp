@@ -1,0 +1,99 @@
+// compare_mtp_runs (compare/mtp_compare.h): the reference's verify of another run's MTP drafts,
+// from the runs' tokens and stats. Engines here are reference models (the rule is engine-agnostic):
+// a run against itself agrees round for round; a zero-LM-head main model (every draft is its own
+// token, so every draft is accepted) shows a damaged draft as a lost acceptance; runs whose tokens
+// part compare only the rounds before; stats that do not fit their tokens are refused.
+#include "compare/mtp_compare.h"
+#include "reference/model.h"
+#include "reference/mtp.h"
+#include "reference/weights.h"
+#include "tests/test_util.h"
+
+#include <gtest/gtest.h>
+
+#include <stdexcept>
+#include <vector>
+
+namespace {
+
+struct MtpRun {
+  std::vector<std::int32_t> tokens;
+  m3::MtpStats st;
+};
+
+// generate_mtp on the tiny preset with one seeded module (zero_head: main and module LM heads 0).
+MtpRun run_tiny(std::uint64_t seed, bool zero_head, const std::vector<std::int32_t>& prompt, int steps, int k) {
+  m3::ModelConfig cfg = m3::preset("tiny");
+  cfg.num_mtp_modules = 1;
+  auto w = m3::generate_weights(cfg, seed);
+  if (zero_head) w.lm_head.setZero();
+  const auto mw = m3::generate_mtp_module(cfg, 0, seed, w);
+  m3::Model main(cfg, w, m3::Precision::FP32), mod(m3::mtp_module_config(cfg), mw, m3::Precision::FP32);
+  m3::Model* mods[] = {&mod};
+  MtpRun r;
+  r.tokens = m3::generate_mtp(main, mods, prompt, steps, k, &r.st);
+  return r;
+}
+
+}  // namespace
+
+TEST(MtpCompare, ARunAgainstItselfAgreesRoundForRound) {
+  auto g = m3::test::test_rng();
+  SCOPED_TRACE(m3::test::seed_note());
+  const std::uint64_t seed = g();
+  const auto prompt = m3::test::random_tokens(19, 512, g);
+  const MtpRun a = run_tiny(seed, false, prompt, 17, 3);
+  const auto c = m3::cmp::compare_mtp_runs(a.tokens, a.st, a.tokens, a.st);
+  EXPECT_TRUE(c.pass()) << (c.failures.empty() ? "" : c.failures[0]);
+  EXPECT_EQ(c.tokens_agree, 17);
+  EXPECT_EQ(c.rounds_compared, a.st.rounds);
+  EXPECT_EQ(c.drafts_equal, c.rounds_compared);
+  EXPECT_EQ(c.accepted_ref, c.accepted_by_ref);
+}
+
+TEST(MtpCompare, ADamagedDraftLosesItsAcceptance) {
+  auto g = m3::test::test_rng();
+  SCOPED_TRACE(m3::test::seed_note());
+  const auto prompt = m3::test::random_tokens(23, 512, g);
+  const MtpRun ref = run_tiny(g(), true, prompt, 21, 4);  // every draft is token 0, and accepted
+  ASSERT_EQ(ref.st.accepted, ref.st.drafted);
+  ASSERT_GE(ref.st.rounds, 3);
+  MtpRun test = ref;
+  const std::size_t r = static_cast<std::size_t>(g() % ref.st.drafts.size()), j = 0;  // a round's first draft
+  test.st.drafts[r][j] = 7;  // not the main model's token: the reference rejects it and what follows
+  // The test run's own acceptance would have stopped there too: its stats and tokens still fit
+  // (the prefix rule reconstructs less than its count, never more).
+  const auto c = m3::cmp::compare_mtp_runs(ref.tokens, ref.st, test.tokens, test.st);
+  EXPECT_FALSE(c.pass());
+  EXPECT_EQ(c.drafts_equal, c.rounds_compared - 1);
+  EXPECT_LT(c.accepted_by_ref, c.accepted_ref);
+}
+
+TEST(MtpCompare, OnlyRoundsBeforeTheTokensPartAreCompared) {
+  auto g = m3::test::test_rng();
+  SCOPED_TRACE(m3::test::seed_note());
+  const auto prompt = m3::test::random_tokens(23, 512, g);
+  const MtpRun ref = run_tiny(g(), true, prompt, 21, 4);  // rounds start at outputs 0, 5, 10, 15
+  MtpRun test = ref;
+  test.tokens[12] = 9;  // the runs part at output 12: rounds starting at 0, 5 and 10 compare
+  test.st.drafts[2] = {0, 9, 0, 0};  // round 2 (start 10) drafted the test run's own token 12
+  const auto c = m3::cmp::compare_mtp_runs(ref.tokens, ref.st, test.tokens, test.st);
+  EXPECT_EQ(c.tokens_agree, 12);
+  EXPECT_EQ(c.rounds_compared, 3);
+  EXPECT_EQ(c.drafts_equal, 2);
+  EXPECT_FALSE(c.pass()) << "the reference accepts 1 of round 2's test drafts against 4 of its own";
+}
+
+TEST(MtpCompare, StatsThatDoNotFitTheirTokensAreRefused) {
+  auto g = m3::test::test_rng();
+  SCOPED_TRACE(m3::test::seed_note());
+  const auto prompt = m3::test::random_tokens(23, 512, g);
+  const MtpRun ref = run_tiny(g(), true, prompt, 21, 4);
+  MtpRun bad = ref;
+  bad.st.accepted -= 3;  // fewer than its tokens show
+  EXPECT_THROW(m3::cmp::compare_mtp_runs(ref.tokens, ref.st, bad.tokens, bad.st), std::invalid_argument);
+  MtpRun extra = ref;
+  extra.st.drafts.insert(extra.st.drafts.end(), 30, std::vector<std::int32_t>{0, 0, 0, 0});  // rounds past the tokens
+  extra.st.accepted += 120;
+  EXPECT_THROW(m3::cmp::compare_mtp_runs(ref.tokens, ref.st, extra.tokens, extra.st), std::invalid_argument);
+}
