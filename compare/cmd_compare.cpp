@@ -75,6 +75,7 @@ nlohmann::json to_json(const cmp::TensorCheck& t) {
     j["bound_vs_fp64"] = t.bound;
     j["rows_rerun"] = t.rows_rerun;
     j["rows_excluded"] = t.rows_excluded;
+    j["rows_own_inputs"] = t.rows_own_inputs;
   }
   j["failures"] = t.failures;
   return j;
@@ -414,6 +415,7 @@ int compare(const CompareArgs& a) {
                  t.vs_ref.max_abs, at, t.err_test, t.err_ref, t.rule, t.pass() ? "ok" : "FAIL");
       if (t.rows_rerun > 0) fmt::print(" ({} rows re-run with the gpu's experts)", t.rows_rerun);
       if (t.rows_excluded > 0) fmt::print(" ({} flipped-token rows left out)", t.rows_excluded);
+      if (t.rows_own_inputs > 0) fmt::print(" ({} rows from the gpu's own inputs)", t.rows_own_inputs);
       fmt::print("\n");
     }
     if (!a.all_rows)
