@@ -66,16 +66,23 @@ CliImage load_image(const std::string& spec, const VisionConfig& vc, std::uint64
 }
 
 PromptImage prepend_image(const std::string& spec, const ModelConfig& cfg, std::uint64_t seed,
-                          std::vector<std::int32_t>& prompt) {
-  const VisionConfig vc = vision_preset(cfg.name);
+                          std::vector<std::int32_t>& prompt, const CheckpointVision* tower) {
+  const VisionConfig vc = tower ? tower->config : vision_preset(cfg.name);
+  if (vc.text_hidden != cfg.hidden_size)  // a checkpoint's loader checked this; a preset pairs by name
+    throw std::invalid_argument(fmt::format("--image: vision tower '{}' feeds width {}, the model '{}' has hidden_size {}",
+                                            vc.name, vc.text_hidden, cfg.name, cfg.hidden_size));
   const CliImage im = load_image(spec, vc, seed);
   const auto t0 = std::chrono::steady_clock::now();
   PromptImage out;
-  out.features = vision_forward(vc, generate_vision_weights(vc, seed), im.pixels, im.height, im.width);  // [N, H]
+  out.tower = tower ? "checkpoint" : "seeded";
+  const VisionWeights<double> w =
+      tower ? vision_weights_cast<double>(tower->weights) : generate_vision_weights(vc, seed);
+  out.features = vision_forward(vc, w, im.pixels, im.height, im.width);  // [N, H]
   const double ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
   const auto n = static_cast<std::size_t>(out.features.rows());
-  out.summary = fmt::format("image {}x{} ({}) -> {} tokens (vision tower {}, {:.1f} ms), then {} text tokens", im.height,
-                            im.width, spec, n, vc.name, ms, prompt.size());
+  const std::string which = tower ? "from the checkpoint" : fmt::format("seeded, seed {}", seed);
+  out.summary = fmt::format("image {}x{} ({}) -> {} tokens (vision tower {} {}, {:.1f} ms), then {} text tokens",
+                            im.height, im.width, spec, n, vc.name, which, ms, prompt.size());
   prompt.insert(prompt.begin(), n, vc.image_token_id);
   return out;
 }

@@ -4,6 +4,7 @@
 
 #include <CLI/CLI.hpp>
 
+#include "datasets/checkpoint.h"  // defines: CheckpointVision (a checkpoint's vision tower)
 #include "reference/config.h"
 #include "reference/tensor.h"
 #include "reference/vision.h"
@@ -42,15 +43,19 @@ struct CliImage {
 };
 CliImage load_image(const std::string& spec, const VisionConfig& vc, std::uint64_t seed);
 
-// `--image` for a prompt: loads the image (load_image, the vision part of cfg's preset), runs the
-// tower (seeded weights) and puts as many image-placeholder tokens before `prompt`. Returns the
-// tower's rows [N, H] (leading_image_rows places them) and a one-line summary with the tower's time.
+// `--image` for a prompt: loads the image (load_image), runs the tower and puts as many
+// image-placeholder tokens before `prompt`. The tower is `tower` when given (a checkpoint's: its
+// config and fp32 weights, widened to the reference's fp64), else the seeded one of cfg's preset
+// (vision_preset(cfg.name), generate_vision_weights(seed)). Returns the tower's rows [N, H]
+// (leading_image_rows places them), a one-line summary naming the tower and its time, and which
+// tower ran ("checkpoint" | "seeded").
 struct PromptImage {
-  MatD features;
+  MatD features;  // [N, H]
   std::string summary;
+  std::string tower;
 };
 PromptImage prepend_image(const std::string& spec, const ModelConfig& cfg, std::uint64_t seed,
-                          std::vector<std::int32_t>& prompt);
+                          std::vector<std::int32_t>& prompt, const CheckpointVision* tower = nullptr);
 
 // A prompt from `--tokens`: a count N (N ids drawn from the seed, the same on every machine), a
 // text file of whitespace-separated ids, or FILE.h5:/dataset (an int32/int64 vector). Every id is

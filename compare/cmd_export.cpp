@@ -6,12 +6,15 @@
 
 #include <fmt/format.h>
 
+#include <optional>
+
 namespace m3::cli {
 
 namespace {
 
 struct ExportArgs {
   bool mtp = false;
+  bool vision = false;
   std::string preset = "tiny";
   std::uint64_t seed = 0;
   std::string out;
@@ -28,9 +31,14 @@ int run_export(const ExportArgs& a) {
   std::vector<ModelWeights<float>> mtp;  // --mtp: the config's MTP modules, seeded as m3h run --mtp makes them
   if (a.mtp)
     for (int i = 0; i < cfg.num_mtp_modules; ++i) mtp.push_back(generate_mtp_module(cfg, i, a.seed, w));
-  save_checkpoint(a.out, cfg, w, parse_layout(a.layout), *dtype, a.shards, mtp);
-  fmt::print("wrote {}: config {}, seed {}, layout {}, {} in {} file(s), {} MTP module(s)\n", a.out, cfg.name, a.seed,
-             a.layout, a.dtype, a.shards, mtp.size());
+  std::optional<CheckpointVision> vision;  // --vision: the preset's tower, seeded as m3h run --image makes it
+  if (a.vision) {
+    const VisionConfig vc = vision_preset(cfg.name);
+    vision = CheckpointVision{vc, vision_weights_cast<float>(generate_vision_weights(vc, a.seed))};
+  }
+  save_checkpoint(a.out, cfg, w, parse_layout(a.layout), *dtype, a.shards, mtp, vision ? &*vision : nullptr);
+  fmt::print("wrote {}: config {}, seed {}, layout {}, {} in {} file(s), {} MTP module(s), vision tower {}\n", a.out,
+             cfg.name, a.seed, a.layout, a.dtype, a.shards, mtp.size(), vision ? vision->config.name : "none");
   return kExitOk;
 }
 
@@ -51,6 +59,9 @@ CLI::App* register_export(CLI::App& app, int* exit_code) {
       ->check(CLI::IsMember({"F32", "BF16", "F16"}))
       ->capture_default_str();
   cmd->add_flag("--mtp", args->mtp, "Also write the config's MTP modules (mtp.layers.{i}.*, seeded)");
+  cmd->add_flag("--vision", args->vision,
+                "Also write the preset's vision tower and projector (visual.*, multi_modal_projector.*, "
+                "patch_merge_mlp.*, seeded; config.json gets vision_config and image_token_id)");
   cmd->add_option("--shards", args->shards, "Number of safetensors files (> 1 writes model.safetensors.index.json)")
       ->check(CLI::PositiveNumber)
       ->capture_default_str();

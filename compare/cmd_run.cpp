@@ -153,6 +153,7 @@ int run(const RunArgs& a) {
   // A checkpoint brings its own config and weights; otherwise the preset and the seeded generator.
   std::optional<Checkpoint> ck;
   if (!a.checkpoint.empty()) ck = load_checkpoint(a.checkpoint);
+  const std::vector<std::string> warnings = ck ? ck->warnings : std::vector<std::string>{};  // what the loader assumed
   const ModelConfig cfg = ck ? ck->config : resolve_config(a.preset);
   if (a.device == "gpu") {
 #if M3_HAVE_GPU
@@ -171,16 +172,17 @@ int run(const RunArgs& a) {
   // --image: the vision tower's rows replace image-placeholder tokens put before the prompt.
   std::optional<MatD> image_feats;  // [N, H] the tower's rows
   std::optional<MatD> image_x;      // [T, H] the prompt's input rows with them in front
-  std::string image_line;
+  std::string image_line, image_tower;
   if (!a.image.empty()) {
     if (a.device != "cpu") throw std::invalid_argument("--image: the vision tower runs on the CPU reference only (issue 7)");
-    if (ck) throw std::invalid_argument("--image: a checkpoint's vision tensors are not imported yet; use a preset");
     if (a.mtp > 0) throw std::invalid_argument("--image and --mtp together are not supported");
     // A golden file stores tokens, from which --check would rebuild a run without the image.
     if (!a.out.empty()) throw std::invalid_argument("--image: --out is not written for image runs (goldens carry no image yet)");
-    PromptImage pi = prepend_image(a.image, cfg, a.seed, prompt);
+    // The checkpoint's tower when it has one; otherwise the seeded tower of the config's preset.
+    PromptImage pi = prepend_image(a.image, cfg, a.seed, prompt, ck && ck->vision ? &*ck->vision : nullptr);
     image_feats = std::move(pi.features);
     image_line = std::move(pi.summary);
+    image_tower = std::move(pi.tower);
   }
   if (a.decode < 0) throw std::invalid_argument("--decode must be >= 0");
   if (static_cast<std::int64_t>(prompt.size()) + a.decode > cfg.max_position_embeddings)
@@ -295,7 +297,9 @@ int run(const RunArgs& a) {
     j["seed"] = a.seed;
     j["prompt_tokens"] = prompt.size();
     j["decode_steps"] = a.decode;
-    if (!image_line.empty()) j["image"] = {{"spec", a.image}, {"tokens", image_feats->rows()}, {"summary", image_line}};
+    if (!image_line.empty())
+      j["image"] = {{"spec", a.image}, {"tokens", image_feats->rows()}, {"tower", image_tower}, {"summary", image_line}};
+    if (!warnings.empty()) j["warnings"] = warnings;
     j["weights_ms"] = load_ms;
     j["prefill_ms"] = prefill_ms;
     j["decode_ms"] = decode_ms;
@@ -321,6 +325,7 @@ int run(const RunArgs& a) {
   fmt::print("config {} ({} layers, H {}, V {}), precision {}, seed {}\n", cfg.name, cfg.num_hidden_layers,
              cfg.hidden_size, cfg.vocab_size, prec_name, a.seed);
   if (!image_line.empty()) fmt::print("{}\n", image_line);
+  for (const auto& w : warnings) fmt::print("# warning: {}\n", w);
   fmt::print("weights   {:10.1f} ms\n", load_ms);
   fmt::print("prefill   {:10.1f} ms  {:6d} tokens  {:10.1f} tok/s\n", prefill_ms, prompt.size(),
              prompt.size() / (prefill_ms / 1e3));
@@ -370,7 +375,8 @@ CLI::App* register_run(CLI::App& app, int* exit_code) {
                   "An image before the prompt (CPU): synthetic:HxW (a seeded picture) or a PPM file (P6/P3; convert "
                   "PNGs with e.g. `convert in.png out.ppm`); its sides must be multiples of patch * 2 (tiny 8, small "
                   "16, m3 28) within the preset's maximum; the vision tower's features replace as many image-"
-                  "placeholder tokens");
+                  "placeholder tokens; with --checkpoint, the checkpoint's vision tower when it holds one (m3h export "
+                  "--vision), else the preset's seeded tower");
   cmd->add_option("--mtp", args->mtp,
                   "Draft this many tokens a round with MTP modules (spec §7) and check them with the model: the "
                   "same greedy tokens, fewer model forwards when drafts are right; prints the acceptance (seeded "

@@ -2,8 +2,10 @@
 //
 // Order of work: config.json; the entry file (model.safetensors or the index) and every header;
 // the index's promises (shard exists, tensor in its shard); the layout, by which table of names
-// (checkpoint_layout.h) the files match best; missing tensors, shapes, dtypes and fp8 scales, all
-// from the headers; only then allocation and reading, one tensor at a time, NaN/Inf checked.
+// (checkpoint_layout.h) the files match best; MTP modules and the vision tower present (the latter
+// with config.json's vision_config, checkpoint_vision.h); missing tensors, shapes, dtypes and fp8
+// scales, all from the headers; only then allocation and reading, one tensor at a time, NaN/Inf
+// checked.
 #include "datasets/checkpoint.h"
 
 #include <fmt/format.h>
@@ -31,6 +33,7 @@ std::string shape_str(const std::vector<std::int64_t>& s) { return fmt::format("
 // The headers of a checkpoint: every tensor by name, with the reader holding it.
 struct Scan {
   std::string dir;
+  std::string config_path;  // dir/config.json
   ModelConfig config;
   std::vector<SafetensorsReader> readers;
   std::vector<std::string> files;  // relative to dir, parallel to readers
@@ -82,7 +85,8 @@ Scan scan(const std::string& dir) {
   if (!fs::is_directory(dir)) fail(fmt::format("checkpoint '{}' is not a directory", dir));
   Scan s;
   s.dir = dir;
-  s.config = load_config_file((fs::path(dir) / "config.json").string());
+  s.config_path = (fs::path(dir) / "config.json").string();
+  s.config = load_config_file(s.config_path);
   const fs::path single = fs::path(dir) / kSingleFileName, index = fs::path(dir) / kIndexFileName;
   const bool has_single = fs::exists(single), has_index = fs::exists(index);
   if (has_single && has_index)
@@ -164,10 +168,43 @@ struct Check {
   LayoutNames names;
   std::vector<TensorSlot> slots;
   int mtp_modules = 0;  // MTP modules 0..mtp_modules-1 found whole (their slots checked like the others)
+  // The vision tower: its config when the files hold vision tensors; its slots are slots[vision_begin..).
+  std::optional<VisionConfigRead> vision;
+  std::size_t vision_begin = 0;
+  std::string vision_config_error;  // a ConfigError of vision_config (describe lists it, load throws it)
+  std::vector<std::string> vision_missing;  // a partial tower
+  std::vector<std::string> vision_extra;    // visual.blocks.{l}.* with l >= the config's blocks
   std::vector<std::string> missing, shape_errors, dtype_errors;
   std::set<std::string> used;  // slot tensors and the fp8 scales they use
   std::vector<std::string> unknown, ignored, fp8;
 };
+
+// The vision tower is read when any tensor sits under one of its roots (kVisionRoots), and then
+// every tensor of vision_slots must be there: a partial tower is never loaded.
+void check_vision(const Scan& s, Check& c) {
+  bool any = false;
+  for (const auto& [name, src] : s.tensors)
+    for (const char* root : kVisionRoots) any = any || name.rfind(root, 0) == 0;
+  if (!any) return;
+  try {
+    c.vision = parse_vision_config(read_text(s.config_path), s.config, s.config_path);
+  } catch (const ConfigError& e) {
+    c.vision_config_error = e.what();
+    return;
+  }
+  c.vision_begin = c.slots.size();
+  for (auto& slot : vision_slots(c.vision->config, nullptr)) c.slots.push_back(std::move(slot));
+  // A block the config does not count means the config is wrong, not a tensor to skip.
+  const std::string blocks = "visual.blocks.";
+  for (const auto& [name, src] : s.tensors) {
+    if (name.rfind(blocks, 0) != 0) continue;
+    const std::size_t dot = name.find('.', blocks.size());
+    const std::string num = name.substr(blocks.size(), dot == std::string::npos ? std::string::npos : dot - blocks.size());
+    if (!num.empty() && num.find_first_not_of("0123456789") == std::string::npos && num.size() < 9 &&
+        std::stoi(num) >= c.vision->config.layers)
+      c.vision_extra.push_back(name);
+  }
+}
 
 Check check(const Scan& s) {
   Check c;
@@ -183,18 +220,24 @@ Check check(const Scan& s) {
     for (auto& slot : mtp_slots(s.config, i, c.names, nullptr)) c.slots.push_back(std::move(slot));
     c.mtp_modules = i + 1;
   }
-  for (const auto& slot : c.slots) {
+  check_vision(s, c);
+  for (std::size_t i = 0; i < c.slots.size(); ++i) {
+    const TensorSlot& slot = c.slots[i];
+    const bool vision = c.vision && i >= c.vision_begin;
     const auto* src = s.find(slot.name);
     if (!src) {
-      if (!slot.optional) c.missing.push_back(slot.name);
+      if (!slot.optional) (vision ? c.vision_missing : c.missing).push_back(slot.name);
       continue;
     }
     c.used.insert(slot.name);
     const TensorInfo& t = *src->info;
     const std::string where = fmt::format("tensor '{}' in '{}'", slot.name, s.files[src->reader]);
-    if (t.shape != slot.shape)
-      c.shape_errors.push_back(fmt::format("{} has shape {}, expected {} from the config '{}'", where,
-                                           shape_str(t.shape), shape_str(slot.shape), s.config.name));
+    if (t.shape != slot.shape && (slot.alt_shape.empty() || t.shape != slot.alt_shape))
+      c.shape_errors.push_back(fmt::format("{} has shape {}, expected {}{} from the {} '{}'", where, shape_str(t.shape),
+                                           shape_str(slot.shape),
+                                           slot.alt_shape.empty() ? "" : " or " + shape_str(slot.alt_shape),
+                                           vision ? "vision config" : "config",
+                                           vision ? c.vision->config.name : s.config.name));
     if (t.dtype == Dtype::F8_E4M3) {
       const std::string sn = slot.name + "_scale_inv";
       const auto* sc = s.find(sn);
@@ -218,6 +261,17 @@ Check check(const Scan& s) {
   for (const auto& [name, src] : s.tensors)
     if (!c.used.count(name)) (is_ignored(name) ? c.ignored : c.unknown).push_back(name);
   return c;
+}
+
+// Elements of the vision tower's slots (0 without a tower).
+std::uint64_t vision_params(const Check& c) {
+  std::uint64_t total = 0;
+  for (std::size_t i = c.vision ? c.vision_begin : c.slots.size(); i < c.slots.size(); ++i) {
+    std::uint64_t n = 1;
+    for (auto d : c.slots[i].shape) n *= static_cast<std::uint64_t>(d);
+    total += n;
+  }
+  return total;
 }
 
 std::string list_some(const std::vector<std::string>& v, std::size_t n) {
@@ -279,11 +333,21 @@ Checkpoint load_checkpoint(const std::string& dir, std::uint64_t max_bytes) {
   if (!c.missing.empty())
     fail(fmt::format("{}: {} required tensor{} missing, first '{}' (missing: {})", what, c.missing.size(),
                      c.missing.size() == 1 ? " is" : "s are", c.missing[0], list_some(c.missing, 5)));
+  if (!c.vision_config_error.empty()) throw ConfigError(c.vision_config_error);
+  // Shapes before the tower's completeness: a vision_config of another tower (more blocks) misses
+  // tensors too, and the shapes say why.
   if (!c.shape_errors.empty())
     fail(fmt::format("{}: {} (and {} more shape errors)", what, c.shape_errors[0], c.shape_errors.size() - 1));
+  if (!c.vision_missing.empty())
+    fail(fmt::format("{}: the vision tower is partial: {} of its {} tensors missing, first '{}' (missing: {})", what,
+                     c.vision_missing.size(), c.slots.size() - c.vision_begin, c.vision_missing[0],
+                     list_some(c.vision_missing, 5)));
+  if (!c.vision_extra.empty())
+    fail(fmt::format("{}: tensor '{}' is a vision block past vision_config.num_hidden_layers = {} ({} such tensors)",
+                     what, c.vision_extra[0], c.vision->config.layers, c.vision_extra.size()));
   if (!c.dtype_errors.empty())
     fail(fmt::format("{}: {} (and {} more dtype errors)", what, c.dtype_errors[0], c.dtype_errors.size() - 1));
-  const std::uint64_t bytes = weights_param_count(s.config) * sizeof(float);
+  const std::uint64_t bytes = (weights_param_count(s.config) + vision_params(c)) * sizeof(float);
   if (bytes > max_bytes)
     fail(fmt::format("{}: config '{}' needs {:.1f} GiB of fp32 weights, over the limit of {:.1f} GiB", what,
                      s.config.name, bytes / double(1ull << 30), max_bytes / double(1ull << 30)));
@@ -299,6 +363,12 @@ Checkpoint load_checkpoint(const std::string& dir, std::uint64_t max_bytes) {
     m.embed_tokens = ck.weights.embed_tokens;  // shared with the main model (spec §7)
     m.lm_head = ck.weights.lm_head;
     ck.mtp.push_back(std::move(m));
+  }
+  if (c.vision) {
+    CheckpointVision v{c.vision->config, allocate_vision_weights(c.vision->config)};
+    for (const auto& slot : vision_slots(v.config, &v.weights)) read_slot(s, slot, fp8.count(slot.name) > 0);
+    ck.vision = std::move(v);
+    ck.warnings = c.vision->warnings;
   }
   ck.config = s.config;
   ck.names = c.names;
@@ -334,18 +404,32 @@ std::string describe_checkpoint(const std::string& dir) {
                    c.names.lm_head);
   o += fmt::format("tensors       {} in the files, {} required by the config\n", s.tensors.size(), c.slots.size());
   o += fmt::format("mtp modules   {} of num_mtp_modules = {} in the files\n", c.mtp_modules, g.num_mtp_modules);
-  o += fmt::format("parameters    {} in the files, {} implied by the config\n", params, weights_param_count(g));
+  if (c.vision) {
+    const VisionConfig& v = c.vision->config;
+    o += fmt::format("vision        '{}': Hv {}, {} blocks, heads {} x D {}, MLP {}, patch {}x{}x{}, merge {}x{}, "
+                     "image token {}; {} tensors\n",
+                     v.name, v.hidden, v.layers, v.heads, v.head_dim, v.mlp, v.temporal_patch, v.patch, v.patch,
+                     v.merge, v.merge, v.image_token_id, c.slots.size() - c.vision_begin);
+    for (const auto& w : c.vision->warnings) o += fmt::format("warning       {}\n", w);
+  }
+  const std::uint64_t implied = weights_param_count(g) + vision_params(c);
+  o += fmt::format("parameters    {} in the files, {} implied by the config{}\n", params, implied,
+                   c.vision ? " and vision_config" : "");
   for (const auto& [d, nb] : hist) o += fmt::format("dtype {:<8} {} tensors, {} bytes\n", d, nb.first, nb.second);
   if (!c.fp8.empty()) o += fmt::format("fp8 weights   {} with 128x128 block scales\n", c.fp8.size());
   auto cat = [&](std::string_view label, const std::vector<std::string>& v) {
     if (!v.empty()) o += fmt::format("{:<13} {}: {}\n", label, v.size(), list_some(v, kListed));
   };
   cat("MISSING", c.missing);
+  cat("VISION MISSING", c.vision_missing);
+  cat("VISION EXTRA", c.vision_extra);
+  if (!c.vision_config_error.empty()) o += fmt::format("VISION CONFIG {}\n", c.vision_config_error);
   cat("SHAPE ERRORS", c.shape_errors);
   cat("DTYPE ERRORS", c.dtype_errors);
   cat("unknown", c.unknown);
   cat("ignored", c.ignored);  // MTP and vision
-  const bool ok = c.missing.empty() && c.shape_errors.empty() && c.dtype_errors.empty();
+  const bool ok = c.missing.empty() && c.shape_errors.empty() && c.dtype_errors.empty() && c.vision_missing.empty() &&
+                  c.vision_extra.empty() && c.vision_config_error.empty();
   o += fmt::format("verdict       {}\n", ok ? "loadable (headers checked; values are checked on load)"
                                             : "NOT loadable: see the errors above");
   return o;

@@ -68,13 +68,13 @@ class Slots {
   void one(const std::string& name, M* m, std::int64_t rows, std::int64_t cols, bool optional = false,
            bool router = false) {
     const Shape shape = cols ? Shape{rows, cols} : Shape{rows};
-    TensorSlot s{name, shape, {}, optional, router};
+    TensorSlot s{name, shape, {}, optional, router, {}};
     if (bind_) s.pieces.push_back({data(name, m, rows, cols ? cols : 1), 0, rows * (cols ? cols : 1)});
     out.push_back(std::move(s));
   }
   // [2I, H] = gate rows, then up rows (spec A.2: not interleaved).
   void gate_up(const std::string& name, ref::MlpWeights<float>* m, std::int64_t I, std::int64_t H) {
-    TensorSlot s{name, {2 * I, H}, {}, false, false};
+    TensorSlot s{name, {2 * I, H}, {}, false, false, {}};
     if (bind_) {
       s.pieces.push_back({data(name + " (gate rows)", &m->gate, I, H), 0, I * H});
       s.pieces.push_back({data(name + " (up rows)", &m->up, I, H), I * H, I * H});
@@ -84,7 +84,7 @@ class Slots {
   // Experts fused along a leading E axis: [E, 2I, H] (gate, then up, per expert) or [E, H, I].
   void experts(const std::string& name, std::vector<ref::MlpWeights<float>>* ex, bool is_gate_up, std::int64_t E,
                std::int64_t I, std::int64_t H) {
-    TensorSlot s{name, is_gate_up ? Shape{E, 2 * I, H} : Shape{E, H, I}, {}, false, false};
+    TensorSlot s{name, is_gate_up ? Shape{E, 2 * I, H} : Shape{E, H, I}, {}, false, false, {}};
     if (bind_) {
       if (static_cast<std::int64_t>(ex->size()) != E)
         throw std::invalid_argument(fmt::format("weights for '{}': {} experts, expected num_local_experts = {}", name,
@@ -232,6 +232,72 @@ std::vector<TensorSlot> mtp_slots(const ModelConfig& cfg, int i, const LayoutNam
   s.one(p + "eh_proj.weight", &W.mtp_in->eh_proj, H, 2 * H);
   layer_slots(s, mc, p, L, AttnType::MSA, MlpType::MOE, nm.layout == Layout::HF, w != nullptr, 0);
   s.one(p + "final_layernorm.weight", &W.norm, H, 0);
+  return std::move(s.out);
+}
+
+VisionWeights<float> allocate_vision_weights(const VisionConfig& vc) {
+  vc.validate();
+  const int Hv = vc.hidden, H = vc.text_hidden, m2 = vc.merge * vc.merge;
+  const int K = vc.channels * vc.temporal_patch * vc.patch * vc.patch;
+  VisionWeights<float> w;
+  w.patch_embed.resize(Hv, K);
+  w.pre_ln_w.resize(Hv);
+  w.pre_ln_b.resize(Hv);
+  w.layers.resize(static_cast<std::size_t>(vc.layers));
+  for (auto& L : w.layers) {
+    L.ln1_w.resize(Hv), L.ln1_b.resize(Hv), L.ln2_w.resize(Hv), L.ln2_b.resize(Hv);
+    L.qkv.resize(3 * Hv, Hv), L.qkv_b.resize(3 * Hv);
+    L.out.resize(Hv, Hv), L.out_b.resize(Hv);
+    L.fc1.resize(vc.mlp, Hv), L.fc1_b.resize(vc.mlp);
+    L.fc2.resize(Hv, vc.mlp), L.fc2_b.resize(Hv);
+  }
+  w.proj1.resize(H, Hv), w.proj1_b.resize(H);
+  w.proj2.resize(H, H), w.proj2_b.resize(H);
+  w.merge1.resize(H, m2 * H), w.merge1_b.resize(H);
+  w.merge2.resize(H, H), w.merge2_b.resize(H);
+  return w;
+}
+
+std::vector<TensorSlot> vision_slots(const VisionConfig& vc, VisionWeights<float>* w) {
+  vc.validate();
+  if (w && static_cast<int>(w->layers.size()) != vc.layers)
+    throw std::invalid_argument(fmt::format("vision weights have {} blocks, expected num_hidden_layers = {} of '{}'",
+                                            w->layers.size(), vc.layers, vc.name));
+  const std::int64_t Hv = vc.hidden, H = vc.text_hidden, I = vc.mlp, m2 = vc.merge * vc.merge;
+  const std::int64_t C = vc.channels, tp = vc.temporal_patch, p = vc.patch;
+  VisionWeights<float> none;  // names-only: never dereferenced for data
+  none.layers.resize(static_cast<std::size_t>(vc.layers));
+  VisionWeights<float>& W = w ? *w : none;
+  Slots s(w != nullptr);
+  s.one("visual.patch_embed.proj.weight", &W.patch_embed, Hv, C * tp * p * p);
+  s.out.back().shape = {Hv, C, tp, p, p};  // torch's Conv3d weight, as HF checkpoints store it
+  s.out.back().alt_shape = {Hv, C * tp * p * p};
+  s.one("visual.pre_layrnorm.weight", &W.pre_ln_w, Hv, 0);
+  s.one("visual.pre_layrnorm.bias", &W.pre_ln_b, Hv, 0);
+  for (int l = 0; l < vc.layers; ++l) {
+    auto& L = W.layers[static_cast<std::size_t>(l)];
+    const std::string q = fmt::format("visual.blocks.{}.", l);
+    s.one(q + "layer_norm1.weight", &L.ln1_w, Hv, 0);
+    s.one(q + "layer_norm1.bias", &L.ln1_b, Hv, 0);
+    s.one(q + "self_attn.qkv_proj.weight", &L.qkv, 3 * Hv, Hv);
+    s.one(q + "self_attn.qkv_proj.bias", &L.qkv_b, 3 * Hv, 0);
+    s.one(q + "self_attn.out_proj.weight", &L.out, Hv, Hv);
+    s.one(q + "self_attn.out_proj.bias", &L.out_b, Hv, 0);
+    s.one(q + "layer_norm2.weight", &L.ln2_w, Hv, 0);
+    s.one(q + "layer_norm2.bias", &L.ln2_b, Hv, 0);
+    s.one(q + "mlp.fc1.weight", &L.fc1, I, Hv);
+    s.one(q + "mlp.fc1.bias", &L.fc1_b, I, 0);
+    s.one(q + "mlp.fc2.weight", &L.fc2, Hv, I);
+    s.one(q + "mlp.fc2.bias", &L.fc2_b, Hv, 0);
+  }
+  s.one("multi_modal_projector.linear_1.weight", &W.proj1, H, Hv);
+  s.one("multi_modal_projector.linear_1.bias", &W.proj1_b, H, 0);
+  s.one("multi_modal_projector.linear_2.weight", &W.proj2, H, H);
+  s.one("multi_modal_projector.linear_2.bias", &W.proj2_b, H, 0);
+  s.one("patch_merge_mlp.linear_1.weight", &W.merge1, H, m2 * H);
+  s.one("patch_merge_mlp.linear_1.bias", &W.merge1_b, H, 0);
+  s.one("patch_merge_mlp.linear_2.weight", &W.merge2, H, H);
+  s.one("patch_merge_mlp.linear_2.bias", &W.merge2_b, H, 0);
   return std::move(s.out);
 }
 

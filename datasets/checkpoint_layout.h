@@ -6,6 +6,7 @@
 #pragma once
 
 #include "reference/config.h"
+#include "reference/vision.h"
 #include "reference/weights.h"
 
 #include <cstdint>
@@ -43,6 +44,9 @@ struct TensorSlot {
   std::vector<TensorPiece> pieces;   // cover [0, numel) in order; empty for a names-only table
   bool optional = false;             // e_score_correction_bias when use_routing_bias is false
   bool router = false;               // router weight / bias: fp32 in real checkpoints, kept F32 on save
+  // Also accepted on load: the same elements in the same row-major order under another shape (the
+  // Conv3d patch embedding flattened to 2-D); empty for none. Saving writes `shape`.
+  std::vector<std::int64_t> alt_shape;
 };
 
 // Every tensor of cfg allocated (not initialized) with its shape and layer types set.
@@ -60,5 +64,17 @@ std::vector<TensorSlot> layout_slots(const ModelConfig& cfg, const LayoutNames& 
 // into it. Throws std::invalid_argument for i outside [0, num_mtp_modules) or weights of another kind.
 std::vector<TensorSlot> mtp_slots(const ModelConfig& cfg, int i, const LayoutNames& names, ModelWeights<float>* w);
 ModelWeights<float> allocate_mtp_module(const ModelConfig& cfg);
+
+// The vision tower and projector of vc (spec §8), under the names generate_vision_weights draws
+// them by (reference/vision.h): visual.patch_embed.proj.weight (Conv3d [Hv, C, tp, p, p]; the
+// flattened [Hv, C*tp*p*p] is its alt_shape), visual.pre_layrnorm.*, visual.blocks.{l}.*,
+// multi_modal_projector.linear_{1,2}.*, patch_merge_mlp.linear_{1,2}.*. The same names in both
+// layouts: spec Appendix A gives only the text backbone's. With `w` (allocate_vision_weights(vc)
+// or generated weights of vc) the pieces point into it, its shapes checked against vc first
+// (std::invalid_argument naming the tensor).
+std::vector<TensorSlot> vision_slots(const VisionConfig& vc, VisionWeights<float>* w);
+VisionWeights<float> allocate_vision_weights(const VisionConfig& vc);
+// Roots of the vision names: a tensor under one of them makes the loader read the tower.
+inline constexpr const char* kVisionRoots[] = {"visual.", "multi_modal_projector.", "patch_merge_mlp."};
 
 }  // namespace m3

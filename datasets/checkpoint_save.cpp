@@ -13,8 +13,9 @@ namespace m3 {
 namespace fs = std::filesystem;
 using nlohmann::json;
 
-std::string checkpoint_config_json(const ModelConfig& cfg, Layout layout) {
-  if (layout == Layout::HF) return cfg.to_json();
+namespace {
+
+json official_config(const ModelConfig& cfg) {
   // The official spelling (spec A.2, last paragraph): MSA fields nested in sparse_attention_config,
   // per-layer 0/1 lists, top-level rope fields. Flat fields that would override them are dropped,
   // so a reload really reads the nested spelling.
@@ -42,11 +43,24 @@ std::string checkpoint_config_json(const ModelConfig& cfg, Layout layout) {
       {"sparse_disable_index_value", sparse_freq},  // selection-only indexer on every sparse layer
   };
   j["moe_layer_freq"] = moe_freq;
+  return j;
+}
+
+}  // namespace
+
+std::string checkpoint_config_json(const ModelConfig& cfg, Layout layout, const VisionConfig* vision) {
+  if (layout == Layout::HF && !vision) return cfg.to_json();
+  json j = layout == Layout::HF ? json::parse(cfg.to_json()) : official_config(cfg);
+  if (vision) {
+    j["vision_config"] = json::parse(vision_config_json(*vision));
+    j["image_token_id"] = vision->image_token_id;
+  }
   return j.dump(2);
 }
 
 void save_checkpoint(const std::string& dir, const ModelConfig& cfg, const ModelWeights<float>& weights,
-                     Layout layout, Dtype dtype, int shards, std::span<const ModelWeights<float>> mtp) {
+                     Layout layout, Dtype dtype, int shards, std::span<const ModelWeights<float>> mtp,
+                     const CheckpointVision* vision) {
   if (dtype != Dtype::F32 && dtype != Dtype::BF16 && dtype != Dtype::F16)
     throw std::invalid_argument(
         fmt::format("save_checkpoint: dtype {} cannot be written, expected F32, BF16 or F16", dtype_name(dtype)));
@@ -60,6 +74,17 @@ void save_checkpoint(const std::string& dir, const ModelConfig& cfg, const Model
   for (std::size_t i = 0; i < mtp.size(); ++i)
     for (auto& slot : mtp_slots(cfg, static_cast<int>(i), names, const_cast<ModelWeights<float>*>(&mtp[i])))
       slots.push_back(std::move(slot));
+  if (vision) {
+    const VisionConfig& vc = vision->config;
+    if (vc.text_hidden != cfg.hidden_size || vc.image_token_id < 0 || vc.image_token_id >= cfg.vocab_size)
+      throw std::invalid_argument(fmt::format("save_checkpoint: vision config '{}' has text_hidden {} and "
+                                              "image_token_id {}, expected the hidden_size {} of '{}' and an id "
+                                              "below its vocab_size {}",
+                                              vc.name, vc.text_hidden, vc.image_token_id, cfg.hidden_size, cfg.name,
+                                              cfg.vocab_size));
+    for (auto& slot : vision_slots(vc, const_cast<VisionWeights<float>*>(&vision->weights)))
+      slots.push_back(std::move(slot));
+  }
   if (shards < 1 || static_cast<std::size_t>(shards) > slots.size())
     throw std::invalid_argument(
         fmt::format("save_checkpoint: shards = {}, expected 1..{} (the number of tensors)", shards, slots.size()));
@@ -77,7 +102,7 @@ void save_checkpoint(const std::string& dir, const ModelConfig& cfg, const Model
   fs::create_directories(dir);
   {
     std::ofstream f(fs::path(dir) / "config.json", std::ios::trunc);
-    f << checkpoint_config_json(cfg, layout) << "\n";
+    f << checkpoint_config_json(cfg, layout, vision ? &vision->config : nullptr) << "\n";
     if (!f) throw SafetensorsError(fmt::format("cannot write '{}/config.json'", dir));
   }
 

@@ -85,6 +85,30 @@ struct VisionWeights {
   Vec<T> merge2_b;       // [H]
 };
 
+// The same weights in another element type (fp64 generator <-> fp32 checkpoint): every tensor cast,
+// rounding to nearest when narrowing.
+template <class To, class From>
+VisionWeights<To> vision_weights_cast(const VisionWeights<From>& w) {
+  VisionWeights<To> o;
+  o.patch_embed = w.patch_embed.template cast<To>();
+  o.pre_ln_w = w.pre_ln_w.template cast<To>(), o.pre_ln_b = w.pre_ln_b.template cast<To>();
+  for (const auto& L : w.layers) {
+    VisionLayerWeights<To> M;
+    M.ln1_w = L.ln1_w.template cast<To>(), M.ln1_b = L.ln1_b.template cast<To>();
+    M.qkv = L.qkv.template cast<To>(), M.qkv_b = L.qkv_b.template cast<To>();
+    M.out = L.out.template cast<To>(), M.out_b = L.out_b.template cast<To>();
+    M.ln2_w = L.ln2_w.template cast<To>(), M.ln2_b = L.ln2_b.template cast<To>();
+    M.fc1 = L.fc1.template cast<To>(), M.fc1_b = L.fc1_b.template cast<To>();
+    M.fc2 = L.fc2.template cast<To>(), M.fc2_b = L.fc2_b.template cast<To>();
+    o.layers.push_back(std::move(M));
+  }
+  o.proj1 = w.proj1.template cast<To>(), o.proj1_b = w.proj1_b.template cast<To>();
+  o.proj2 = w.proj2.template cast<To>(), o.proj2_b = w.proj2_b.template cast<To>();
+  o.merge1 = w.merge1.template cast<To>(), o.merge1_b = w.merge1_b.template cast<To>();
+  o.merge2 = w.merge2.template cast<To>(), o.merge2_b = w.merge2_b.template cast<To>();
+  return o;
+}
+
 // Seeded weights (the generator of weights.h, names visual.* / multi_modal_projector.* /
 // patch_merge_mlp.*), scaled so activations stay O(1).
 VisionWeights<double> generate_vision_weights(const VisionConfig& vc, std::uint64_t seed);

@@ -84,6 +84,24 @@ for bad in "--image $tmp/bad.ppm" "--image synthetic:10x10" "--image synthetic:7
   [ $code -eq 2 ] || { echo "FAIL: run $bad -> exit $code, want 2: $(cat "$tmp/o")"; exit 1; }
   grep -q "m3h: error:" "$tmp/o" || { echo "FAIL: run $bad: no error line"; exit 1; }
 done
+# A checkpoint's vision tower (export --vision): run --image --checkpoint uses it and says so; a
+# checkpoint without one falls back to the seeded tower (the preset's logits bit for bit); the
+# tower's weights really come from the files (a BF16 export gives other logits).
+"$m3h" export --preset tiny --seed 3 --out "$tmp/ckv" --vision --layout hf >/dev/null
+"$m3h" export --preset tiny --seed 3 --out "$tmp/ckv16" --vision --dtype BF16 --shards 2 >/dev/null
+ins=$("$m3h" inspect "$tmp/ckv")
+grep -q "vision        'tiny-vision': Hv 32, 2 blocks" <<<"$ins" || { echo "FAIL: inspect shows no vision tower: $ins"; exit 1; }
+img() { "$m3h" run --seed 3 --tokens 20 --decode 2 --image synthetic:16x24 --format json "$@"; }
+tower() { python3 -c "import json,sys; j=json.loads(sys.argv[1]); print(j['image']['tower'], j['logits_rows'], 'warnings' in j)" "$1"; }
+v1=$(img --checkpoint "$tmp/ckv"); v2=$(img --checkpoint "$tmp/ckv")
+v0=$(img --checkpoint "$tmp/ck0"); vp=$(img --preset tiny); v16=$(img --checkpoint "$tmp/ckv16")
+[ "$(tower "$v1")" = "checkpoint 28 False" ] || { echo "FAIL: checkpoint tower not used: $(tower "$v1")"; exit 1; }
+[ "$(tower "$v0")" = "seeded 28 False" ] || { echo "FAIL: no-tower checkpoint: $(tower "$v0")"; exit 1; }
+[ "$(field "$v1" logits_fnv1a64)" = "$(field "$v2" logits_fnv1a64)" ] || { echo "FAIL: checkpoint tower runs differ"; exit 1; }
+[ "$(field "$v0" logits_fnv1a64)" = "$(field "$vp" logits_fnv1a64)" ] || { echo "FAIL: seeded fallback differs from the preset"; exit 1; }
+[ "$(field "$v16" logits_fnv1a64)" != "$(field "$v1" logits_fnv1a64)" ] || { echo "FAIL: BF16 tower, same logits"; exit 1; }
+"$m3h" run --checkpoint "$tmp/ckv" --seed 3 --tokens 4 --image synthetic:16x24 | grep -q "vision tower tiny-vision from the checkpoint" \
+  || { echo "FAIL: the table does not name the checkpoint's tower"; exit 1; }
 # Golden files with an image and with MTP drafts (schema 2) reproduce through --check.
 "$m3h" golden --preset tiny --tokens 30 --decode 4 --image synthetic:16x16 --out "$tmp/gi.h5" >/dev/null
 "$m3h" golden --check "$tmp/gi.h5" | grep -q "verdict: OK" || { echo "FAIL: golden --image does not reproduce"; exit 1; }
