@@ -7,14 +7,16 @@
 // a_r = the longest prefix of drafts[r] equal to tokens[e_r + 1 ...], and e_{r+1} = e_r + 1 + a_r.
 // The reference's verify step accepts the test engine's round-r drafts as the same prefix rule
 // against the REFERENCE's tokens, which is meaningful while both runs share their history: rounds
-// whose start lies inside the tokens both runs agree on (the common prefix). Over those rounds:
-//   drafts_equal      rounds whose drafts are identical to the reference's round r
-//   accepted_by_ref   sum of the reference-verified acceptance of the test engine's drafts
-//   accepted_ref      sum of the reference's own acceptance in the same rounds
-// The verdict asks accepted_by_ref == accepted_ref and at least one comparable round. A draft can
-// differ legitimately when a module's two best logits are a near-tie; such a difference then also
-// shows in the acceptance only when the reference's token sits exactly between them (not checked
-// here: the per-round module logits are not kept).
+// whose start lies inside the tokens both runs agree on (the common prefix), and at the same output
+// index in both. Each such round is gated on its own (sums could cancel between rounds):
+//   its drafts equal the reference's round r, token for token; or
+//   they first differ at a draft whose module logits were a near-tie in either run (margin, MtpStats::
+//   draft_margins, <= tie_rtol): the module's choice between two equal-scoring tokens may go either
+//   way, so the round is counted (rounds_near_tie) and its acceptance not compared.
+// Then the reference's check accepts exactly as many of the test engine's drafts as of its own in
+// every equal round (implied by the equality; counted as accepted_by_ref / accepted_ref). At least
+// one round must be compared. Seeded (untrained) modules are right by chance only, so acceptance is
+// ~0 and the drafts' identity carries the check: a wrong module input path changes the drafts.
 #pragma once
 
 #include "reference/mtp.h"
@@ -31,6 +33,7 @@ struct MtpComparison {
   int rounds_ref = 0, rounds_test = 0;  // drafting rounds of each run
   int rounds_compared = 0;        // rounds starting inside the common prefix (in both runs)
   int drafts_equal = 0;           // of those, rounds with identical drafts
+  int rounds_near_tie = 0;        // of those, rounds whose drafts part at a module near-tie
   std::int64_t accepted_by_ref = 0;  // the reference's verify of the test engine's drafts
   std::int64_t accepted_ref = 0;     // the reference's own acceptance, same rounds
   std::vector<std::string> failures;
@@ -38,8 +41,9 @@ struct MtpComparison {
 };
 
 // Throws std::invalid_argument when a run's stats do not fit its tokens (a round starting past the
-// tokens, or more accepted drafts than its stats say).
+// tokens, more accepted drafts than its stats say, margins missing for its drafts).
+// tie_rtol: compare/tolerance.h's kBf16.tie_rtol for bf16 engines (two ulps of the best logit).
 MtpComparison compare_mtp_runs(const std::vector<std::int32_t>& ref_tokens, const MtpStats& ref,
-                               const std::vector<std::int32_t>& test_tokens, const MtpStats& test);
+                               const std::vector<std::int32_t>& test_tokens, const MtpStats& test, double tie_rtol);
 
 }  // namespace m3::cmp

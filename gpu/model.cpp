@@ -124,7 +124,7 @@ std::int64_t Sequence::length() const { return s_ ? s_->len : 0; }
 void Sequence::truncate(std::int64_t n) {
   const std::int64_t len = length();
   if (n < 0 || n > len)
-    throw std::invalid_argument(fmt::format("gpu::Sequence::truncate: n = {}, expected 0 <= n <= length() = {}", n, len));
+    throw std::out_of_range(fmt::format("gpu::Sequence::truncate: {} tokens, expected 0..{} (the current length)", n, len));
   if (!s_) return;
   const std::size_t keep = static_cast<std::size_t>((n + kPageRows - 1) / kPageRows);
   if (s_->pages.size() > keep) {  // later positions are rewritten before anything reads them

@@ -67,7 +67,7 @@ class Sequence {
   Sequence& operator=(Sequence&&) noexcept;
   std::int64_t length() const;
   // As m3::Sequence::truncate: forget positions n .. length()-1 (0 <= n <= length(), else
-  // std::invalid_argument); pages past the first ceil(n/128) return to the pool.
+  // std::out_of_range); pages past the first ceil(n/128) return to the pool.
   void truncate(std::int64_t n);
 
  private:

@@ -71,7 +71,7 @@ struct VisionTower::Impl {
   DeviceBuffer<bf16> qkv;        // [P, 3*Hv]
   DeviceBuffer<bf16> mid;        // [P, mlp]
   DeviceBuffer<bf16> y1, y;      // [P, H]: projector hidden and output (y viewed as [P/4, 4H])
-  DeviceBuffer<bf16> z1, z;      // [P/4, H]: merger hidden and output
+  DeviceBuffer<bf16> z1, z;      // [P/merge^2, H]: merger hidden and output
   DeviceBuffer<float> acc;       // [P, max(3*Hv, mlp, H)]: fp32 GEMM outputs before their epilogue
 
   void check_image(const MatD& img, int h, int w) const {
@@ -170,7 +170,8 @@ void VisionTower::upload_image(const MatD& image, int height, int width) {
   grow(S.qkv, Pz * 3 * Hv);
   grow(S.mid, Pz * vc.mlp);
   grow(S.y1, Pz * H), grow(S.y, Pz * H);
-  grow(S.z1, Pz / 4 * H), grow(S.z, Pz / 4 * H);
+  const std::size_t Tz = Pz / static_cast<std::size_t>(vc.merge * vc.merge);  // merged tokens
+  grow(S.z1, Tz * H), grow(S.z, Tz * H);
   grow(S.acc, Pz * std::max({3 * Hv, static_cast<std::size_t>(vc.mlp), H}));
   S.height = height, S.width = width, S.P = P;
 }

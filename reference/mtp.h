@@ -36,6 +36,9 @@ struct MtpStats {
   std::int64_t accepted = 0;    // draft tokens the main model agreed with
   std::vector<std::int64_t> accepted_at;  // [k]: rounds whose draft j was accepted (j = 0..k-1)
   std::vector<std::vector<std::int32_t>> drafts;  // per drafting round, its draft tokens d_1..d_kk
+  // Per drafting round, each draft's margin in its module's logits row: (best - second best) /
+  // max(1, |best|), the relative gap a near-tie test compares with a tolerance (compare/mtp_compare.h).
+  std::vector<std::vector<double>> draft_margins;
 };
 
 // Prefill `prompt` on `main`, then produce `steps` tokens with k >= 1 drafts a round from

@@ -12,6 +12,8 @@
 #include "reference/mtp.h"
 
 #include <algorithm>
+#include <cmath>
+#include <limits>
 #include <cstdint>
 #include <span>
 #include <vector>
@@ -29,6 +31,17 @@ MatD mtp_step(ModelT& m, SeqT& s, std::span<const std::int32_t> tokens, const Ma
   MatD logits = h_in ? m.forward(seqs, toks, {}, hin, &hid)[0] : m.forward(seqs, toks, {}, {}, &hid)[0];
   hidden = std::move(hid[0]);
   return logits;
+}
+
+// (best - second best) / max(1, |best|) of logits row r: how close the greedy choice is to a tie.
+inline double mtp_top2_margin(const MatD& logits, Eigen::Index r) {
+  double b1 = -std::numeric_limits<double>::infinity(), b2 = b1;
+  for (Eigen::Index v = 0; v < logits.cols(); ++v) {
+    const double x = logits(r, v);
+    if (x > b1) b2 = b1, b1 = x;
+    else if (x > b2) b2 = x;
+  }
+  return (b1 - b2) / std::max(1.0, std::abs(b1));
 }
 
 inline void mtp_append_rows(MatD& m, const MatD& rows) {
@@ -81,6 +94,7 @@ std::vector<std::int32_t> mtp_loop(ModelT& main, std::span<ModelT* const> module
     for (std::int64_t p = fed; p < n; ++p) feed.push_back(p + 1 < n ? hist[static_cast<std::size_t>(p + 1)] : pending);
     const MatD hfeed = main.final_norm(hm.middleRows(fed, n - fed));  // [n - fed, H] after the final norm
     std::vector<std::int32_t> d;                    // d_1 .. d_kk
+    std::vector<double> margins;                    // their top-2 margins (mtp_top2_margin)
     MatD hprev;                                     // [1, H] the last draft step's hidden state
     for (int j = 0; j < kk; ++j) {
       const int owner = j % count;
@@ -94,6 +108,7 @@ std::vector<std::int32_t> mtp_loop(ModelT& main, std::span<ModelT* const> module
                                : mtp_step(*modules[m], seqs[m], std::span<const std::int32_t>(&tok_in, 1), &h_in, h);
         if (m == owner) {
           next = greedy_token(lg, lg.rows() - 1);
+          margins.push_back(mtp_top2_margin(lg, lg.rows() - 1));
           h_next = h.bottomRows(1);
         }
       }
@@ -111,6 +126,7 @@ std::vector<std::int32_t> mtp_loop(ModelT& main, std::span<ModelT* const> module
     st.drafted += kk;
     st.accepted += a;
     st.drafts.push_back(d);
+    st.draft_margins.push_back(std::move(margins));
     for (int j = 0; j < a; ++j) ++st.accepted_at[static_cast<std::size_t>(j)];
     // Keep x_n, d_1 .. d_a; forget the rest in the main cache and every draft entry in the modules.
     ms.truncate(n + a + 1);

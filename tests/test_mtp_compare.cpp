@@ -1,9 +1,11 @@
-// compare_mtp_runs (compare/mtp_compare.h): the reference's verify of another run's MTP drafts,
-// from the runs' tokens and stats. Engines here are reference models (the rule is engine-agnostic):
-// a run against itself agrees round for round; a zero-LM-head main model (every draft is its own
-// token, so every draft is accepted) shows a damaged draft as a lost acceptance; runs whose tokens
-// part compare only the rounds before; stats that do not fit their tokens are refused.
+// compare_mtp_runs (compare/mtp_compare.h): another run's MTP drafts against the reference's, round
+// by round, from the runs' tokens and stats. Engines here are reference models (the rule is
+// engine-agnostic): a run against itself agrees round for round (and, with a zero-LM-head main
+// model whose every draft is accepted, so does the reference's check of its drafts); a damaged
+// draft fails unless a module near-tie explains it; runs whose tokens part compare only the rounds
+// before; stats that do not fit their tokens are refused.
 #include "compare/mtp_compare.h"
+#include "compare/tolerance.h"
 #include "reference/model.h"
 #include "reference/mtp.h"
 #include "reference/weights.h"
@@ -11,6 +13,7 @@
 
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <stdexcept>
 #include <vector>
 
@@ -35,6 +38,13 @@ MtpRun run_tiny(std::uint64_t seed, bool zero_head, const std::vector<std::int32
   return r;
 }
 
+constexpr double kTie = m3::cmp::kBf16.tie_rtol;
+
+// Margins of every draft set to m (the zero-LM-head model's are all 0: every logit ties).
+void set_margins(m3::MtpStats& st, double m) {
+  for (auto& r : st.draft_margins) std::fill(r.begin(), r.end(), m);
+}
+
 }  // namespace
 
 TEST(MtpCompare, ARunAgainstItselfAgreesRoundForRound) {
@@ -43,7 +53,7 @@ TEST(MtpCompare, ARunAgainstItselfAgreesRoundForRound) {
   const std::uint64_t seed = g();
   const auto prompt = m3::test::random_tokens(19, 512, g);
   const MtpRun a = run_tiny(seed, false, prompt, 17, 3);
-  const auto c = m3::cmp::compare_mtp_runs(a.tokens, a.st, a.tokens, a.st);
+  const auto c = m3::cmp::compare_mtp_runs(a.tokens, a.st, a.tokens, a.st, kTie);
   EXPECT_TRUE(c.pass()) << (c.failures.empty() ? "" : c.failures[0]);
   EXPECT_EQ(c.tokens_agree, 17);
   EXPECT_EQ(c.rounds_compared, a.st.rounds);
@@ -51,37 +61,59 @@ TEST(MtpCompare, ARunAgainstItselfAgreesRoundForRound) {
   EXPECT_EQ(c.accepted_ref, c.accepted_by_ref);
 }
 
-TEST(MtpCompare, ADamagedDraftLosesItsAcceptance) {
+TEST(MtpCompare, EveryDraftAcceptedIsAcceptedByTheReferenceToo) {
   auto g = m3::test::test_rng();
   SCOPED_TRACE(m3::test::seed_note());
   const auto prompt = m3::test::random_tokens(23, 512, g);
   const MtpRun ref = run_tiny(g(), true, prompt, 21, 4);  // every draft is token 0, and accepted
   ASSERT_EQ(ref.st.accepted, ref.st.drafted);
+  const auto c = m3::cmp::compare_mtp_runs(ref.tokens, ref.st, ref.tokens, ref.st, kTie);
+  EXPECT_TRUE(c.pass());
+  EXPECT_EQ(c.rounds_compared, ref.st.rounds);
+  EXPECT_GT(c.accepted_ref, 0);
+  EXPECT_EQ(c.accepted_by_ref, c.accepted_ref);
+}
+
+TEST(MtpCompare, ADamagedDraftFailsUnlessANearTieExplainsIt) {
+  auto g = m3::test::test_rng();
+  SCOPED_TRACE(m3::test::seed_note());
+  const auto prompt = m3::test::random_tokens(23, 512, g);
+  MtpRun ref = run_tiny(g(), true, prompt, 21, 4);
   ASSERT_GE(ref.st.rounds, 3);
+  set_margins(ref.st, 0.5);  // clear choices everywhere
   MtpRun test = ref;
   const std::size_t r = static_cast<std::size_t>(g() % ref.st.drafts.size()), j = 0;  // a round's first draft
-  test.st.drafts[r][j] = 7;  // not the main model's token: the reference rejects it and what follows
-  // The test run's own acceptance would have stopped there too: its stats and tokens still fit
-  // (the prefix rule reconstructs less than its count, never more).
-  const auto c = m3::cmp::compare_mtp_runs(ref.tokens, ref.st, test.tokens, test.st);
+  test.st.drafts[r][j] = 7;  // not the main model's token: the reference would reject it and what follows
+  auto c = m3::cmp::compare_mtp_runs(ref.tokens, ref.st, test.tokens, test.st, kTie);
   EXPECT_FALSE(c.pass());
   EXPECT_EQ(c.drafts_equal, c.rounds_compared - 1);
-  EXPECT_LT(c.accepted_by_ref, c.accepted_ref);
+  EXPECT_EQ(c.rounds_near_tie, 0);
+  // The same difference where the test engine's module saw a tie: counted, not failed.
+  test.st.draft_margins[r][j] = kTie / 2;
+  c = m3::cmp::compare_mtp_runs(ref.tokens, ref.st, test.tokens, test.st, kTie);
+  EXPECT_TRUE(c.pass()) << (c.failures.empty() ? "" : c.failures[0]);
+  EXPECT_EQ(c.rounds_near_tie, 1);
+  // A later draft of a round differing, past an equal first one, fails as well.
+  test = ref;
+  test.st.drafts[0][2] = 11;  // round 0 drafts all 4 (21 tokens to go)
+  c = m3::cmp::compare_mtp_runs(ref.tokens, ref.st, test.tokens, test.st, kTie);
+  EXPECT_FALSE(c.pass());
 }
 
 TEST(MtpCompare, OnlyRoundsBeforeTheTokensPartAreCompared) {
   auto g = m3::test::test_rng();
   SCOPED_TRACE(m3::test::seed_note());
   const auto prompt = m3::test::random_tokens(23, 512, g);
-  const MtpRun ref = run_tiny(g(), true, prompt, 21, 4);  // rounds start at outputs 0, 5, 10, 15
+  MtpRun ref = run_tiny(g(), true, prompt, 21, 4);  // rounds start at outputs 0, 5, 10, 15
+  set_margins(ref.st, 0.5);
   MtpRun test = ref;
   test.tokens[12] = 9;  // the runs part at output 12: rounds starting at 0, 5 and 10 compare
   test.st.drafts[2] = {0, 9, 0, 0};  // round 2 (start 10) drafted the test run's own token 12
-  const auto c = m3::cmp::compare_mtp_runs(ref.tokens, ref.st, test.tokens, test.st);
+  const auto c = m3::cmp::compare_mtp_runs(ref.tokens, ref.st, test.tokens, test.st, kTie);
   EXPECT_EQ(c.tokens_agree, 12);
   EXPECT_EQ(c.rounds_compared, 3);
   EXPECT_EQ(c.drafts_equal, 2);
-  EXPECT_FALSE(c.pass()) << "the reference accepts 1 of round 2's test drafts against 4 of its own";
+  EXPECT_FALSE(c.pass()) << "round 2's second draft differs with a clear margin";
 }
 
 TEST(MtpCompare, StatsThatDoNotFitTheirTokensAreRefused) {
@@ -91,9 +123,13 @@ TEST(MtpCompare, StatsThatDoNotFitTheirTokensAreRefused) {
   const MtpRun ref = run_tiny(g(), true, prompt, 21, 4);
   MtpRun bad = ref;
   bad.st.accepted -= 3;  // fewer than its tokens show
-  EXPECT_THROW(m3::cmp::compare_mtp_runs(ref.tokens, ref.st, bad.tokens, bad.st), std::invalid_argument);
+  EXPECT_THROW(m3::cmp::compare_mtp_runs(ref.tokens, ref.st, bad.tokens, bad.st, kTie), std::invalid_argument);
   MtpRun extra = ref;
   extra.st.drafts.insert(extra.st.drafts.end(), 30, std::vector<std::int32_t>{0, 0, 0, 0});  // rounds past the tokens
   extra.st.accepted += 120;
-  EXPECT_THROW(m3::cmp::compare_mtp_runs(ref.tokens, ref.st, extra.tokens, extra.st), std::invalid_argument);
+  extra.st.draft_margins.insert(extra.st.draft_margins.end(), 30, std::vector<double>(4, 0.5));
+  EXPECT_THROW(m3::cmp::compare_mtp_runs(ref.tokens, ref.st, extra.tokens, extra.st, kTie), std::invalid_argument);
+  MtpRun no_margins = ref;
+  no_margins.st.draft_margins.pop_back();
+  EXPECT_THROW(m3::cmp::compare_mtp_runs(ref.tokens, ref.st, no_margins.tokens, no_margins.st, kTie), std::invalid_argument);
 }

@@ -10,7 +10,8 @@
 //  - A merge kernel combines the splits of each (query, head) and rounds once to bf16. Sparse
 //    launches whose grid is well under one wave and whose splits are <= 16 instead run the splits
 //    of a (query, group, m-tile) as one thread-block cluster that merges through distributed
-//    shared memory (same formula, split order): no merge kernel, no partials in global memory.
+//    shared memory (the same formula; its sums run in split order, the merge kernel's in a tree
+//    order, so the two paths differ in the last bits): no merge kernel, no partials in global memory.
 //    Sparse launches are also programmatic dependents of msa_select (PDL, attention_dense.h).
 //    Measured (H200, M3 decode at 1M, 16 blocks): b 1 18.7 -> 16.2 us; the whole index + select
 //    + sparse chain 107.5 -> 103 us with PDL (2026-11-29).
@@ -22,6 +23,7 @@
 #include "gpu/kernels/attention_dense.h"
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <map>
 #include <mutex>
@@ -408,6 +410,8 @@ __global__ void __launch_bounds__(kThreads, 2) attn_partial_kernel(const AttnLau
 
 int partial_slots(int D, bool sparse);
 
+std::atomic<SparseMerge> g_sparse_merge{SparseMerge::Auto};
+
 constexpr int kMergeThreads = 256;  // 8 split lanes x 32 threads of 4 output dims (D <= 128)
 
 __device__ float block_reduce(float v, bool is_max, float* scratch) {
@@ -559,7 +563,9 @@ void launch(const AttnLaunch& a, cudaStream_t s) {
   // Clusters only where the grid is well under one wave: clusters are placed whole inside a GPC,
   // so a grid near a full wave of single CTAs would spill into a second wave (measured, H200,
   // b 8 at 1M: 256 CTAs in clusters of 8 took 45.6 us against 28.8 us with the merge kernel).
-  if (a.sel && a.splits <= kMaxCluster && ctas * 2 <= partial_slots(D, true) &&
+  const SparseMerge mode = g_sparse_merge.load(std::memory_order_relaxed);
+  const bool small_grid = mode == SparseMerge::Cluster || (mode == SparseMerge::Auto && ctas * 2 <= partial_slots(D, true));
+  if (a.sel && a.splits <= kMaxCluster && small_grid &&
       (paged ? launch_cluster<D, true>(a, ctas, s) : launch_cluster<D, false>(a, ctas, s))) {
     M3_CUDA_CHECK_LAUNCH();
     return;
@@ -582,6 +588,8 @@ std::string dims_str(const AttnDims& d) {
 }
 
 }  // namespace
+
+void set_sparse_merge(SparseMerge m) { g_sparse_merge.store(m, std::memory_order_relaxed); }
 
 int resident_ctas(const void* kernel, int threads, int smem) {
   static std::mutex mu;

@@ -76,6 +76,12 @@ int resident_ctas(const void* kernel, int threads, int smem);
 // wave of equal CTAs finishes together), chunks of whole 64-key tiles.
 SplitPlan plan_dense_splits(int B, int T, int N, const AttnDims& dims);
 SplitPlan plan_sparse_splits(int B, int T, int k_blk, const AttnDims& dims);
+
+// How sparse launches merge their splits: Auto (a thread-block cluster where the grid is under half
+// a wave and splits <= 16, else the merge kernel), or forced, for tests that must run both paths
+// (Cluster still falls back where the device cannot hold the cluster). Process-wide.
+enum class SparseMerge { Auto, Cluster, Kernel };
+void set_sparse_merge(SparseMerge m);
 std::size_t attention_workspace_bytes(int B, int T, const AttnDims& dims, int splits);
 // Throws GpuError unless the dims, sizes, q / k / v pointers and page table suit the kernels (op
 // names the caller).

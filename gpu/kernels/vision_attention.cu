@@ -73,7 +73,7 @@ __device__ __forceinline__ void load_tile_async(bf16 (*sm)[D + 8], const bf16* x
 
 template <int kPending>
 __device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending));
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending) : "memory");  // no smem read moves above it
 }
 
 template <int D>

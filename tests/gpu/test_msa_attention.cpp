@@ -246,6 +246,23 @@ TEST(MsaAttention_bf16, Decode_M3_AwkwardN) {
   for (int N : kAwkwardN) run_case({1, 1, N, 64, 4, 128, 128, 16, true});
 }
 
+// The split merge both ways (attention_dense.h's SparseMerge): the thread-block cluster and the
+// merge kernel, each against the reference, at decode and prefill shapes (Auto picks the cluster
+// at most test sizes, so the merge-kernel path needs forcing to be covered).
+TEST(MsaAttention_bf16, BothSplitMergePaths) {
+  M3_REQUIRE_GPU();
+  struct Reset {
+    ~Reset() { gpu::detail::set_sparse_merge(gpu::detail::SparseMerge::Auto); }
+  } reset;
+  for (auto m : {gpu::detail::SparseMerge::Kernel, gpu::detail::SparseMerge::Cluster}) {
+    SCOPED_TRACE(m == gpu::detail::SparseMerge::Kernel ? "merge kernel" : "cluster");
+    gpu::detail::set_sparse_merge(m);
+    for (int N : {2049, 5000}) run_case({1, 1, N, 64, 4, 128, 128, 16, true});
+    run_case({3, 1, 5000, 16, 1, 128, 128, 16, true});
+    run_case({1, 37, 5000, 64, 4, 128, 128, 16, false});
+  }
+}
+
 TEST(MsaAttention_bf16, Decode_Batch3_Gqa16over1) {
   M3_REQUIRE_GPU();
   for (int N : {1, 2049, 5000}) run_case({3, 1, N, 16, 1, 128, 128, 16, true});
