@@ -3,13 +3,20 @@
 
 #include "datasets/hdf5.h"
 #include "datasets/ppm.h"
+#include "reference/model.h"
 #include "reference/rng.h"
+
+#if M3_HAVE_GPU
+#include "gpu/model.h"
+#include "gpu/mtp.h"
+#endif
 
 #include <fmt/format.h>
 #include <fmt/ranges.h>
 
 #include <chrono>
 #include <fstream>
+#include <memory>
 #include <thread>
 
 #include <unistd.h>
@@ -155,6 +162,42 @@ std::vector<std::int32_t> load_tokens(const std::string& spec, const ModelConfig
   }
   if (t.empty()) throw std::invalid_argument(fmt::format("{}: no tokens in the file", spec));
   return t;
+}
+
+std::vector<std::int32_t> run_generate_mtp(bool on_gpu, const ModelConfig& cfg, ModelWeights<float> w,
+                                           const std::vector<ModelWeights<float>>& modules, Precision prec,
+                                           const std::vector<std::int32_t>& prompt, int steps, int k,
+                                           MtpStats* stats, std::int64_t max_context) {
+  const ModelConfig mc = mtp_module_config(cfg);
+  if (on_gpu) {
+#if M3_HAVE_GPU
+    gpu::ModelOptions o;
+    o.max_batch = 1;
+    const auto T = static_cast<std::int64_t>(prompt.size());
+    o.max_context = max_context > 0 ? max_context : T + steps + k + 1;
+    // generate_mtp hands whole prompts to forward (the main prefill, the modules' first catch-up)
+    // and k + 1 tokens to each check: one call must hold the prompt.
+    o.max_tokens = T + k + 1;
+    gpu::Model main(cfg, w, o);
+    w = ModelWeights<float>{};
+    std::vector<std::unique_ptr<gpu::Model>> mods;
+    std::vector<gpu::Model*> ptrs;
+    for (const auto& m : modules) {
+      mods.push_back(std::make_unique<gpu::Model>(mc, m, o));
+      ptrs.push_back(mods.back().get());
+    }
+    return gpu::generate_mtp(main, ptrs, prompt, steps, k, stats);
+#else
+    throw std::invalid_argument("--device gpu: this build has no CUDA support (configure with -DM3_WITH_CUDA=ON)");
+#endif
+  }
+  Model main(cfg, w, prec);
+  w = ModelWeights<float>{};
+  std::vector<Model> mods;
+  for (const auto& m : modules) mods.emplace_back(mc, m, prec);
+  std::vector<Model*> ptrs;
+  for (auto& m : mods) ptrs.push_back(&m);
+  return generate_mtp(main, ptrs, prompt, steps, k, stats);
 }
 
 }  // namespace m3::cli

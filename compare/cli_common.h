@@ -6,6 +6,8 @@
 
 #include "datasets/checkpoint.h"  // defines: CheckpointVision (a checkpoint's vision tower)
 #include "reference/config.h"
+#include "reference/mtp.h"
+#include "reference/weights.h"
 #include "reference/tensor.h"
 #include "reference/vision.h"
 
@@ -56,6 +58,16 @@ struct PromptImage {
 };
 PromptImage prepend_image(const std::string& spec, const ModelConfig& cfg, std::uint64_t seed,
                           std::vector<std::int32_t>& prompt, const CheckpointVision* tower = nullptr);
+
+// generate_mtp (reference/mtp.h) of the main model (cfg, w) with the MTP modules' weights `modules`
+// (models of mtp_module_config(cfg)): on the CPU reference in `prec`, or with on_gpu on the GPU
+// (gpu::generate_mtp, bf16), its models sized for one sequence of the prompt plus `steps` tokens
+// (max_context when > 0) and forward calls that hold the whole prompt. `w` is released once the
+// main model holds its own copy. Shared by `m3h run --mtp` and `m3h compare --mtp`.
+std::vector<std::int32_t> run_generate_mtp(bool on_gpu, const ModelConfig& cfg, ModelWeights<float> w,
+                                           const std::vector<ModelWeights<float>>& modules, Precision prec,
+                                           const std::vector<std::int32_t>& prompt, int steps, int k,
+                                           MtpStats* stats, std::int64_t max_context = 0);
 
 // A prompt from `--tokens`: a count N (N ids drawn from the seed, the same on every machine), a
 // text file of whitespace-separated ids, or FILE.h5:/dataset (an int32/int64 vector). Every id is

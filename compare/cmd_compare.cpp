@@ -15,8 +15,6 @@
 #include "reference/weights.h"
 
 #if M3_HAVE_GPU
-#include "gpu/model.h"
-#include "gpu/mtp.h"
 #include "gpu/runtime/device.h"
 #include "gpu/vision.h"
 #endif
@@ -26,7 +24,6 @@
 
 #include <algorithm>
 #include <chrono>
-#include <memory>
 #include <optional>
 #include <cstdio>
 
@@ -211,43 +208,23 @@ int compare_sampled(const CompareArgs& a, const ModelConfig& cfg, const std::vec
 int compare_mtp(const CompareArgs& a, const ModelConfig& cfg0, const std::vector<std::int32_t>& prompt) {
   ModelConfig cfg = cfg0;
   cfg.num_mtp_modules = std::max(1, cfg0.num_mtp_modules);
-  const ModelWeights<float> w = generate_weights(cfg, a.seed);
+  ModelWeights<float> w = generate_weights(cfg, a.seed);
   std::vector<ModelWeights<float>> mw;
   for (int i = 0; i < cfg.num_mtp_modules; ++i) mw.push_back(generate_mtp_module(cfg, i, a.seed, w));
-  const ModelConfig mc = mtp_module_config(cfg);
   const auto T = static_cast<std::int64_t>(prompt.size());
   auto clock_ms = [](auto t0) {
     return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
   };
   std::fprintf(stderr, "compare: reference bf16, generate_mtp ...\n");
   MtpStats rst, gst;
-  std::vector<std::int32_t> rtok, gtok;
   auto t0 = std::chrono::steady_clock::now();
-  {
-    Model main(cfg, w, Precision::BF16);
-    std::vector<Model> mods;
-    for (const auto& m : mw) mods.emplace_back(mc, m, Precision::BF16);
-    std::vector<Model*> ptrs;
-    for (auto& m : mods) ptrs.push_back(&m);
-    rtok = generate_mtp(main, ptrs, prompt, a.decode, a.mtp, &rst);
-  }
+  const std::vector<std::int32_t> rtok =
+      run_generate_mtp(false, cfg, w, mw, Precision::BF16, prompt, a.decode, a.mtp, &rst);
   const double ref_ms = clock_ms(t0);
   std::fprintf(stderr, "compare: gpu, generate_mtp ...\n");
   t0 = std::chrono::steady_clock::now();
-  {
-    gpu::ModelOptions o;
-    o.max_batch = 1;
-    o.max_context = T + a.decode + a.mtp + 1;
-    o.max_tokens = T + a.mtp + 1;  // whole prompts go through one forward (the main prefill, the modules' catch-up)
-    gpu::Model main(cfg, w, o);
-    std::vector<std::unique_ptr<gpu::Model>> mods;
-    std::vector<gpu::Model*> ptrs;
-    for (const auto& m : mw) {
-      mods.push_back(std::make_unique<gpu::Model>(mc, m, o));
-      ptrs.push_back(mods.back().get());
-    }
-    gtok = gpu::generate_mtp(main, ptrs, prompt, a.decode, a.mtp, &gst);
-  }
+  const std::vector<std::int32_t> gtok =
+      run_generate_mtp(true, cfg, std::move(w), mw, Precision::BF16, prompt, a.decode, a.mtp, &gst);
   const double gpu_ms = clock_ms(t0);
   const cmp::MtpComparison c = cmp::compare_mtp_runs(rtok, rst, gtok, gst, cmp::kBf16.tie_rtol);
   const std::string dev = gpu::describe(gpu::device_info(0));

@@ -11,7 +11,6 @@
 #include "reference/vision.h"
 #if M3_HAVE_GPU
 #include "gpu/model.h"
-#include "gpu/mtp.h"
 #include "gpu/runtime/device.h"
 #endif
 
@@ -74,41 +73,15 @@ int run_mtp(const RunArgs& a, const ModelConfig& cfg0, Precision prec, const std
     w = generate_weights(cfg, a.seed);
     for (int i = 0; i < cfg.num_mtp_modules; ++i) mw.push_back(generate_mtp_module(cfg, i, a.seed, w));
   }
-  const ModelConfig mc = mtp_module_config(cfg);
   const std::size_t n_mods = mw.size();
   MtpStats st;
-  std::vector<std::int32_t> toks;
   std::string device_line = cpu_description();
-  const auto t0 = std::chrono::steady_clock::now();
-  if (a.device == "gpu") {
 #if M3_HAVE_GPU
-    device_line = gpu::describe(gpu::device_info(0));
-    gpu::ModelOptions o;
-    o.max_batch = 1;
-    const std::int64_t T = static_cast<std::int64_t>(prompt.size());
-    o.max_context = a.max_context > 0 ? a.max_context : T + a.decode + a.mtp + 1;
-    // generate_mtp hands whole prompts to forward (the main prefill, the modules' first catch-up)
-    // and k + 1 tokens to each check: one call must hold the prompt.
-    o.max_tokens = T + a.mtp + 1;
-    gpu::Model main(cfg, w, o);
-    w = ModelWeights<float>{};
-    std::vector<std::unique_ptr<gpu::Model>> mods;
-    std::vector<gpu::Model*> ptrs;
-    for (auto& m : mw) {
-      mods.push_back(std::make_unique<gpu::Model>(mc, m, o));
-      ptrs.push_back(mods.back().get());
-    }
-    toks = gpu::generate_mtp(main, ptrs, prompt, a.decode, a.mtp, &st);
+  if (a.device == "gpu") device_line = gpu::describe(gpu::device_info(0));
 #endif
-  } else {
-    Model main(cfg, w, prec);
-    w = ModelWeights<float>{};
-    std::vector<Model> mods;
-    for (auto& m : mw) mods.emplace_back(mc, m, prec);
-    std::vector<Model*> ptrs;
-    for (auto& m : mods) ptrs.push_back(&m);
-    toks = generate_mtp(main, ptrs, prompt, a.decode, a.mtp, &st);
-  }
+  const auto t0 = std::chrono::steady_clock::now();
+  const std::vector<std::int32_t> toks =
+      run_generate_mtp(a.device == "gpu", cfg, std::move(w), mw, prec, prompt, a.decode, a.mtp, &st, a.max_context);
   const double ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
   const double rate = st.drafted > 0 ? static_cast<double>(st.accepted) / st.drafted : 0.0;
   if (a.format == Format::JSON) {
