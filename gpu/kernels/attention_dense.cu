@@ -497,17 +497,8 @@ template <int D, bool kSparse, bool kPaged>
 void launch_partial(const AttnLaunch& a, long ctas, cudaStream_t s) {
   prepare<D, kSparse, kPaged>();
   void (*kernel)(const AttnLaunch) = attn_partial_kernel<D, kSparse, kPaged>;
-  cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;  // sparse: overlaps msa_select's tail
-  attr[0].val.programmaticStreamSerializationAllowed = kSparse ? 1 : 0;
-  cudaLaunchConfig_t cfg{};
-  cfg.gridDim = dim3(static_cast<unsigned>(ctas));
-  cfg.blockDim = dim3(kThreads);
-  cfg.dynamicSmemBytes = Cfg<D>::kSmemBytes;
-  cfg.stream = s;
-  cfg.attrs = attr;
-  cfg.numAttrs = 1;
-  M3_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kernel, a));
+  const LaunchConfig lc(ctas, kThreads, Cfg<D>::kSmemBytes, s, /*pdl=*/kSparse);  // sparse: overlaps msa_select's tail
+  M3_CUDA_CHECK(cudaLaunchKernelEx(&lc.cfg, kernel, a));
 }
 
 // Sparse, splits <= kMaxCluster: clusters of `splits` CTAs (16 is past the portable 8: allowed
@@ -523,20 +514,8 @@ bool launch_cluster(const AttnLaunch& a, long ctas, cudaStream_t s) {
   static std::map<std::pair<int, int>, bool> fits;  // (device, cluster size) -> schedulable
   int dev = 0;
   M3_CUDA_CHECK(cudaGetDevice(&dev));
-  cudaLaunchAttribute attr[2];
-  attr[0].id = cudaLaunchAttributeClusterDimension;
-  attr[0].val.clusterDim.x = static_cast<unsigned>(a.splits);
-  attr[0].val.clusterDim.y = 1;
-  attr[0].val.clusterDim.z = 1;
-  attr[1].id = cudaLaunchAttributeProgrammaticStreamSerialization;  // overlaps msa_select's tail
-  attr[1].val.programmaticStreamSerializationAllowed = 1;
-  cudaLaunchConfig_t cfg{};
-  cfg.gridDim = dim3(static_cast<unsigned>(ctas));
-  cfg.blockDim = dim3(kThreads);
-  cfg.dynamicSmemBytes = Cfg<D>::kSmemBytes;
-  cfg.stream = s;
-  cfg.attrs = attr;
-  cfg.numAttrs = 2;
+  // Overlaps msa_select's tail (PDL).
+  const LaunchConfig lc(ctas, kThreads, Cfg<D>::kSmemBytes, s, /*pdl=*/true, static_cast<unsigned>(a.splits));
   {
     std::lock_guard<std::mutex> lock(mu);
     auto it = fits.find({dev, a.splits});
@@ -545,13 +524,13 @@ bool launch_cluster(const AttnLaunch& a, long ctas, cudaStream_t s) {
       if (a.splits > 8)
         ok = cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1) == cudaSuccess;
       int clusters = 0;
-      ok = ok && cudaOccupancyMaxActiveClusters(&clusters, kernel, &cfg) == cudaSuccess && clusters > 0;
+      ok = ok && cudaOccupancyMaxActiveClusters(&clusters, kernel, &lc.cfg) == cudaSuccess && clusters > 0;
       (void)cudaGetLastError();  // a refused query leaves no sticky error; clear the last one
       it = fits.emplace(std::make_pair(dev, a.splits), ok).first;
     }
     if (!it->second) return false;
   }
-  M3_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kernel, a));
+  M3_CUDA_CHECK(cudaLaunchKernelEx(&lc.cfg, kernel, a));
   return true;
 }
 

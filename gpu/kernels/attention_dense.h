@@ -72,6 +72,37 @@ struct SplitPlan {
 // launch, it costs a map lookup.
 int resident_ctas(const void* kernel, int threads, int smem);
 
+// The configuration of a cudaLaunchKernelEx launch of `ctas` CTAs along x with the attributes the
+// MSA decode chain uses: programmatic dependent launch (pdl: the kernel may start during the tail
+// of the one before it and must call pdl_wait before reading that kernel's output) and a
+// thread-block cluster of `cluster` CTAs along x (0: none). cfg.attrs points into the object, so
+// it neither copies nor moves.
+struct LaunchConfig {
+  cudaLaunchAttribute attr[2] = {};
+  cudaLaunchConfig_t cfg{};
+  LaunchConfig(long ctas, int threads, std::size_t smem, cudaStream_t s, bool pdl, unsigned cluster = 0) {
+    cfg.gridDim = dim3(static_cast<unsigned>(ctas));
+    cfg.blockDim = dim3(static_cast<unsigned>(threads));
+    cfg.dynamicSmemBytes = smem;
+    cfg.stream = s;
+    cfg.attrs = attr;
+    if (cluster > 0) {
+      attr[cfg.numAttrs].id = cudaLaunchAttributeClusterDimension;
+      attr[cfg.numAttrs].val.clusterDim.x = cluster;
+      attr[cfg.numAttrs].val.clusterDim.y = 1;
+      attr[cfg.numAttrs].val.clusterDim.z = 1;
+      ++cfg.numAttrs;
+    }
+    if (pdl) {
+      attr[cfg.numAttrs].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+      attr[cfg.numAttrs].val.programmaticStreamSerializationAllowed = 1;
+      ++cfg.numAttrs;
+    }
+  }
+  LaunchConfig(const LaunchConfig&) = delete;
+  LaunchConfig& operator=(const LaunchConfig&) = delete;
+};
+
 // Split plans: one full wave of CTAs on the current device (decode work is uniform, so a single
 // wave of equal CTAs finishes together), chunks of whole 64-key tiles.
 SplitPlan plan_dense_splits(int B, int T, int N, const AttnDims& dims);

@@ -460,17 +460,8 @@ void launch_single(const SelLaunch& a, long long rows, int dev, cudaStream_t s) 
   // Raises the kernel's limit to the device maximum once per device (cached).
   if (smem + kStatic > 48 * 1024) detail::resident_ctas(reinterpret_cast<const void*>(msa_select_kernel), kThreads,
                                                    static_cast<int>(max_smem - kStatic));
-  cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attr[0].val.programmaticStreamSerializationAllowed = 1;
-  cudaLaunchConfig_t cfg{};
-  cfg.gridDim = dim3(static_cast<unsigned>(rows));
-  cfg.blockDim = dim3(kThreads);
-  cfg.dynamicSmemBytes = smem;
-  cfg.stream = s;
-  cfg.attrs = attr;
-  cfg.numAttrs = 1;
-  M3_CUDA_CHECK(cudaLaunchKernelEx(&cfg, msa_select_kernel, a));
+  const detail::LaunchConfig lc(static_cast<long>(rows), kThreads, smem, s, /*pdl=*/true);
+  M3_CUDA_CHECK(cudaLaunchKernelEx(&lc.cfg, msa_select_kernel, a));
   M3_CUDA_CHECK_LAUNCH();
 }
 
@@ -480,22 +471,10 @@ void launch_split(const SelLaunch& a, long long rows, cudaStream_t s) {
   if (rows * P > 2147483647LL)
     throw GpuError("msa_select: B*Hi*T = " + std::to_string(rows) + " rows times " + std::to_string(P) +
                    " CTAs a row exceed the grid limit");
-  cudaLaunchAttribute attr[2];
-  attr[0].id = cudaLaunchAttributeClusterDimension;
-  attr[0].val.clusterDim.x = static_cast<unsigned>(P);
-  attr[0].val.clusterDim.y = 1;
-  attr[0].val.clusterDim.z = 1;
-  attr[1].id = cudaLaunchAttributeProgrammaticStreamSerialization;  // overlaps the index kernel's tail
-  attr[1].val.programmaticStreamSerializationAllowed = 1;
-  cudaLaunchConfig_t cfg{};
-  cfg.gridDim = dim3(static_cast<unsigned>(rows * P));
-  cfg.blockDim = dim3(kSplitThreads);
-  cfg.dynamicSmemBytes = 0;
-  cfg.stream = s;
-  cfg.attrs = attr;
-  cfg.numAttrs = 2;
-  if (chunk <= 4 * kSplitThreads) M3_CUDA_CHECK(cudaLaunchKernelEx(&cfg, msa_select_split_kernel<4>, a, P));
-  else M3_CUDA_CHECK(cudaLaunchKernelEx(&cfg, msa_select_split_kernel<16>, a, P));
+  // A cluster of P CTAs a row; PDL overlaps the index kernel's tail.
+  const detail::LaunchConfig lc(static_cast<long>(rows * P), kSplitThreads, 0, s, /*pdl=*/true, static_cast<unsigned>(P));
+  if (chunk <= 4 * kSplitThreads) M3_CUDA_CHECK(cudaLaunchKernelEx(&lc.cfg, msa_select_split_kernel<4>, a, P));
+  else M3_CUDA_CHECK(cudaLaunchKernelEx(&lc.cfg, msa_select_split_kernel<16>, a, P));
   M3_CUDA_CHECK_LAUNCH();
 }
 
