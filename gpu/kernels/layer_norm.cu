@@ -1,6 +1,7 @@
 // LayerNorm (+ fused residual and bias add) kernels; see layer_norm.h. One block per row; each
 // thread keeps its slice of the row in registers between the two reductions and the write.
 #include "gpu/kernels/layer_norm.h"
+#include "gpu/kernels/rms_norm.h"  // detail::block_sum
 
 #include <string>
 
@@ -9,23 +10,6 @@ namespace {
 
 constexpr int kThreads = 256;
 constexpr int kMaxPerThread = 64;  // C <= 256 * 64 = 16384 (the tower: Hv = 1280)
-
-__device__ float block_sum(float v) {
-  __shared__ float warp_sums[kThreads / 32];
-  __shared__ float total;
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-  if (lane == 0) warp_sums[warp] = v;
-  __syncthreads();
-  v = lane < kThreads / 32 ? warp_sums[lane] : 0.f;
-  if (warp == 0)
-    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-  if (threadIdx.x == 0) total = v;
-  __syncthreads();
-  const float t = total;
-  __syncthreads();  // the next call may overwrite warp_sums / total only after everyone read them
-  return t;
-}
 
 // kAdd: h += delta + bias first (bf16 store). kNorm: write y = LN(h).
 template <bool kAdd, bool kNorm>
@@ -53,14 +37,14 @@ __global__ void __launch_bounds__(kThreads) layer_norm_kernel(bf16* h, const flo
     }
   }
   if constexpr (kNorm) {
-    const float mean = block_sum(sum) / C;
+    const float mean = detail::block_sum<kThreads>(sum) / C;
     float ss = 0.f;
 #pragma unroll
     for (int i = 0; i < kMaxPerThread; ++i) {
       const int c = threadIdx.x + i * kThreads;
       if (c < C) ss += (v[i] - mean) * (v[i] - mean);
     }
-    const float inv = rsqrtf(block_sum(ss) / C + eps);
+    const float inv = rsqrtf(detail::block_sum<kThreads>(ss) / C + eps);
 #pragma unroll
     for (int i = 0; i < kMaxPerThread; ++i) {
       const int c = threadIdx.x + i * kThreads;

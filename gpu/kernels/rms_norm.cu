@@ -10,21 +10,6 @@ namespace {
 constexpr int kThreads = 256;
 constexpr int kMaxPerThread = 64;  // C <= 256 * 64 = 16384 (M3: 6144)
 
-__device__ float block_sum(float v) {
-  __shared__ float warp_sums[kThreads / 32];
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-  if (lane == 0) warp_sums[warp] = v;
-  __syncthreads();
-  v = lane < kThreads / 32 ? warp_sums[lane] : 0.f;
-  if (warp == 0)
-    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-  __shared__ float total;
-  if (threadIdx.x == 0) total = v;
-  __syncthreads();
-  return total;
-}
-
 template <bool kAdd>
 __global__ void __launch_bounds__(kThreads) rms_norm_kernel(bf16* h, const bf16* delta, const bf16* w, float eps,
                                                             bf16* y, int C) {
@@ -47,7 +32,7 @@ __global__ void __launch_bounds__(kThreads) rms_norm_kernel(bf16* h, const bf16*
       ss += x * x;
     }
   }
-  const float inv = rsqrtf(block_sum(ss) / C + eps);
+  const float inv = rsqrtf(detail::block_sum<kThreads>(ss) / C + eps);
 #pragma unroll
   for (int i = 0; i < kMaxPerThread; ++i) {
     const int c = threadIdx.x + i * kThreads;
