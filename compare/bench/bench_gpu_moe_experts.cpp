@@ -19,6 +19,7 @@
 //   build/gpu/compare/bench/bench_gpu --benchmark_filter=moe_expert
 #include "gpu/kernels/linear.h"
 #include "gpu/kernels/moe_experts.h"
+#include "compare/bench/bench_gpu_util.h"
 #include "gpu/runtime/buffer.h"
 #include "gpu/runtime/device.h"
 
@@ -31,6 +32,9 @@
 #include <vector>
 
 namespace {
+
+using m3::bench::have_gpu;
+using m3::bench::mean_seconds;
 
 using m3::gpu::bf16;
 using m3::gpu::DeviceBuffer;
@@ -57,23 +61,6 @@ void fill_random(DeviceBuffer<bf16>& d, std::uint64_t seed, float scale) {
     M3_CUDA_CHECK(cudaMemcpy(d.data() + done, d.data(), n * sizeof(bf16), cudaMemcpyDeviceToDevice));
     done += n;
   }
-}
-
-bool have_gpu(benchmark::State& state) {
-  if (m3::gpu::device_count() > 0) return true;
-  state.SkipWithError("no CUDA device");
-  return false;
-}
-
-// Mean seconds of `reps` runs of op between events on s, after two warm-ups.
-template <class Op>
-double mean_seconds(cudaStream_t s, int reps, Op&& op) {
-  for (int i = 0; i < 2; ++i) op();
-  m3::gpu::Event e0, e1;
-  e0.record(s);
-  for (int i = 0; i < reps; ++i) op();
-  e1.record(s);
-  return e1.since(e0) * 1e-3 / reps;
 }
 
 // The expert weights (14.5 GB) and the shared expert, made once; the in-process GEMM peak.

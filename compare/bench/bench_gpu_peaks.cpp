@@ -10,6 +10,7 @@
 // Random inputs, not zeros: the tensor cores draw less power on zeros and clock higher (on an H200
 // 8192^3 ran at 894 TFLOP/s on zeros against 788 on random data).
 #include "gpu/kernels/linear.h"
+#include "compare/bench/bench_gpu_util.h"
 #include "gpu/runtime/buffer.h"
 #include "gpu/runtime/device.h"
 
@@ -20,6 +21,8 @@
 #include <vector>
 
 namespace {
+
+using m3::bench::have_gpu;
 
 using m3::gpu::bf16;
 
@@ -54,12 +57,6 @@ double time_loop(benchmark::State& state, cudaStream_t s, Op&& op) {
     total += sec;
   }
   return total;
-}
-
-bool have_gpu(benchmark::State& state) {
-  if (m3::gpu::device_count() > 0) return true;
-  state.SkipWithError("no CUDA device");
-  return false;
 }
 
 // The device line in the JSON context, so every result file names its card.

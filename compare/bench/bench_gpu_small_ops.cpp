@@ -19,6 +19,7 @@
 #include "gpu/kernels/qk_norm_rope.h"
 #include "gpu/kernels/rms_norm.h"
 #include "gpu/kernels/swiglu_oai.h"
+#include "compare/bench/bench_gpu_util.h"
 #include "gpu/runtime/buffer.h"
 #include "gpu/runtime/device.h"
 
@@ -30,6 +31,8 @@
 #include <vector>
 
 namespace {
+
+using m3::bench::have_gpu;
 
 using m3::gpu::bf16;
 using m3::gpu::DeviceBuffer;
@@ -93,12 +96,6 @@ class Timer {
   m3::gpu::Event start_, stop_;
   DeviceBuffer<unsigned char> l2_;
 };
-
-bool have_gpu(benchmark::State& state) {
-  if (m3::gpu::device_count() > 0) return true;
-  state.SkipWithError("no CUDA device");
-  return false;
-}
 
 void set_gbps(benchmark::State& state, double bytes, double sec) {
   state.counters["GB/s"] = bytes * static_cast<double>(state.iterations()) / sec * 1e-9;

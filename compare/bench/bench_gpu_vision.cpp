@@ -19,6 +19,7 @@
 //   build/gpu/compare/bench/bench_gpu --benchmark_filter=vision
 #include "gpu/kernels/linear.h"
 #include "gpu/kernels/vision_attention.h"
+#include "compare/bench/bench_gpu_util.h"
 #include "gpu/runtime/buffer.h"
 #include "gpu/runtime/device.h"
 #include "gpu/vision.h"
@@ -32,14 +33,11 @@
 
 namespace {
 
+using m3::bench::have_gpu;
+using m3::bench::mean_seconds;
+
 using m3::gpu::bf16;
 using m3::gpu::DeviceBuffer;
-
-bool have_gpu(benchmark::State& state) {
-  if (m3::gpu::device_count() > 0) return true;
-  state.SkipWithError("no CUDA device");
-  return false;
-}
 
 // Uniform [-1, 1) bf16 values (a xorshift; zeros would run the tensor cores cooler and faster).
 void fill_random(DeviceBuffer<bf16>& d, std::uint64_t seed) {
@@ -50,17 +48,6 @@ void fill_random(DeviceBuffer<bf16>& d, std::uint64_t seed) {
     v = static_cast<float>(static_cast<double>(s >> 11) * 0x1p-52 - 1.0);
   }
   d.upload(m3::gpu::to_bf16(f.data(), f.size()));
-}
-
-// Mean seconds of `reps` runs of op between events on s, after two warm-ups.
-template <class Op>
-double mean_seconds(cudaStream_t s, int reps, Op&& op) {
-  for (int i = 0; i < 2; ++i) op();
-  m3::gpu::Event e0, e1;
-  e0.record(s);
-  for (int i = 0; i < reps; ++i) op();
-  e1.record(s);
-  return e1.since(e0) * 1e-3 / reps;
 }
 
 struct World {
