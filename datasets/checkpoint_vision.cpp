@@ -2,12 +2,13 @@
 // where each comes from).
 #include "datasets/checkpoint_vision.h"
 
+#include "reference/config_json.h"  // ConfigFieldsOrPreset: the field readers of config.json
+
 #include <fmt/format.h>
 #include <fmt/ranges.h>
 #include <nlohmann/json.hpp>
 
 #include <algorithm>
-#include <limits>
 #include <set>
 
 namespace m3 {
@@ -15,40 +16,6 @@ namespace m3 {
 using nlohmann::json;
 
 namespace {
-
-// Reads the fields of one JSON object, remembering which were absent (they keep the preset's value).
-struct FieldReader {
-  const json* obj;  // nullptr: no block at all
-  std::string where;
-  std::vector<std::string> absent;
-
-  [[noreturn]] void fail(std::string_view key, const std::string& what) const {
-    throw ConfigError(fmt::format("{}: field '{}' {}", where, key, what));
-  }
-  const json* find(std::string_view key) const {
-    if (!obj) return nullptr;
-    const auto it = obj->find(std::string(key));
-    return it == obj->end() || it->is_null() ? nullptr : &*it;
-  }
-  // A positive integer (min 0 for a count that may be empty).
-  bool get_int(std::string_view key, int& out, int min = 1) {
-    const json* v = find(key);
-    if (!v) return absent.emplace_back(key), false;
-    if (!v->is_number_integer()) fail(key, fmt::format("must be an integer, found {}", v->dump()));
-    const auto x = v->get<std::int64_t>();
-    if (x < min || x > std::numeric_limits<int>::max())
-      fail(key, fmt::format("= {}, expected an integer >= {}", x, min));
-    out = static_cast<int>(x);
-    return true;
-  }
-  void get_pos(std::string_view key, double& out) {
-    const json* v = find(key);
-    if (!v) return void(absent.emplace_back(key));
-    if (!v->is_number()) fail(key, fmt::format("must be a number, found {}", v->dump()));
-    if (!(v->get<double>() > 0)) fail(key, fmt::format("= {}, expected > 0", v->dump()));
-    out = v->get<double>();
-  }
-};
 
 // The fields parse_vision_config reads inside vision_config; any other key is reported, not used.
 const std::set<std::string>& known_fields() {
@@ -78,7 +45,7 @@ VisionConfigRead parse_vision_config(std::string_view text_json, const ModelConf
   v = vision_preset("m3");  // spec §8's values for what the file does not say
   v.name = text.name + "-vision";
   v.text_hidden = text.hidden_size;
-  FieldReader r{block, fmt::format("{}: vision_config", origin), {}};
+  detail::ConfigFieldsOrPreset r{{block, fmt::format("{}: vision_config", origin)}, {}};
   r.get_int("hidden_size", v.hidden);
   r.get_int("num_hidden_layers", v.layers, 0);
   const bool has_heads = r.get_int("num_attention_heads", v.heads);
@@ -116,7 +83,7 @@ VisionConfigRead parse_vision_config(std::string_view text_json, const ModelConf
                                          v.patch * v.merge));
 
   // The placeholder id sits beside vision_config, at the top level (Qwen2-VL's place).
-  FieldReader top{root.is_object() ? &root : nullptr, std::string(origin), {}};
+  detail::ConfigFieldsOrPreset top{{root.is_object() ? &root : nullptr, std::string(origin)}, {}};
   if (top.get_int("image_token_id", v.image_token_id, 0) && v.image_token_id >= text.vocab_size)
     top.fail("image_token_id", fmt::format("= {}, expected < vocab_size = {}", v.image_token_id, text.vocab_size));
   if (!top.absent.empty() && v.image_token_id >= text.vocab_size)

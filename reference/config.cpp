@@ -1,5 +1,6 @@
 // ModelConfig presets, config.json loading (both spellings of spec Appendix A) and validation.
 #include "reference/config.h"
+#include "reference/config_json.h"  // ConfigFields: the typed field readers
 
 #include <fmt/format.h>
 #include <nlohmann/json.hpp>
@@ -223,42 +224,8 @@ ModelConfig mtp_module_config(const ModelConfig& cfg) {
 
 namespace {
 
-// Typed field access whose errors name the field and the type expected.
-struct Reader {
-  const json& j;
-  std::string origin;
-
-  const json* find(std::string_view key) const {
-    auto it = j.find(std::string(key));
-    return it == j.end() || it->is_null() ? nullptr : &*it;
-  }
-  [[noreturn]] void fail(std::string_view key, std::string_view what) const {
-    throw ConfigError(fmt::format("{}: field '{}' {}", origin, key, what));
-  }
-  template <class T>
-  bool get(std::string_view key, T& out) const {
-    const json* v = find(key);
-    if (!v) return false;
-    if constexpr (std::is_same_v<T, bool>) {
-      if (!v->is_boolean()) fail(key, "must be a boolean");
-      out = v->get<bool>();
-    } else if constexpr (std::is_integral_v<T>) {
-      if (!v->is_number_integer()) fail(key, "must be an integer");
-      out = v->get<T>();
-    } else {
-      if (!v->is_number()) fail(key, "must be a number");
-      out = v->get<T>();
-    }
-    return true;
-  }
-  template <class T>
-  void require(std::string_view key, T& out) const {
-    if (!get(key, out)) fail(key, "is required but missing");
-  }
-};
-
 template <class E>
-std::vector<E> parse_type_list(const Reader& r, std::string_view key,
+std::vector<E> parse_type_list(const detail::ConfigFields& r, std::string_view key,
                                std::initializer_list<std::pair<std::string_view, E>> names) {
   const json* v = r.find(key);
   if (!v->is_array()) r.fail(key, "must be an array of strings");
@@ -279,7 +246,7 @@ std::vector<E> parse_type_list(const Reader& r, std::string_view key,
 
 // Official per-layer frequency lists: [0,0,0,1,...] with 1 = sparse/MoE.
 template <class E>
-std::vector<E> parse_freq_list(const Reader& r, std::string_view key, E zero, E one) {
+std::vector<E> parse_freq_list(const detail::ConfigFields& r, std::string_view key, E zero, E one) {
   const json* v = r.find(key);
   if (!v->is_array()) r.fail(key, "must be an array of 0/1");
   std::vector<E> out;
@@ -302,7 +269,7 @@ ModelConfig parse_config_json(std::string_view text, std::string_view origin) {
   }
   if (!root.is_object()) throw ConfigError(fmt::format("{}: top level must be a JSON object", origin));
   const json& j = root.contains("text_config") && root["text_config"].is_object() ? root["text_config"] : root;
-  Reader r{j, std::string(origin)};
+  detail::ConfigFields r{&j, std::string(origin)};
 
   ModelConfig c;
   c.name = std::string(origin);
@@ -328,7 +295,7 @@ ModelConfig parse_config_json(std::string_view text, std::string_view origin) {
   double partial = 0.5;  // spec §1.1: partial_rotary_factor 0.5 when the file does not say
   const json* rp = r.find("rope_parameters");
   if (rp && !rp->is_object()) r.fail("rope_parameters", "must be an object");
-  const Reader rope{rp ? *rp : j, rp ? fmt::format("{}: rope_parameters", origin) : r.origin};
+  const detail::ConfigFields rope{rp ? rp : &j, rp ? fmt::format("{}: rope_parameters", origin) : r.where};
   if (!rope.get("rope_theta", c.rope_theta)) r.get("rope_theta", c.rope_theta);
   if (!rope.get("partial_rotary_factor", partial)) r.get("partial_rotary_factor", partial);
   if (!r.get("rotary_dim", c.rotary_dim)) c.rotary_dim = static_cast<int>(partial * c.head_dim);
@@ -348,7 +315,7 @@ ModelConfig parse_config_json(std::string_view text, std::string_view origin) {
   // MSA fields: official nested object or flat index_* fields.
   if (const json* sa = r.find("sparse_attention_config")) {
     if (!sa->is_object()) r.fail("sparse_attention_config", "must be an object");
-    Reader s{*sa, fmt::format("{}: sparse_attention_config", origin)};
+    detail::ConfigFields s{sa, fmt::format("{}: sparse_attention_config", origin)};
     s.get("sparse_num_index_heads", c.index_n_heads);
     s.get("sparse_index_dim", c.index_head_dim);
     s.get("sparse_block_size", c.index_block_size);
