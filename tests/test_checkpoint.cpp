@@ -5,6 +5,7 @@
 #include "datasets/checkpoint.h"
 
 #include "reference/model.h"
+#include "tests/test_checkpoint_util.h"
 #include "tests/test_util.h"
 
 #include <gtest/gtest.h>
@@ -20,25 +21,13 @@
 #include <map>
 #include <random>
 
-#include <unistd.h>
-
 namespace {
 
 namespace fs = std::filesystem;
 using m3::Dtype;
 using m3::Layout;
+using namespace m3::test;  // TempDir, edit_tensors, same_bits, load_error, ... (test_checkpoint_util.h)
 using Bytes = std::vector<std::uint8_t>;
-
-struct TempDir {
-  fs::path p = fs::temp_directory_path() /
-               ("m3-ckpt-" + std::to_string(::getpid()) + "-" +
-                ::testing::UnitTest::GetInstance()->current_test_info()->test_suite_name() + "-" +
-                ::testing::UnitTest::GetInstance()->current_test_info()->name());
-  TempDir() { fs::create_directories(p); }
-  ~TempDir() { fs::remove_all(p); }
-  std::string str() const { return p.string(); }
-  std::string file(const std::string& n) const { return (p / n).string(); }
-};
 
 const m3::ModelConfig& tiny() {
   static const m3::ModelConfig c = m3::preset("tiny");
@@ -50,8 +39,8 @@ const m3::ModelWeights<float>& tiny_weights() {
 }
 
 // Every tensor by official name, as flat copies.
-std::map<std::string, std::vector<float>> flatten(m3::ModelWeights<float> w) {
-  std::map<std::string, std::vector<float>> out;
+FlatTensors flatten(m3::ModelWeights<float> w) {
+  FlatTensors out;
   m3::for_each_tensor(w, [&](const std::string& n, float* d, std::int64_t r, std::int64_t c) {
     out[n].assign(d, d + r * c);
   });
@@ -63,57 +52,12 @@ bool is_router(const std::string& name) {
          name.find("e_score_correction_bias") != std::string::npos;
 }
 
-// Bitwise equality of float vectors (distinguishes -0 / +0 and NaN payloads).
-bool same_bits(const std::vector<float>& a, const std::vector<float>& b) {
-  return a.size() == b.size() && std::memcmp(a.data(), b.data(), a.size() * sizeof(float)) == 0;
-}
-
-// A safetensors file as editable raw tensors.
-struct RawTensor {
-  std::string name;
-  Dtype dtype;
-  std::vector<std::int64_t> shape;
-  Bytes bytes;
-};
-std::vector<RawTensor> read_all(const std::string& file) {
-  m3::SafetensorsReader r(file);
-  std::vector<RawTensor> out;
-  for (const auto& t : r.header().tensors) out.push_back({t.name, t.dtype, t.shape, r.read_raw(t)});
-  return out;
-}
-void write_all(const std::string& file, const std::vector<RawTensor>& ts) {
-  m3::SafetensorsWriter w;
-  for (const auto& t : ts) w.add_raw(t.name, t.dtype, t.shape, t.bytes);
-  w.write(file);
-}
-// Edits model.safetensors of a single-file checkpoint in place.
-void edit(const TempDir& d, const std::function<void(std::vector<RawTensor>&)>& fn) {
-  auto ts = read_all(d.file(m3::kSingleFileName));
-  fn(ts);
-  write_all(d.file(m3::kSingleFileName), ts);
-}
 RawTensor& find(std::vector<RawTensor>& ts, const std::string& name) {
   for (auto& t : ts)
     if (t.name == name) return t;
   throw std::runtime_error("test: no tensor " + name);
 }
 void set_f32(RawTensor& t, std::size_t i, float v) { std::memcpy(t.bytes.data() + 4 * i, &v, 4); }
-
-// The message of the E that loading throws; fails the test if it loads or throws something else.
-template <class E>
-std::string load_error(const std::string& dir) {
-  try {
-    m3::load_checkpoint(dir);
-  } catch (const E& e) {
-    return e.what();
-  } catch (const std::exception& e) {
-    ADD_FAILURE() << "wrong exception type: " << e.what();
-    return "";
-  }
-  ADD_FAILURE() << "loaded without error";
-  return "";
-}
-#define EXPECT_HAS(msg, part) EXPECT_NE((msg).find(part), std::string::npos) << "'" << (part) << "' not in: " << (msg)
 
 m3::MatD logits_of(const m3::ModelWeights<float>& w) {
   m3::Model model(tiny(), w, m3::Precision::FP32);
@@ -215,14 +159,7 @@ TEST(Checkpoint_bf16, ReloadEqualsRoundBf16RouterStaysF32) {
   TempDir d;
   save_tiny(d, Layout::HF, Dtype::BF16, 2);
   const auto a = flatten(tiny_weights()), b = flatten(m3::load_checkpoint(d.str()).weights);
-  int rounded = 0;
-  for (const auto& [name, v] : a) {
-    std::vector<float> want = v;
-    if (!is_router(name))
-      for (auto& x : want) x = m3::round_bf16(x);
-    EXPECT_TRUE(same_bits(want, b.at(name))) << name;
-    rounded += !same_bits(v, b.at(name));
-  }
+  const int rounded = expect_reloaded_rounded(a, b, [](float x) { return m3::round_bf16(x); }, is_router);
   EXPECT_GT(rounded, 20);  // not vacuous: rounding changed nearly every tensor
 }
 
@@ -230,14 +167,9 @@ TEST(Checkpoint_f16, ReloadEqualsF16Rounding) {
   TempDir d;
   save_tiny(d, Layout::OFFICIAL, Dtype::F16);
   const auto a = flatten(tiny_weights()), b = flatten(m3::load_checkpoint(d.str()).weights);
-  int rounded = 0;
-  for (const auto& [name, v] : a) {
-    std::vector<float> want = v;
-    if (!is_router(name))  // the converter itself is tested against hand values in test_safetensors
-      for (auto& x : want) x = m3::f16_bits_to_float(m3::float_to_f16_bits(x));
-    EXPECT_TRUE(same_bits(want, b.at(name))) << name;
-    rounded += !same_bits(v, b.at(name));
-  }
+  // The converter itself is tested against hand values in test_safetensors.
+  const int rounded =
+      expect_reloaded_rounded(a, b, [](float x) { return m3::f16_bits_to_float(m3::float_to_f16_bits(x)); }, is_router);
   EXPECT_GT(rounded, 20);
 }
 
@@ -260,7 +192,7 @@ TEST(Checkpoint_fp8, BlockScaledWeights_Official2d_Hf3d) {
     std::vector<std::int64_t> shape, sshape;
     Bytes codes;
     std::vector<float> scales;
-    edit(d, [&](std::vector<RawTensor>& ts) {
+    edit_tensors(d, [&](std::vector<RawTensor>& ts) {
       RawTensor& t = find(ts, name);
       shape = t.shape;
       sshape = layout == Layout::OFFICIAL ? std::vector<std::int64_t>{4, 1} : std::vector<std::int64_t>{8, 1, 1};
@@ -302,7 +234,7 @@ TEST(Checkpoint, OtherPrefixesAreDetected) {
                                     std::tuple{Layout::HF, "model.language_model.", "lm_head.weight"}}) {
     TempDir d;
     save_tiny(d, layout);
-    edit(d, [&](std::vector<RawTensor>& ts) {
+    edit_tensors(d, [&](std::vector<RawTensor>& ts) {
       for (auto& t : ts)
         t.name = t.name == "lm_head.weight" ? std::string(lm) : std::string(prefix) + t.name.substr(6);  // drop "model."
     });
@@ -317,7 +249,7 @@ TEST(Checkpoint, OtherPrefixesAreDetected) {
 TEST(Checkpoint, UnknownAndIgnoredTensorsAreListed) {
   TempDir d;
   save_tiny(d);
-  edit(d, [](std::vector<RawTensor>& ts) {
+  edit_tensors(d, [](std::vector<RawTensor>& ts) {
     ts.push_back({"mtp.layers.1.eh_proj.weight", Dtype::F32, {2}, Bytes(8)});  // past tiny's one module
     ts.push_back({"vision_tower.blocks.0.attn.qkv.weight", Dtype::BF16, {2}, Bytes(4)});
     ts.push_back({"model.layers.0.self_attn.rotary.inv_freq", Dtype::F32, {1}, Bytes(4)});
@@ -340,7 +272,7 @@ TEST(Checkpoint, RoutingBiasOptionalWithoutRoutingBias) {
   cfg.use_routing_bias = false;
   auto w = m3::generate_weights(cfg, 3);
   m3::save_checkpoint(d.str(), cfg, w, Layout::OFFICIAL, Dtype::F32);
-  edit(d, [](std::vector<RawTensor>& ts) {
+  edit_tensors(d, [](std::vector<RawTensor>& ts) {
     std::erase_if(ts, [](const RawTensor& t) { return t.name.find("e_score_correction_bias") != std::string::npos; });
   });
   const auto ck = m3::load_checkpoint(d.str());
@@ -379,7 +311,7 @@ TEST(Checkpoint, SaveRejectsBadArguments) {
 TEST(CheckpointBad, MissingTensor) {
   TempDir d;
   save_tiny(d);
-  edit(d, [](auto& ts) { std::erase_if(ts, [](auto& t) { return t.name == "model.layers.2.self_attn.q_proj.weight"; }); });
+  edit_tensors(d, [](auto& ts) { std::erase_if(ts, [](auto& t) { return t.name == "model.layers.2.self_attn.q_proj.weight"; }); });
   const auto m = load_error<m3::CheckpointError>(d.str());
   EXPECT_HAS(m, "1 required tensor is missing, first 'model.layers.2.self_attn.q_proj.weight'");
   EXPECT_HAS(m, "official layout");
@@ -389,7 +321,7 @@ TEST(CheckpointBad, MissingTensor) {
 TEST(CheckpointBad, MissingSeveralTensorsCounted) {
   TempDir d;
   save_tiny(d, Layout::HF);
-  edit(d, [](auto& ts) { std::erase_if(ts, [](auto& t) { return t.name.find("layers.3.") != std::string::npos; }); });
+  edit_tensors(d, [](auto& ts) { std::erase_if(ts, [](auto& t) { return t.name.find("layers.3.") != std::string::npos; }); });
   const auto m = load_error<m3::CheckpointError>(d.str());
   EXPECT_HAS(m, "required tensors are missing, first 'model.layers.3.input_layernorm.weight'");
   EXPECT_HAS(m, "hf layout");
@@ -398,7 +330,7 @@ TEST(CheckpointBad, MissingSeveralTensorsCounted) {
 TEST(CheckpointBad, WrongShapeVsConfig) {
   TempDir d;
   save_tiny(d);
-  edit(d, [](auto& ts) { find(ts, "model.layers.1.self_attn.q_norm.weight").shape = {2, 8}; });
+  edit_tensors(d, [](auto& ts) { find(ts, "model.layers.1.self_attn.q_norm.weight").shape = {2, 8}; });
   const auto m = load_error<m3::CheckpointError>(d.str());
   EXPECT_HAS(m, "tensor 'model.layers.1.self_attn.q_norm.weight'");
   EXPECT_HAS(m, "has shape [2, 8], expected [16]");
@@ -408,7 +340,7 @@ TEST(CheckpointBad, NanInWeightNamesTensorAndIndex) {
   TempDir d;
   save_tiny(d);
   const std::string n = "model.layers.1.block_sparse_moe.experts.3.w2.weight";  // [H 64, I 32]
-  edit(d, [&](auto& ts) { set_f32(find(ts, n), 5 * 32 + 7, std::numeric_limits<float>::quiet_NaN()); });
+  edit_tensors(d, [&](auto& ts) { set_f32(find(ts, n), 5 * 32 + 7, std::numeric_limits<float>::quiet_NaN()); });
   const auto m = load_error<m3::CheckpointError>(d.str());
   EXPECT_HAS(m, "tensor '" + n + "'");
   EXPECT_HAS(m, "nan at index [5, 7]");
@@ -418,7 +350,7 @@ TEST(CheckpointBad, InfInFusedHfExpertNamesIndex) {
   TempDir d;
   save_tiny(d, Layout::HF, Dtype::BF16);
   const std::string n = "model.layers.2.mlp.experts.down_proj";  // [E 8, H 64, I 32] bf16
-  edit(d, [&](auto& ts) {
+  edit_tensors(d, [&](auto& ts) {
     const std::uint16_t inf = 0x7F80;
     std::memcpy(find(ts, n).bytes.data() + 2 * (6 * 64 * 32 + 9 * 32 + 4), &inf, 2);
   });
@@ -430,7 +362,7 @@ TEST(CheckpointBad, InfInFusedHfExpertNamesIndex) {
 TEST(CheckpointBad, DtypeNotAccepted) {
   TempDir d;
   save_tiny(d);
-  edit(d, [](auto& ts) { find(ts, "model.norm.weight").dtype = Dtype::I32; });
+  edit_tensors(d, [](auto& ts) { find(ts, "model.norm.weight").dtype = Dtype::I32; });
   const auto m = load_error<m3::CheckpointError>(d.str());
   EXPECT_HAS(m, "tensor 'model.norm.weight'");
   EXPECT_HAS(m, "dtype I32, expected F32, BF16, F16");
@@ -440,14 +372,14 @@ TEST(CheckpointBad, Fp8WithoutOrWithWrongScale) {
   TempDir d;
   save_tiny(d);
   const std::string n = "model.layers.0.mlp.down_proj.weight";  // [64, 128]: 1 x 1 blocks
-  edit(d, [&](auto& ts) {
+  edit_tensors(d, [&](auto& ts) {
     auto& t = find(ts, n);
     t = {n, Dtype::F8_E4M3, t.shape, Bytes(t.bytes.size() / 4, 0x38)};
   });
   auto m = load_error<m3::CheckpointError>(d.str());
   EXPECT_HAS(m, "tensor '" + n + "'");
   EXPECT_HAS(m, "no block-scale tensor '" + n + "_scale_inv'");
-  edit(d, [&](auto& ts) { ts.push_back({n + "_scale_inv", Dtype::F32, {2, 1}, Bytes(8)}); });
+  edit_tensors(d, [&](auto& ts) { ts.push_back({n + "_scale_inv", Dtype::F32, {2, 1}, Bytes(8)}); });
   m = load_error<m3::CheckpointError>(d.str());
   EXPECT_HAS(m, "scale tensor '" + n + "_scale_inv' is F32 [2, 1], expected F32, BF16 or F16 of shape [1, 1]");
 }
@@ -566,7 +498,7 @@ TEST(Checkpoint, MtpModulesRoundTrip) {
   }
   TempDir d;
   m3::save_checkpoint(d.str(), cfg, w, Layout::OFFICIAL, Dtype::F32, 1, mods);
-  edit(d, [](std::vector<RawTensor>& ts) {
+  edit_tensors(d, [](std::vector<RawTensor>& ts) {
     ts.erase(std::remove_if(ts.begin(), ts.end(), [](const RawTensor& t) { return t.name == "mtp.layers.0.hnorm.weight"; }),
              ts.end());
   });

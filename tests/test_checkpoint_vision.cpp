@@ -7,6 +7,7 @@
 #include "datasets/checkpoint.h"
 
 #include "reference/rng.h"
+#include "tests/test_checkpoint_util.h"
 #include "tests/test_util.h"
 
 #include <gtest/gtest.h>
@@ -14,7 +15,6 @@
 
 #include <algorithm>
 #include <cmath>
-#include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <functional>
@@ -22,25 +22,13 @@
 #include <sstream>
 #include <tuple>
 
-#include <unistd.h>
-
 namespace {
 
 namespace fs = std::filesystem;
 using m3::Dtype;
 using m3::Layout;
+using namespace m3::test;  // TempDir, edit_tensors, same_bits, load_error, ... (test_checkpoint_util.h)
 using nlohmann::json;
-
-struct TempDir {
-  fs::path p = fs::temp_directory_path() /
-               ("m3-ckvis-" + std::to_string(::getpid()) + "-" +
-                ::testing::UnitTest::GetInstance()->current_test_info()->test_suite_name() + "-" +
-                ::testing::UnitTest::GetInstance()->current_test_info()->name());
-  TempDir() { fs::create_directories(p); }
-  ~TempDir() { fs::remove_all(p); }
-  std::string str() const { return p.string(); }
-  std::string file(const std::string& n) const { return (p / n).string(); }
-};
 
 struct Model {
   m3::ModelConfig cfg;
@@ -69,15 +57,12 @@ void save(const TempDir& d, const std::string& preset, Layout layout = Layout::O
 }
 
 // Every vision tensor by checkpoint name, as flat copies.
-std::map<std::string, std::vector<float>> flatten(const m3::CheckpointVision& v) {
+FlatTensors flatten(const m3::CheckpointVision& v) {
   auto w = v.weights;
-  std::map<std::string, std::vector<float>> out;
+  FlatTensors out;
   for (const auto& s : m3::vision_slots(v.config, &w))
     for (const auto& p : s.pieces) out[s.name].insert(out[s.name].end(), p.dst, p.dst + p.count);
   return out;
-}
-bool same_bits(const std::vector<float>& a, const std::vector<float>& b) {
-  return a.size() == b.size() && std::memcmp(a.data(), b.data(), a.size() * sizeof(float)) == 0;
 }
 // Every field of a vision config, so that equality means the whole config.
 std::string fields(const m3::VisionConfig& v) {
@@ -90,43 +75,9 @@ void edit_config(const TempDir& d, const std::function<void(json&)>& fn) {
   fn(j);
   std::ofstream(d.file("config.json"), std::ios::trunc) << j.dump(2);
 }
-// model.safetensors of a single-file checkpoint edited in place, as raw tensors.
-struct RawTensor {
-  std::string name;
-  Dtype dtype;
-  std::vector<std::int64_t> shape;
-  std::vector<std::uint8_t> bytes;
-};
-void edit_tensors(const TempDir& d, const std::function<void(std::vector<RawTensor>&)>& fn) {
-  std::vector<RawTensor> ts;
-  {
-    m3::SafetensorsReader r(d.file(m3::kSingleFileName));
-    for (const auto& t : r.header().tensors) ts.push_back({t.name, t.dtype, t.shape, r.read_raw(t)});
-  }
-  fn(ts);
-  m3::SafetensorsWriter w;
-  for (const auto& t : ts) w.add_raw(t.name, t.dtype, t.shape, t.bytes);
-  w.write(d.file(m3::kSingleFileName));
-}
 void drop_tensors(std::vector<RawTensor>& ts, const std::function<bool(const std::string&)>& drop) {
   ts.erase(std::remove_if(ts.begin(), ts.end(), [&](const RawTensor& t) { return drop(t.name); }), ts.end());
 }
-
-// The message of the E that loading throws; fails the test if it loads or throws something else.
-template <class E>
-std::string load_error(const std::string& dir) {
-  try {
-    m3::load_checkpoint(dir);
-  } catch (const E& e) {
-    return e.what();
-  } catch (const std::exception& e) {
-    ADD_FAILURE() << "wrong exception type: " << e.what();
-    return "";
-  }
-  ADD_FAILURE() << "loaded without error";
-  return "";
-}
-#define EXPECT_HAS(msg, part) EXPECT_NE((msg).find(part), std::string::npos) << "'" << (part) << "' not in: " << (msg)
 
 void round_trip(const std::string& preset, Layout layout, int shards) {
   TempDir d;
@@ -220,13 +171,7 @@ TEST(CheckpointVision_bf16, ReloadEqualsRoundBf16) {
   TempDir d;
   save(d, "tiny", Layout::HF, Dtype::BF16, 2);
   const auto a = flatten(model("tiny").vision), b = flatten(*m3::load_checkpoint(d.str()).vision);
-  int rounded = 0;
-  for (const auto& [name, v] : a) {
-    std::vector<float> want = v;
-    for (auto& x : want) x = m3::round_bf16(x);
-    EXPECT_TRUE(same_bits(want, b.at(name))) << name;
-    rounded += !same_bits(v, b.at(name));
-  }
+  const int rounded = expect_reloaded_rounded(a, b, [](float x) { return m3::round_bf16(x); });
   EXPECT_GT(rounded, 20);  // not vacuous: rounding changed nearly every tensor
 }
 
