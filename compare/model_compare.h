@@ -15,7 +15,9 @@
 //                                              (it is no further from the truth than twice the emulation);
 // non-finite values (the -inf of invisible blocks) must sit at the same places. An index row or a
 // greedy / top-1 choice that differs passes only as a near-tie: the reference's deciding scores of
-// the two choices are within the noise measured between the engines on that row. Top-1 over all
+// the two choices are within the noise measured between the engines on that row (for logits: within
+// 4 sigma of a two-logit gap's noise, sqrt(2) times the spread of the engines' per-logit difference
+// over the row's other tokens; model_compare.cpp argmax_near_tie). Top-1 over all
 // rows has one more way to pass, the 2x-truth rule applied to counts: the test engine's argmax
 // differs from the fp64 truth's on at most kAttnErrFactor times as many rows as the bf16
 // reference's does (a tiny model at 4K tokens flips a few rows beyond 4 sigma of the row noise

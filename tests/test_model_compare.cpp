@@ -16,6 +16,7 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <cmath>
 #include <limits>
 #include <numeric>
 
@@ -132,6 +133,66 @@ TEST(ModelCompare, CatchesWrongGreedyTokensAndLogits) {
   EXPECT_GE(mc.e2e.top1_differ, 1);
   EXPECT_GT(mc.e2e.kl_max, 1.0);
   EXPECT_EQ(mc.e2e.kl_max_row, row);
+}
+
+// The greedy near-tie rule (model_compare.cpp argmax_near_tie) at one decode step: the engine picks
+// the reference's runner-up b over its choice a where the reference's gap (set so in the reference
+// and the truth) is g. sigma: the spread of the engines' per-logit difference over the row's other
+// tokens; the noise of a two-logit gap is sqrt(2) sigma ("gap sigma").
+//   g = 3.5 gap sigma: a rounding near-tie (M3_TEST_SEED=628380's fp32 engine met one at 3.5, where
+//     the bf16 reference's gap moved by 5 sigma); 4 x the row's RMS difference, 2.8 gap sigma, failed it.
+//   g = 4.5 gap sigma: beyond the margin, not rounding: fails.
+//   b's logit 10 g above a's (a defect in one logit) where g is 10 gap sigma: fails. Its own size
+//     alone makes the whole row's RMS difference at least 11 g / sqrt(V) (tiny: V = 512, 0.49 g), and
+//     4 x that larger than g.
+TEST(ModelCompare, GreedyNearTieIsJudgedOnTheNoiseOfTheGap) {
+  SCOPED_TRACE(m3::test::seed_note());
+  Runs r;
+  constexpr int kStep = 3;
+  const Eigen::Index row = 70 - 1 + kStep;
+  const int a = r.ref.greedy[kStep];
+  int b = a == 0 ? 1 : 0;  // the reference's runner-up
+  for (Eigen::Index j = 0; j < r.ref.logits.cols(); ++j)
+    if (j != a && r.ref.logits(row, j) > r.ref.logits(row, b)) b = static_cast<int>(j);
+  double sum = 0, sq = 0, n = 0;
+  for (Eigen::Index j = 0; j < r.ref.logits.cols(); ++j)
+    if (j != a && j != b) {
+      const double d = r.test.logits(row, j) - r.ref.logits(row, j);
+      sum += d, sq += d * d, n += 1;
+    }
+  const double sigma = std::sqrt(sq / n - (sum / n) * (sum / n));
+  ASSERT_GT(sigma, 0.0) << "the engines must differ for a noise to be measured";
+  struct Case {
+    const char* what;
+    double gap_sigmas;  // the reference's gap in gap sigma
+    double lift;        // the engine's b above its a, in g
+    bool accepted;
+    bool rms_rule_differs;  // 4 x the whole row's RMS difference judged it the other way
+  };
+  for (const Case& c : {Case{"rounding near-tie", 3.5, 1e-3, true, true}, Case{"beyond the margin", 4.5, 1e-3, false, false},
+                        Case{"one corrupted logit", 10.0, 10.0, false, true}}) {
+    SCOPED_TRACE(c.what);
+    EngineRun ref = r.ref, truth = r.truth, bad = r.test;
+    const double g = c.gap_sigmas * std::sqrt(2.0) * sigma;
+    ref.logits(row, b) = ref.logits(row, a) - g;
+    truth.logits(row, b) = truth.logits(row, a) - g;
+    bad.logits(row, b) = bad.logits(row, a) + c.lift * g;
+    bad.greedy[kStep] = b;
+    const double rms = std::sqrt((bad.logits.row(row) - ref.logits.row(row)).squaredNorm() / ref.logits.cols());
+    if (c.rms_rule_differs) {
+      EXPECT_EQ(g <= 4.0 * rms, !c.accepted) << "g " << g << ", row RMS " << rms;
+    }
+    const auto mc = m3::cmp::compare_runs(r.cfg, r.w, 70, bad, ref, truth);
+    bool greedy_failed = false;
+    for (const auto& f : mc.failures) greedy_failed |= f.rfind("greedy decode:", 0) == 0;
+    EXPECT_EQ(greedy_failed, !c.accepted);
+    EXPECT_EQ(mc.pass(), c.accepted);
+    EXPECT_GE(mc.e2e.first_divergence, 0);
+    EXPECT_LE(mc.e2e.first_divergence, kStep);
+    if (c.accepted) {
+      EXPECT_GE(mc.e2e.greedy_near_tie, 1);
+    }
+  }
 }
 
 // Top-1's 2x-truth allowance does not hide a systematically wrong engine: every fifth row's argmax
