@@ -46,18 +46,21 @@ struct RunArgs {
   std::string image;    // "synthetic:HxW" or a PPM file: its features lead the prompt (CPU)
   int mtp = 0;          // draft tokens a round with MTP modules (0: plain greedy decode)
   int mtp_modules = 0;  // modules to generate (0: the config's num_mtp_modules, at least 1)
+  bool mtp_planted = false;  // --mtp-weights planted: plant_successor weights (reference/weights.h)
   Format format = Format::TABLE;
 };
 
 // --mtp K: the decode steps drafted by seeded MTP modules and checked by the model (generate_mtp,
 // reference/mtp.h); prints the tokens (the same as plain greedy decode) and the acceptance.
 // With a checkpoint, its MTP modules (Checkpoint::mtp, all of them or the first --mtp-modules);
-// otherwise seeded ones.
+// otherwise seeded ones, or planted ones (--mtp-weights planted: drafts mostly right).
 int run_mtp(const RunArgs& a, const ModelConfig& cfg0, Precision prec, const std::string& prec_name,
             const std::vector<std::int32_t>& prompt, std::optional<Checkpoint>& ck) {
   ModelConfig cfg = cfg0;
   std::vector<ModelWeights<float>> mw;  // the modules' weights
   ModelWeights<float> w;                // the main model's
+  const bool from_checkpoint = ck.has_value();  // ck is released below, once its weights are moved out
+  const char* weights_name = from_checkpoint ? "checkpoint" : a.mtp_planted ? "planted" : "seeded";
   if (ck) {
     if (ck->mtp.empty())
       throw std::invalid_argument(fmt::format("--mtp: the checkpoint has no MTP modules (mtp.layers.{{i}}.*; its config "
@@ -71,7 +74,11 @@ int run_mtp(const RunArgs& a, const ModelConfig& cfg0, Precision prec, const std
   } else {
     cfg.num_mtp_modules = a.mtp_modules > 0 ? a.mtp_modules : std::max(1, cfg0.num_mtp_modules);
     w = generate_weights(cfg, a.seed);
-    for (int i = 0; i < cfg.num_mtp_modules; ++i) mw.push_back(generate_mtp_module(cfg, i, a.seed, w));
+    if (a.mtp_planted) plant_successor(w);
+    for (int i = 0; i < cfg.num_mtp_modules; ++i) {
+      mw.push_back(generate_mtp_module(cfg, i, a.seed, w));
+      if (a.mtp_planted) plant_successor_module(mw.back());
+    }
   }
   const std::size_t n_mods = mw.size();
   MtpStats st;
@@ -96,6 +103,7 @@ int run_mtp(const RunArgs& a, const ModelConfig& cfg0, Precision prec, const std
     j["mtp"] = {{"modules", n_mods}, {"drafts_per_round", a.mtp}, {"rounds", st.rounds},
                 {"drafted", st.drafted}, {"accepted", st.accepted}, {"accepted_at", st.accepted_at},
                 {"acceptance", rate}};
+    j["weights"] = weights_name;  // seeded, planted or checkpoint
     j["ms"] = ms;
     j["greedy_tokens"] = toks;
     fmt::print("{}\n", j.dump(2));
@@ -106,8 +114,12 @@ int run_mtp(const RunArgs& a, const ModelConfig& cfg0, Precision prec, const std
              cfg.num_hidden_layers, cfg.hidden_size, cfg.vocab_size, prec_name, a.seed, n_mods, a.mtp);
   fmt::print("prefill + {} tokens in {:.1f} ms: {} checking forwards, {} of {} drafts accepted ({:.1f}%), by slot: {}\n",
              a.decode, ms, st.rounds, st.accepted, st.drafted, 100 * rate, fmt::join(st.accepted_at, " "));
-  fmt::print("(seeded weights: the modules were never trained, so acceptance is chance; the tokens are the\n"
-             " model's greedy tokens, as without drafts)\n");
+  if (a.mtp_planted)
+    fmt::print("(planted weights: the model emits the successor of its input token and the modules draft it, so\n"
+               " most drafts are accepted; the tokens are the model's greedy tokens, as without drafts)\n");
+  else if (!from_checkpoint)
+    fmt::print("(seeded weights: the modules were never trained, so acceptance is chance; the tokens are the\n"
+               " model's greedy tokens, as without drafts)\n");
   if (!toks.empty()) fmt::print("greedy tokens: {}\n", fmt::join(toks, " "));
   return kExitOk;
 }
@@ -165,6 +177,8 @@ int run(const RunArgs& a) {
   if (a.mtp < 0) throw std::invalid_argument(fmt::format("--mtp {}: expected >= 1 draft tokens a round (0: off)", a.mtp));
   if (a.mtp_modules < 0 || (a.mtp_modules > 0 && a.mtp == 0))
     throw std::invalid_argument(fmt::format("--mtp-modules {}: expected >= 1, and only with --mtp", a.mtp_modules));
+  if (a.mtp_planted && (a.mtp == 0 || ck))
+    throw std::invalid_argument("--mtp-weights planted: only with --mtp and seeded weights (no --checkpoint)");
   if (a.mtp > 0) {
     if (!a.out.empty()) throw std::invalid_argument("--mtp: --out is not written for drafted runs");
     return run_mtp(a, cfg, prec, prec_name, prompt, ck);
@@ -358,6 +372,13 @@ CLI::App* register_run(CLI::App& app, int* exit_code) {
   cmd->add_option("--mtp-modules", args->mtp_modules,
                   "MTP modules for --mtp: the first M of the checkpoint's, or M seeded ones (default: all the "
                   "checkpoint's, or the config's num_mtp_modules, at least 1)");
+  cmd->add_option_function<std::string>(
+         "--mtp-weights", [args](const std::string& s) { args->mtp_planted = s == "planted"; },
+         "With --mtp and no checkpoint: seeded (default) or planted weights. Seeded modules were never trained and "
+         "accept ~0 drafts; planted ones (reference/weights.h plant_successor) pair a main model that emits the "
+         "successor of its input token (t -> t+1 mod V) with modules that draft it, so most drafts are accepted "
+         "(what m3h compare --mtp --mtp-weights planted compares between the engines)")
+      ->check(CLI::IsMember({"seeded", "planted"}));
   add_format_option(cmd, &args->format);
   cmd->callback([args, exit_code] { *exit_code = run(*args); });
   return cmd;

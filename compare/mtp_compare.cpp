@@ -57,7 +57,8 @@ Rounds rounds_of(const std::vector<std::int32_t>& tokens, const MtpStats& st, co
 }  // namespace
 
 MtpComparison compare_mtp_runs(const std::vector<std::int32_t>& ref_tokens, const MtpStats& ref,
-                               const std::vector<std::int32_t>& test_tokens, const MtpStats& test, double tie_rtol) {
+                               const std::vector<std::int32_t>& test_tokens, const MtpStats& test, double tie_rtol,
+                               double min_acceptance) {
   MtpComparison c;
   c.steps = static_cast<int>(std::min(ref_tokens.size(), test_tokens.size()));
   while (c.tokens_agree < c.steps && ref_tokens[static_cast<std::size_t>(c.tokens_agree)] ==
@@ -77,6 +78,7 @@ MtpComparison compare_mtp_runs(const std::vector<std::int32_t>& ref_tokens, cons
     while (j < dt.size() && j < dr.size() && dt[j] == dr[j]) ++j;
     if (j == dt.size() && j == dr.size()) {
       ++c.drafts_equal;
+      c.drafts_compared += static_cast<std::int64_t>(dt.size());
       c.accepted_by_ref += prefix_match(dt, ref_tokens, rt.start[i] + 1);
       c.accepted_ref += rr.accepted[i];
       continue;
@@ -101,6 +103,10 @@ MtpComparison compare_mtp_runs(const std::vector<std::int32_t>& ref_tokens, cons
     c.failures.push_back(fmt::format("the reference's check accepts {} of the test engine's drafts but {} of its own "
                                      "over the {} rounds with equal drafts",
                                      c.accepted_by_ref, c.accepted_ref, c.drafts_equal));
+  if (min_acceptance > 0 && !(c.drafts_compared > 0 && c.accepted_ref >= min_acceptance * c.drafts_compared))
+    c.failures.push_back(fmt::format("the reference's check accepts {} of its own {} drafts in the equal rounds, expected "
+                                     "at least {:.0f}% (planted weights): an acceptance equality at ~0 is vacuous",
+                                     c.accepted_ref, c.drafts_compared, 100 * min_acceptance));
   return c;
 }
 

@@ -7,6 +7,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <stdexcept>
 #include <thread>
 #include <vector>
 
@@ -182,6 +183,50 @@ ModelWeights<float> generate_weights(const ModelConfig& c, std::uint64_t seed, s
   // LM head 1/sqrt(H) keeps logits O(1) over a normalized final state.
   w.lm_head = gen_mat(c.vocab_size, c.hidden_size, seed, "lm_head.weight", 1.0 / std::sqrt(c.hidden_size));
   return w;
+}
+
+namespace {
+
+// The output projections of one decoder layer (residual branches) times s.
+void shrink_branches(LayerWeights<float>& L, double s) {
+  const auto f = static_cast<float>(s);
+  L.attn.o_proj *= f;
+  if (L.mlp.down.size()) L.mlp.down *= f;
+  for (auto& e : L.experts) e.down *= f;
+  if (L.shared.down.size()) L.shared.down *= f;
+}
+
+// Row v of the planted head: embedding row (v-1) mod V over sqrt(H) (weights.h says why).
+MatF successor_head(const MatF& embed) {
+  const Eigen::Index V = embed.rows();
+  MatF head(V, embed.cols());  // [V, H]
+  head.topRows(1) = embed.bottomRows(1);
+  head.bottomRows(V - 1) = embed.topRows(V - 1);
+  return head / std::sqrt(static_cast<float>(embed.cols()));
+}
+
+}  // namespace
+
+void plant_successor(ModelWeights<float>& w) {
+  if (w.mtp_in) throw std::invalid_argument("plant_successor: these are an MTP module's weights (plant_successor_module)");
+  if (w.embed_tokens.rows() < 2 || w.lm_head.rows() != w.embed_tokens.rows() || w.lm_head.cols() != w.embed_tokens.cols())
+    throw std::invalid_argument(fmt::format("plant_successor: embed_tokens {}x{} and lm_head {}x{}, expected both [V, H], V >= 2",
+                                            w.embed_tokens.rows(), w.embed_tokens.cols(), w.lm_head.rows(), w.lm_head.cols()));
+  for (auto& L : w.layers) shrink_branches(L, kPlantedOutScale);
+  w.lm_head = successor_head(w.embed_tokens);
+}
+
+void plant_successor_module(ModelWeights<float>& w) {
+  if (!w.mtp_in) throw std::invalid_argument("plant_successor_module: not an MTP module's weights (no eh_proj)");
+  if (w.lm_head.rows() != w.embed_tokens.rows() || w.lm_head.cols() != w.embed_tokens.cols() ||
+      w.lm_head != successor_head(w.embed_tokens))
+    throw std::invalid_argument("plant_successor_module: the shared lm_head is not the planted one: plant_successor the main "
+                                "model before generate_mtp_module");
+  for (auto& L : w.layers) shrink_branches(L, kPlantedOutScale);
+  MatF& p = w.mtp_in->eh_proj;  // [H, 2H]: [embedding half | hidden-state half]
+  const Eigen::Index H = p.rows();
+  p.leftCols(H).setIdentity();
+  p.rightCols(H) *= static_cast<float>(kPlantedOutScale);
 }
 
 // ---------------------------------------------------------------------------------------------

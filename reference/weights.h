@@ -90,6 +90,37 @@ LayerWeights<float> generate_layer(const ModelConfig& cfg, int layer, std::uint6
 ModelWeights<float> generate_mtp_module(const ModelConfig& cfg, int i, std::uint64_t seed,
                                         const ModelWeights<float>& main);
 
+// Planted weights: a main model whose greedy next token is the successor of its input token
+// (t -> t+1 mod V) and MTP modules that draft that successor, so drafts are accepted at a high
+// rate. Seeded modules were never trained and accept ~0 drafts on every engine, which leaves
+// "the reference's check accepts the GPU's drafts as often as its own" at a vacuous 0 = 0
+// (m3h compare --mtp K --mtp-weights planted uses these). The construction, on seeded weights:
+//   - every decoder layer's output projections (o_proj, the MLP's, every expert's and the shared
+//     expert's down projection) times kPlantedOutScale: the residual stream stays close to the
+//     token's embedding, while attention, MSA selection and the MoE still run on real values and
+//     still move it (so a wrong kernel can still change a token);
+//   - lm_head row v = embed_tokens row (v-1) mod V, over sqrt(H): logit v is the (final-normed)
+//     state's dot with the embedding of v-1, which for random N(0,1) embeddings is ~sqrt(H) for
+//     the input token itself against cross terms ~N(0,1) (a max over V of ~sqrt(2 ln V)): the
+//     argmax is the input token's successor (tiny: 8 against ~3.5, small: 22.6 against ~4.1);
+//   - an MTP module's eh_proj = [I | kPlantedOutScale * seeded]: x is the next token's normed
+//     embedding (the embedding half comes first, spec §7) plus a little of the previous hidden
+//     state (so that path is live), its layer shrunk as the main model's, and the shared head then
+//     predicts (next token)+1: the token after the main model's next one, the right draft.
+// The final norm and the enorm / hnorm weights stay seeded: their (1 + w) factors only perturb the
+// dot products by ~10% (kNormScale). Acceptance measured on tiny and small: tests/test_mtp.cpp.
+// kPlantedOutScale: a tenth of the seeded scale moves the residual stream by ~10% of the embedding
+// (rel-L2 0.107 tiny, 0.090 small after all layers), far from the successor margin (drafts and
+// greedy tokens measured right 100% of the time at 0.1 and at 0.3; tiny unshrunk still 94%) and
+// yet ~40x bf16's rounding of the stream (2^-8 / sqrt(3) = 2.3e-3), so the layers still matter in
+// the bf16 paths; at 1e-2 a branch (~3.5e-3 of the stream) would move an element by under one ulp.
+inline constexpr double kPlantedOutScale = 0.1;
+// In place on generate_weights' output; the embedding is kept.
+void plant_successor(ModelWeights<float>& main);
+// In place on generate_mtp_module's output for a main model that plant_successor made (its shared
+// lm_head is checked: std::invalid_argument otherwise, or when w is not an MTP module's weights).
+void plant_successor_module(ModelWeights<float>& module);
+
 // Converts to the storage of a precision: FP64 widens exactly; BF16 rounds every tensor to bf16
 // except the router and its bias, which the checkpoint and the GPU path keep in fp32.
 template <class To>

@@ -54,7 +54,13 @@ m=$("$m3h" run --preset tiny --tokens 100 --decode 12 --precision fp64 --mtp 3 -
 [ "$(field "$p" greedy_tokens)" = "$(field "$m" greedy_tokens)" ] || { echo "FAIL: --mtp changed the greedy tokens"; exit 1; }
 python3 -c "import json,sys; j=json.loads(sys.argv[1])['mtp']; assert j['modules']==2 and j['drafts_per_round']==3 and 0<=j['accepted']<=j['drafted'] and j['rounds']>=1, j" "$m" \
   || { echo "FAIL: --mtp stats"; exit 1; }
-for bad in "--mtp -1" "--mtp 2 --out $tmp/x.h5"; do
+# --mtp-weights planted (reference/weights.h plant_successor): most drafts accepted (seeded: ~0), the
+# main model's greedy tokens each the successor of the one before; refused without --mtp.
+m=$("$m3h" run --preset tiny --tokens 70 --decode 16 --mtp 3 --mtp-weights planted --format json)
+python3 -c "import json,sys; j=json.loads(sys.argv[1]); m=j['mtp']; t=j['greedy_tokens']
+assert j['weights']=='planted' and m['drafted']>0 and m['accepted']>=0.9*m['drafted'], m
+assert all(b==(a+1)%512 for a,b in zip(t,t[1:])), t" "$m" || { echo "FAIL: --mtp-weights planted"; exit 1; }
+for bad in "--mtp -1" "--mtp 2 --out $tmp/x.h5" "--mtp-weights planted" "--mtp 2 --mtp-weights trained"; do
   set +e; "$m3h" run --preset tiny --tokens 10 --decode 2 $bad >"$tmp/o" 2>&1; code=$?; set -e
   [ $code -eq 2 ] || { echo "FAIL: run $bad -> exit $code, want 2: $(cat "$tmp/o")"; exit 1; }
 done

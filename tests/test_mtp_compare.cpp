@@ -3,7 +3,9 @@
 // engine-agnostic): a run against itself agrees round for round (and, with a zero-LM-head main
 // model whose every draft is accepted, so does the reference's check of its drafts); a damaged
 // draft fails unless a module near-tie explains it; runs whose tokens part compare only the rounds
-// before; stats that do not fit their tokens are refused.
+// before; stats that do not fit their tokens are refused. With planted weights (most drafts right)
+// the criterion holds on nonzero counts, a damaged draft path fails it, and the planted acceptance
+// gate refuses seeded modules' ~0.
 #include "compare/mtp_compare.h"
 #include "compare/tolerance.h"
 #include "reference/model.h"
@@ -14,6 +16,7 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <cstdio>
 #include <stdexcept>
 #include <vector>
 
@@ -132,4 +135,71 @@ TEST(MtpCompare, StatsThatDoNotFitTheirTokensAreRefused) {
   MtpRun no_margins = ref;
   no_margins.st.draft_margins.pop_back();
   EXPECT_THROW(m3::cmp::compare_mtp_runs(ref.tokens, ref.st, no_margins.tokens, no_margins.st, kTie), std::invalid_argument);
+}
+
+namespace {
+
+// generate_mtp on planted tiny weights (weights.h plant_successor) in precision p; swap_halves
+// damages the module's input path (eh_proj reads [h' ; e], not spec §7's [e ; h']).
+MtpRun run_planted(std::uint64_t seed, m3::Precision p, bool swap_halves, const std::vector<std::int32_t>& prompt,
+                   int steps, int k) {
+  m3::ModelConfig cfg = m3::preset("tiny");
+  cfg.num_mtp_modules = 1;
+  auto w = m3::generate_weights(cfg, seed);
+  m3::plant_successor(w);
+  auto mw = m3::generate_mtp_module(cfg, 0, seed, w);
+  m3::plant_successor_module(mw);
+  if (swap_halves) mw.mtp_in->eh_proj.leftCols(cfg.hidden_size).swap(mw.mtp_in->eh_proj.rightCols(cfg.hidden_size));
+  m3::Model main(cfg, w, p), mod(m3::mtp_module_config(cfg), mw, p);
+  m3::Model* mods[] = {&mod};
+  MtpRun r;
+  r.tokens = m3::generate_mtp(main, mods, prompt, steps, k, &r.st);
+  return r;
+}
+
+}  // namespace
+
+// The criterion on nonzero counts: the bf16 reference stands in for the GPU (another
+// engine that rounds at other points than the fp32 reference; both draft the planted successors),
+// and the reference's check accepts its drafts exactly as often as its own, most of them.
+TEST(MtpCompare, PlantedDraftsAreAcceptedAsOftenAsTheReferencesOwn) {
+  auto g = m3::test::test_rng();
+  SCOPED_TRACE(m3::test::seed_note());
+  const std::uint64_t seed = g();
+  const auto prompt = m3::test::random_tokens(70, 512, g);
+  const MtpRun ref = run_planted(seed, m3::Precision::FP32, false, prompt, 24, 3);
+  const MtpRun test = run_planted(seed, m3::Precision::BF16, false, prompt, 24, 3);
+  const auto c = m3::cmp::compare_mtp_runs(ref.tokens, ref.st, test.tokens, test.st, kTie, m3::cmp::kPlantedMinAcceptance);
+  std::printf("[planted compare] %d rounds compared, %d equal; accepted by the reference: %lld of the test's and %lld of "
+              "its own, of %lld drafts\n",
+              c.rounds_compared, c.drafts_equal, static_cast<long long>(c.accepted_by_ref),
+              static_cast<long long>(c.accepted_ref), static_cast<long long>(c.drafts_compared));
+  EXPECT_TRUE(c.pass()) << (c.failures.empty() ? "" : c.failures[0]);
+  EXPECT_EQ(c.tokens_agree, 24);
+  EXPECT_EQ(c.drafts_equal, c.rounds_compared);
+  EXPECT_GT(c.accepted_ref, 0);
+  EXPECT_EQ(c.accepted_by_ref, c.accepted_ref);
+  EXPECT_GE(static_cast<double>(c.accepted_ref), 0.9 * static_cast<double>(c.drafts_compared));  // test_mtp.cpp's bound
+}
+
+// A damaged draft path on the test engine (the module's input halves swapped: it drafts the token
+// before the right one) fails the comparison; and seeded weights, whose acceptance is ~0, fail the
+// planted gate: an acceptance equality at 0 = 0 is not taken for agreement there.
+TEST(MtpCompare, PlantedDamagedDraftPathFailsAndSeededFailTheAcceptanceGate) {
+  auto g = m3::test::test_rng();
+  SCOPED_TRACE(m3::test::seed_note());
+  const std::uint64_t seed = g();
+  const auto prompt = m3::test::random_tokens(70, 512, g);
+  const MtpRun ref = run_planted(seed, m3::Precision::FP32, false, prompt, 24, 3);
+  const MtpRun bad = run_planted(seed, m3::Precision::FP32, true, prompt, 24, 3);
+  ASSERT_EQ(bad.tokens, ref.tokens) << "lossless whatever the drafts";
+  auto c = m3::cmp::compare_mtp_runs(ref.tokens, ref.st, bad.tokens, bad.st, kTie, m3::cmp::kPlantedMinAcceptance);
+  EXPECT_FALSE(c.pass());
+  EXPECT_EQ(c.drafts_equal, 0) << "every round's drafts differ, with clear margins";
+  EXPECT_EQ(c.rounds_near_tie, 0);
+  const MtpRun seeded = run_tiny(seed, false, prompt, 24, 3);
+  c = m3::cmp::compare_mtp_runs(seeded.tokens, seeded.st, seeded.tokens, seeded.st, kTie);
+  EXPECT_TRUE(c.pass()) << "seeded drafts against themselves, no acceptance gate";
+  c = m3::cmp::compare_mtp_runs(seeded.tokens, seeded.st, seeded.tokens, seeded.st, kTie, m3::cmp::kPlantedMinAcceptance);
+  EXPECT_FALSE(c.pass()) << "seeded modules accept " << c.accepted_ref << " of " << c.drafts_compared << " drafts";
 }

@@ -4,7 +4,8 @@
 //   mtp.x) and logits within DESIGN §4's one-tensor gate of the bf16 reference (tokens whose MoE
 //   experts flipped at a near-tie left out of the logits check: a whole row then moves legitimately);
 //   draft-and-check decoding: the tokens are the GPU's own greedy tokens (up to a near-tie), and
-//   the drafts the reference's, so that the reference's check accepts what it accepts of its own;
+//   the drafts the reference's, so that the reference's check accepts what it accepts of its own,
+//   seeded (acceptance ~0: the drafts' identity is the check) and planted (most drafts accepted);
 //   truncate, final_norm and bad requests.
 #include "compare/mtp_compare.h"
 #include "compare/tolerance.h"
@@ -190,6 +191,48 @@ TEST(GpuMtp, DraftsAreTheReferenceDraftsAndTokensTheGreedyOnes) {
               static_cast<long long>(c.accepted_ref), static_cast<long long>(c.accepted_by_ref));
   for (const auto& f : c.failures) ADD_FAILURE() << f;
   EXPECT_TRUE(c.pass());
+}
+
+// The same with planted weights (reference/weights.h plant_successor: the main model emits the
+// successor token, the module drafts it), so that most drafts are accepted: the reference's check
+// accepts the GPU's drafts exactly as often as its own on nonzero counts (seeded modules leave both
+// at ~0), at least kPlantedMinAcceptance of them, and the GPU's tokens are the reference's (the
+// planted logits have no near-ties: the successor's logit leads by ~sqrt(H) against ~N(0, 1)).
+TEST(GpuMtp, PlantedDraftsAreAcceptedByTheReferenceAsItsOwn) {
+  M3_REQUIRE_GPU();
+  auto g = m3::test::test_rng();
+  SCOPED_TRACE(m3::test::seed_note());
+  Tiny t(g());
+  m3::plant_successor(t.main);
+  t.mod = m3::generate_mtp_module(t.cfg, 0, g(), t.main);
+  m3::plant_successor_module(t.mod);
+  const m3::ModelConfig mc = m3::mtp_module_config(t.cfg);
+  const auto prompt = m3::test::random_tokens(70, t.cfg.vocab_size, g);
+  const int steps = 24, k = 3;
+  m3::gpu::ModelOptions o;
+  o.max_context = 256;
+  o.max_tokens = 128;
+  m3::gpu::Model gmain(t.cfg, t.main, o), gmod(mc, t.mod, o);
+  m3::gpu::Model* gmods[] = {&gmod};
+  m3::MtpStats gst;
+  const auto gtok = m3::gpu::generate_mtp(gmain, gmods, prompt, steps, k, &gst);
+  m3::Model rmain(t.cfg, t.main, m3::Precision::BF16), rmod(mc, t.mod, m3::Precision::BF16);
+  m3::Model* rmods[] = {&rmod};
+  m3::MtpStats rst;
+  const auto rtok = m3::generate_mtp(rmain, rmods, prompt, steps, k, &rst);
+  const auto c = m3::cmp::compare_mtp_runs(rtok, rst, gtok, gst, m3::cmp::kBf16.tie_rtol, m3::cmp::kPlantedMinAcceptance);
+  std::printf("[gpu mtp planted] tokens agree on %d of %d; %d rounds compared, %d equal; the reference's check accepts "
+              "%lld of the gpu's drafts and %lld of its own, of %lld (gpu's own check: %lld of %lld)\n",
+              c.tokens_agree, c.steps, c.rounds_compared, c.drafts_equal, static_cast<long long>(c.accepted_by_ref),
+              static_cast<long long>(c.accepted_ref), static_cast<long long>(c.drafts_compared),
+              static_cast<long long>(gst.accepted), static_cast<long long>(gst.drafted));
+  for (const auto& f : c.failures) ADD_FAILURE() << f;
+  EXPECT_TRUE(c.pass());
+  EXPECT_EQ(gtok, rtok);
+  EXPECT_EQ(c.drafts_equal, c.rounds_compared);
+  EXPECT_GT(c.accepted_ref, 0);
+  EXPECT_EQ(c.accepted_by_ref, c.accepted_ref);
+  EXPECT_EQ(gst.accepted, rst.accepted);
 }
 
 TEST(GpuMtp, TruncateFinalNormAndBadRequests) {
