@@ -4,6 +4,7 @@
 //   m3h compare --preset m3-layer --tokens 32768 --decode 0 --sample-rows 8   (long context, sampled rows)
 //   m3h compare --preset tiny --image synthetic:32x48 --vision-check         (+ the GPU vision tower)
 //   m3h compare --preset tiny --tokens 70 --decode 24 --mtp 3                (MTP drafts, mtp_compare.h)
+//   m3h compare --preset tiny --tokens 70 --decode 24 --mtp 3 --mtp-weights planted   (drafts accepted)
 #include "compare/cli_common.h"
 #include "compare/metrics.h"
 #include "compare/model_compare.h"
@@ -42,6 +43,7 @@ struct CompareArgs {
   std::string image;     // an image before the prompt: the CPU tower's rows feed both engines
   bool vision_check = false;  // with --image: also the GPU tower against the reference tower
   int mtp = 0;                // > 0: MTP drafts a round; the drafts are compared (compare_mtp)
+  bool mtp_planted = false;   // --mtp-weights planted: plant_successor weights (drafts accepted)
   Format format = Format::TABLE;
 };
 
@@ -202,15 +204,20 @@ int compare_sampled(const CompareArgs& a, const ModelConfig& cfg, const std::vec
 #endif
 
 #if M3_HAVE_GPU
-// --mtp K: generate_mtp on the bf16 reference and on the GPU (main model + seeded modules, the
-// same weights), `--decode` tokens each; the GPU's drafts are verified by the reference's tokens
-// round by round (mtp_compare.h).
+// --mtp K: generate_mtp on the bf16 reference and on the GPU (main model + modules, the same
+// weights on both), `--decode` tokens each; the GPU's drafts are verified by the reference's tokens
+// round by round (mtp_compare.h). --mtp-weights planted (reference/weights.h plant_successor) makes
+// most drafts right, so the reference's own acceptance is gated too (kPlantedMinAcceptance).
 int compare_mtp(const CompareArgs& a, const ModelConfig& cfg0, const std::vector<std::int32_t>& prompt) {
   ModelConfig cfg = cfg0;
   cfg.num_mtp_modules = std::max(1, cfg0.num_mtp_modules);
   ModelWeights<float> w = generate_weights(cfg, a.seed);
   std::vector<ModelWeights<float>> mw;
-  for (int i = 0; i < cfg.num_mtp_modules; ++i) mw.push_back(generate_mtp_module(cfg, i, a.seed, w));
+  if (a.mtp_planted) plant_successor(w);
+  for (int i = 0; i < cfg.num_mtp_modules; ++i) {
+    mw.push_back(generate_mtp_module(cfg, i, a.seed, w));
+    if (a.mtp_planted) plant_successor_module(mw.back());
+  }
   const auto T = static_cast<std::int64_t>(prompt.size());
   auto clock_ms = [](auto t0) {
     return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
@@ -226,7 +233,9 @@ int compare_mtp(const CompareArgs& a, const ModelConfig& cfg0, const std::vector
   const std::vector<std::int32_t> gtok =
       run_generate_mtp(true, cfg, std::move(w), mw, Precision::BF16, prompt, a.decode, a.mtp, &gst);
   const double gpu_ms = clock_ms(t0);
-  const cmp::MtpComparison c = cmp::compare_mtp_runs(rtok, rst, gtok, gst, cmp::kBf16.tie_rtol);
+  const double min_acceptance = a.mtp_planted ? cmp::kPlantedMinAcceptance : 0.0;
+  const cmp::MtpComparison c = cmp::compare_mtp_runs(rtok, rst, gtok, gst, cmp::kBf16.tie_rtol, min_acceptance);
+  const char* weights_name = a.mtp_planted ? "planted" : "seeded";
   const std::string dev = gpu::describe(gpu::device_info(0));
   if (a.format == Format::JSON) {
     nlohmann::json j;
@@ -236,9 +245,11 @@ int compare_mtp(const CompareArgs& a, const ModelConfig& cfg0, const std::vector
     j["seed"] = a.seed;
     j["prompt_tokens"] = T;
     j["decode_steps"] = a.decode;
-    j["mtp"] = {{"modules", mw.size()}, {"drafts_per_round", a.mtp}, {"tokens_agree", c.tokens_agree},
+    j["mtp"] = {{"modules", mw.size()}, {"drafts_per_round", a.mtp}, {"weights", weights_name},
+                {"min_acceptance", min_acceptance}, {"tokens_agree", c.tokens_agree},
                 {"rounds_ref", c.rounds_ref}, {"rounds_gpu", c.rounds_test}, {"rounds_compared", c.rounds_compared},
-                {"drafts_equal", c.drafts_equal}, {"rounds_near_tie", c.rounds_near_tie},
+                {"drafts_equal", c.drafts_equal}, {"drafts_compared", c.drafts_compared},
+                {"rounds_near_tie", c.rounds_near_tie},
                 {"tie_rtol", cmp::kBf16.tie_rtol}, {"accepted_by_ref", c.accepted_by_ref},
                 {"accepted_ref", c.accepted_ref}, {"accepted_gpu_own", gst.accepted}, {"drafted_gpu", gst.drafted},
                 {"tokens_ref", rtok}, {"tokens_gpu", gtok}, {"ms_ref", ref_ms}, {"ms_gpu", gpu_ms}};
@@ -248,16 +259,26 @@ int compare_mtp(const CompareArgs& a, const ModelConfig& cfg0, const std::vector
     return c.pass() ? kExitOk : kExitDisagree;
   }
   fmt::print("# {}\n# {}\n# {}\n", command_line(), dev, cpu_description());
-  fmt::print("config {} ({} layers), seed {}, prompt {} tokens, {} tokens with {} MTP module(s), {} drafts a round\n",
-             cfg.name, cfg.num_hidden_layers, a.seed, T, a.decode, mw.size(), a.mtp);
+  fmt::print("config {} ({} layers), {} weights, seed {}, prompt {} tokens, {} tokens with {} MTP module(s), {} drafts a "
+             "round\n",
+             cfg.name, cfg.num_hidden_layers, weights_name, a.seed, T, a.decode, mw.size(), a.mtp);
   fmt::print("time: reference bf16 {:.1f} ms, gpu {:.1f} ms\n", ref_ms, gpu_ms);
   fmt::print("tokens: {} of {} agree (the greedy tokens of each engine's main model)\n", c.tokens_agree, c.steps);
   fmt::print("rounds: reference {}, gpu {}; {} drafted from the same history: {} with identical drafts, {} parting at a "
              "module near-tie (margin <= {:.1e})\n",
              c.rounds_ref, c.rounds_test, c.rounds_compared, c.drafts_equal, c.rounds_near_tie, cmp::kBf16.tie_rtol);
-  fmt::print("acceptance over the equal rounds: the reference's check accepts {} of the gpu's drafts and {} of its own "
-             "(gpu's own check: {} of {} drafts in all; seeded modules are right by chance only)\n",
-             c.accepted_by_ref, c.accepted_ref, gst.accepted, gst.drafted);
+  if (a.mtp_planted && c.accepted_by_ref == c.accepted_ref)
+    fmt::print("acceptance, planted weights: {} of {} drafts accepted by both (the reference's check of the gpu's drafts "
+               "and of its own, over the {} rounds with identical drafts; gate: both equal and >= {:.0f}%); gpu's own "
+               "check: {} of {} drafts in all\n",
+               c.accepted_ref, c.drafts_compared, c.drafts_equal, 100 * min_acceptance, gst.accepted, gst.drafted);
+  else
+    fmt::print("acceptance over the equal rounds ({} weights): the reference's check accepts {} of the gpu's {} drafts "
+               "and {} of its own (gpu's own check: {} of {} drafts in all{})\n",
+               weights_name, c.accepted_by_ref, c.drafts_compared, c.accepted_ref, gst.accepted, gst.drafted,
+               a.mtp_planted ? ""
+                             : "; seeded modules are right by chance only: --mtp-weights planted makes acceptance "
+                               "count");
   for (const auto& f : c.failures) fmt::print("  {}\n", f);
   fmt::print("\nverdict: {}\n", c.pass() ? "AGREE" : "DISAGREE");
   return c.pass() ? kExitOk : kExitDisagree;
@@ -280,6 +301,7 @@ int compare(const CompareArgs& a) {
     if (a.decode < 2) throw std::invalid_argument(fmt::format("compare: --mtp needs --decode >= 2, got {}", a.decode));
     return compare_mtp(a, cfg, prompt);
   }
+  if (a.mtp_planted) throw std::invalid_argument("compare: --mtp-weights goes with --mtp");
   // --image: the vision tower runs once on the CPU (reference/vision.h); its rows lead the prompt of
   // every engine, so the comparison covers the text model consuming them; --vision-check adds the
   // GPU tower against the reference tower.
@@ -465,10 +487,22 @@ CLI::App* register_compare(CLI::App& app, int* exit_code) {
                   "from the GPU's own inputs (e.g. --preset m3-layer --tokens 32768 --decode 0 --sample-rows 8)")
       ->check(CLI::NonNegativeNumber);
   cmd->add_option("--mtp", args->mtp,
-                  "MTP mode: greedy decoding with this many drafts a round (seeded MTP modules) on the bf16 "
+                  "MTP mode: greedy decoding with this many drafts a round (MTP modules: --mtp-weights) on the bf16 "
                   "reference and on the GPU; the GPU's drafts are verified by the reference's tokens round by round "
                   "and must be accepted exactly as the reference's own (--decode tokens)")
       ->check(CLI::NonNegativeNumber);
+  cmd->add_option_function<std::string>(
+         "--mtp-weights", [args](const std::string& s) { args->mtp_planted = s == "planted"; },
+         fmt::format(
+             "With --mtp: seeded (default) or planted weights. Seeded MTP modules were never trained and accept ~0 "
+             "drafts on both engines, so 'the gpu's drafts are accepted as often as the reference's own' holds as "
+             "0 = 0 and only the drafts' identity is tested. Planted weights (reference/weights.h plant_successor) "
+             "make the main model emit the successor of its input token (t -> t+1 mod V; its layers' output "
+             "projections shrunk, but run and compared) and the modules draft it, so most drafts are accepted and "
+             "the equality is tested on nonzero counts (gate: at least {:.0f}% of the reference's own drafts "
+             "accepted)",
+             100 * cmp::kPlantedMinAcceptance))
+      ->check(CLI::IsMember({"seeded", "planted"}));
   add_format_option(cmd, &args->format);
   cmd->callback([args, exit_code] { *exit_code = compare(*args); });
   return cmd;
