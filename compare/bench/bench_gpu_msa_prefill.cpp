@@ -2,6 +2,7 @@
 // D 128, BLK 128, top-16): one chunk of T = 4096 queries at the end of a context of N keys
 // (positions N-T .. N-1), N in {16K, 64K, 256K, 1M}:
 //   BM_MsaPrefill            gpu::msa_attention_prefill (KV-block-outer, gathered queries, LSE merge)
+//   BM_MsaPrefillPortableTiles  the same with the portable mma.sync tile kernel forced
 //   BM_MsaPrefillDecodeForm  gpu::msa_attention (query-outer split-K decode form) on the same inputs
 //   BM_MsaIndexPrefill       the index scores of the same chunk (Hi 4, Di 128): gpu::msa_index
 //   BM_MsaIndexPrefillSm90   and gpu::sm90_msa_index (wgmma + TMA; skipped off compute capability 9.0)
@@ -204,6 +205,12 @@ void bench_index(benchmark::State& state, bool sm90) {
 void BM_MsaIndexPrefill(benchmark::State& s) { bench_index(s, false); }
 void BM_MsaIndexPrefillSm90(benchmark::State& s) { bench_index(s, true); }
 void BM_MsaPrefill(benchmark::State& s) { bench(s, true); }
+// The portable mma.sync tile kernel on the same work (BM_MsaPrefill takes the wgmma one on sm_90).
+void BM_MsaPrefillPortableTiles(benchmark::State& s) {
+  m3::gpu::detail::set_msa_prefill_tiles(m3::gpu::detail::PrefillTiles::Portable);
+  bench(s, true);
+  m3::gpu::detail::set_msa_prefill_tiles(m3::gpu::detail::PrefillTiles::Auto);
+}
 void BM_MsaPrefillDecodeForm(benchmark::State& s) { bench(s, false); }
 
 void ctx_args(benchmark::internal::Benchmark* b) {
@@ -215,6 +222,7 @@ void ctx_args(benchmark::internal::Benchmark* b) {
 }  // namespace
 
 BENCHMARK(BM_MsaPrefill)->Apply(ctx_args);
+BENCHMARK(BM_MsaPrefillPortableTiles)->Apply(ctx_args);
 BENCHMARK(BM_MsaPrefillDecodeForm)->Apply(ctx_args);
 BENCHMARK(BM_MsaIndexPrefill)->Apply(ctx_args);
 BENCHMARK(BM_MsaIndexPrefillSm90)->Apply(ctx_args);

@@ -16,28 +16,37 @@
 //   mask key i of the block unless i <= min(p_row - b*blk, blk - 1); online softmax in base 2
 //   O [16, D] += P V     A = P from the S accumulators (bf16 hi + lo), B = V (ldmatrix.trans)
 //
+// Two tile kernels: block_kernel below (portable, mma.sync) and, where D = blk = 128 on sm_90, the
+// wgmma one (sm90_msa_attention_prefill.cu), which the portable one's profile called for.
 // Measured on an H200 (bench_gpu --benchmark_filter=MsaPrefill, M3 geometry, T = 4096 at the end
-// of N keys, 15 random + own block): 4.5 / 4.6 / 5.1 / 7.5 ms at N = 16K / 64K / 256K / 1M
-// (59 / 58 / 52 / 35 TFLOP/s attended) with 1008-query chunks, against 6.4 ms at every N for the
-// decode-form kernel; with the whole 4096 queries in one chunk (kPartialBudget) 4.30 ms at 256K and
-// 4.83 ms at 1M (2026-11-29). The ncu figures below are for 1008-query chunks.
-// ncu: block_kernel is 80% of it (3.6 ms at 16K, 6.0 ms at 1M: ~14 us a tile a CTA, latency-bound:
-// metadata loads -> K/V load -> MMAs -> 32 KB of partial stores, with 2 CTAs of 4 warps an SM),
-// merge_kernel 0.56 ms (the 2.1 GB of fp32 partials read back), list building < 0.2 ms (0.6 ms at
-// 1M, where the one-CTA scan walks 32K lists per chunk). Paths to speed: pipeline the next tile's
-// metadata and K/V behind the current tile's MMAs (persistent CTAs already walk tiles), handle
-// several blocks of the same queries in one CTA (fewer fp32 partials), a multi-CTA list scan.
+// of N keys, 15 random + own block), 2026-11-29: the wgmma tile kernel 2.82 / 2.85 / 2.89 / 3.25 ms
+// at N = 16K / 64K / 256K / 1M (94 / 93 / 92 / 82 TFLOP/s attended), the portable one 4.22 / 4.22 /
+// 4.31 / 4.82 ms (63 / 63 / 62 / 55), the decode-form kernel 6.41 ms at every N.
+// ncu of block_kernel at 1M (4.18 ms of the 4.82): issue-bound, not memory-bound: 6.1 cycles
+// between a warp's instructions with 2 warps a scheduler (208 registers, 87 KB of shared memory a
+// CTA), DRAM 26% and L2 35% busy; prefetching the next tile's metadata (tile_info, entries and
+// positions one tile ahead) and its Q / first K-V half behind the second sub-tile changed nothing
+// (4.90 vs 4.79 ms, measured and dropped). The wgmma kernel takes it to 2.71 ms (same occupancy,
+// 5.8 cycles an instruction, now mostly the cp.async address work and the softmax). The rest of a
+// call: merge_kernel ~0.5 ms (2.1 GB of fp32 partials read back), list building < 0.2 ms.
 #include "gpu/kernels/msa_attention_prefill.h"
+
+#include "gpu/kernels/msa_attention_prefill_tiles.cuh"
 
 #include <cub/device/device_radix_sort.cuh>
 
 #include <algorithm>
+#include <atomic>
 #include <climits>
 #include <cmath>
 #include <string>
 
 namespace m3::gpu {
 namespace {
+
+using msa_prefill::Args;
+using msa_prefill::kLog2e;
+using msa_prefill::kRows;
 
 using detail::cp_async16;
 using detail::cp_async_commit;
@@ -50,7 +59,7 @@ using detail::smem_u32;
 
 constexpr int kWarps = 4;
 constexpr int kThreads = kWarps * 32;
-constexpr int kRows = 16 * kWarps;  // M rows a CTA: gathered queries x heads of the group
+static_assert(kRows == 16 * kWarps, "one m16 tile of the 64 rows a warp");
 constexpr int kSub = 64;            // keys a sub-tile (S accumulators of 8 n-tiles a warp)
 constexpr int kMaxBlk = 128;
 constexpr int kScanThreads = 1024;
@@ -61,32 +70,7 @@ constexpr int kMergeWarps = 8;
 // 4.50 / 4.30 ms at 256K. 4 GiB holds 8064 queries at M3 geometry; small models take T whole.
 constexpr std::size_t kPartialBudget = std::size_t{4} << 30;
 constexpr long kMaxEntries = 1L << 29;  // selection entries a chunk: E and the tile bound (<= 2E) fit int32
-constexpr float kLog2e = 1.4426950408889634f;
 
-struct Args {
-  const bf16* q;                // [T, Hq*D]
-  const bf16* k;                // cache rows via cache_row
-  const bf16* v;
-  const std::int64_t* q_pos;    // [T]
-  const std::int32_t* sel;      // [Hkv*T, k_blk]
-  bf16* out;                    // [T, Hq*D]
-  CachePages pages;
-  int T, N, Hq, Hkv, G, blk, k_blk;
-  int NB;      // ceil(N / blk): blocks a group; list key = g*NB + b, K = Hkv*NB, sentinel K
-  int QT;      // queries a tile: 64 / G
-  int t0, Tc;  // this chunk: queries t0 .. t0 + Tc - 1
-  int tile_bound;  // entries of tile_info (an upper bound on this chunk's tiles)
-  std::uint32_t* keys_in;   // [E] list key of entry e = (g*Tc + tl)*k_blk + slot (K if invalid)
-  std::uint32_t* keys_out;  // [E] sorted
-  std::uint32_t* vals_in;   // [E] e
-  std::uint32_t* vals_out;  // [E] entries sorted by key, ascending e within a key
-  std::uint32_t* counts;    // [K] valid entries a list
-  int* entry_off;           // [K+1] first sorted entry of each list
-  int* tile_off;            // [K+1] first tile of each list; tile_off[K] = tiles of the chunk
-  int4* tile_info;          // [tile_bound] (list key, first entry, queries, 0)
-  float* part_o;            // [Tc*Hq, k_blk, D] unnormalized partial outputs
-  float2* part_ml;          // [Tc*Hq, k_blk] (max of the scaled scores in log2 units, sum of weights)
-};
 
 // The one validity rule of a selection entry (list building and merge must agree bit for bit):
 // a position in [0, N) and 0 <= id <= floor(p / blk).
@@ -579,12 +563,17 @@ void check_dims(int T, int N, int blk, int k_blk, const AttnDims& d) {
                    "Hkv*ceil(N/blk) < 2^29 (list keys and entries are int32)");
 }
 
+std::atomic<detail::PrefillTiles> g_tiles{detail::PrefillTiles::Auto};
+
 template <int D>
 void run_chunks(Args a, const Plan& pl, cudaStream_t s, unsigned char* ws) {
   auto* kernel = block_kernel<D>;
   // Raises the kernel's dynamic shared-memory limit to the largest launch (blk = 128) once per device.
   const int resident = detail::resident_ctas(reinterpret_cast<const void*>(kernel), kThreads, smem_bytes<D>(kMaxBlk));
   const int smem = smem_bytes<D>(a.blk);
+  const bool sm90 = g_tiles.load(std::memory_order_relaxed) == detail::PrefillTiles::Auto &&
+                    msa_prefill::sm90_tiles_available(D, a.blk);
+  const int resident_sm90 = sm90 ? msa_prefill::sm90_tiles_resident() : 0;
   a.keys_in = reinterpret_cast<std::uint32_t*>(ws + pl.off_kin);
   a.keys_out = reinterpret_cast<std::uint32_t*>(ws + pl.off_kout);
   a.vals_in = reinterpret_cast<std::uint32_t*>(ws + pl.off_vin);
@@ -611,8 +600,12 @@ void run_chunks(Args a, const Plan& pl, cudaStream_t s, unsigned char* ws) {
     M3_CUDA_CHECK_LAUNCH();
     list_tiles_kernel<<<static_cast<unsigned>(std::min(ceil_div(bound, 256), 65536L)), 256, 0, s>>>(a);
     M3_CUDA_CHECK_LAUNCH();
-    kernel<<<static_cast<unsigned>(std::min<long>(bound, resident)), kThreads, smem, s>>>(a);
-    M3_CUDA_CHECK_LAUNCH();
+    if (sm90) {
+      msa_prefill::sm90_tiles_launch(a, static_cast<int>(std::min<long>(bound, resident_sm90)), s);
+    } else {
+      kernel<<<static_cast<unsigned>(std::min<long>(bound, resident)), kThreads, smem, s>>>(a);
+      M3_CUDA_CHECK_LAUNCH();
+    }
     merge_kernel<D><<<static_cast<unsigned>(ceil_div(static_cast<long>(a.Tc) * a.Hq, kMergeWarps)), kMergeWarps * 32,
                       0, s>>>(a);
     M3_CUDA_CHECK_LAUNCH();
@@ -620,6 +613,8 @@ void run_chunks(Args a, const Plan& pl, cudaStream_t s, unsigned char* ws) {
 }
 
 }  // namespace
+
+void detail::set_msa_prefill_tiles(PrefillTiles t) { g_tiles.store(t, std::memory_order_relaxed); }
 
 std::size_t msa_attention_prefill_workspace_bytes(int T, int N, int blk, int k_blk, const AttnDims& dims) {
   if (T <= 0) return 0;

@@ -14,7 +14,8 @@
 //     S = q.k^T on bf16 tensor cores (fp32 accumulate), the causal mask j <= p_t, the block's
 //     softmax partial (m, l) and the unnormalized o = P.V (P split into bf16 hi + lo parts, two
 //     MMAs, so P carries ~16 significant bits and the P.V sum is fp32-accurate, as in the decode
-//     kernel), written to the workspace per (t, h, slot);
+//     kernel), written to the workspace per (t, h, slot); on sm_90 with D = blk = 128 the same
+//     tile runs on wgmma (sm90_msa_attention_prefill.cu), elsewhere on mma.sync;
 //  3. a merge kernel combines each (t, h)'s slot partials by log-sum-exp in fp32 in slot order
 //     (deterministic), normalizes, and rounds once to bf16.
 // Queries are processed in chunks of T_c (partials sized for T_c, see the workspace formula below).
@@ -74,5 +75,13 @@ void msa_attention_prefill(const bf16* q, const bf16* k, const bf16* v, const st
                            const std::int32_t* sel, int T, int N, int blk, int k_blk, const AttnDims& dims,
                            bf16* out, cudaStream_t s, void* workspace, std::size_t workspace_bytes,
                            CachePages pages = {});
+
+namespace detail {
+// Which tile kernel runs: Auto (the wgmma kernel, sm90_msa_attention_prefill.cu, where D = blk =
+// 128 on a compute capability 9.0 device; the portable mma.sync kernel elsewhere), or the portable
+// one forced, for tests that must run both on a Hopper card. Process-wide.
+enum class PrefillTiles { Auto, Portable };
+void set_msa_prefill_tiles(PrefillTiles t);
+}  // namespace detail
 
 }  // namespace m3::gpu

@@ -318,13 +318,49 @@ TEST(MsaAttentionPrefill_bf16, PagedCache_BitIdentical) {
 
 // An unallocated page (id -1) is never read: the (query, group) rows that select a block on it get
 // NaN, every other row the contiguous result bit for bit.
-TEST(MsaAttentionPrefill_bf16, NegativePageId_NaNRowsOnlyWhereRead) {
+// The portable mma.sync tile kernel forced for the duration of a scope (on a Hopper card the
+// wgmma one serves D = BLK = 128 otherwise, so the portable one would go untested there).
+struct ForcePortableTiles {
+  ForcePortableTiles() { gpu::detail::set_msa_prefill_tiles(gpu::detail::PrefillTiles::Portable); }
+  ~ForcePortableTiles() { gpu::detail::set_msa_prefill_tiles(gpu::detail::PrefillTiles::Auto); }
+  ForcePortableTiles(const ForcePortableTiles&) = delete;
+  ForcePortableTiles& operator=(const ForcePortableTiles&) = delete;
+};
+
+// M3's geometry through the portable tile kernel (the cases above take the wgmma kernel on sm_90).
+TEST(MsaAttentionPrefill_bf16, SmallGroup_PortableTiles) {
   M3_REQUIRE_GPU();
-  const Geo g = kTinyLike;  // 16-token blocks: 8 blocks a page
+  ForcePortableTiles force;
+  for (int T : {1, 129, 2049}) run_case(kSmallGroup, T, 4133, SelMode::Realistic);
+  run_case(kSmallGroup, 300, 0, SelMode::Adversarial);
+}
+
+// The two tile kernels on the same inputs: the same products summed in different orders, each
+// output rounded once: one bf16 ulp apart at most (kUlps), as the decode form above.
+TEST(MsaAttentionPrefill_bf16, SmallGroup_TileKernelsAgree) {
+  M3_REQUIRE_GPU();
+  const Geo g = kSmallGroup;
+  auto rng = test::test_rng();
+  SCOPED_TRACE(test::seed_note());
+  const Inputs in = make_inputs(g, 700, 9001, SelMode::Adversarial, rng);
+  Device d(in);
+  const MatF a = to_mat(run_prefill(g, in, d, d.k.data(), d.v.data()), in.q.rows(), in.q.cols());
+  MatF b;
+  {
+    ForcePortableTiles force;
+    b = to_mat(run_prefill(g, in, d, d.k.data(), d.v.data()), in.q.rows(), in.q.cols());
+  }
+  ASSERT_TRUE(a.allFinite());
+  ASSERT_TRUE(b.allFinite());
+  EXPECT_EQ(test::bf16_violations(a, b, kUlps, kAtol), 0) << "max diff " << (a - b).cwiseAbs().maxCoeff();
+}
+
+void negative_page_case(const Geo& g, std::int64_t p0) {
+  SCOPED_TRACE(name(g, 300, p0, SelMode::Realistic));
   const int T = 300, dead = 1;
   auto rng = test::test_rng();
   SCOPED_TRACE(test::seed_note());
-  const Inputs in = make_inputs(g, T, 203, SelMode::Realistic, rng);
+  const Inputs in = make_inputs(g, T, p0, SelMode::Realistic, rng);
   Device d(in);
   const MatF contiguous = to_mat(run_prefill(g, in, d, d.k.data(), d.v.data()), in.q.rows(), in.q.cols());
   Paged pg = make_paged(in, rng, dead);
@@ -345,6 +381,14 @@ TEST(MsaAttentionPrefill_bf16, NegativePageId_NaNRowsOnlyWhereRead) {
       }
     }
   EXPECT_GT(nan_rows, 0) << "no row selected the dead page: the test checked nothing";
+  EXPECT_LT(nan_rows, static_cast<long>(T) * g.Hkv) << "every row read the dead page: no equality was checked";
+}
+
+TEST(MsaAttentionPrefill_bf16, NegativePageId_NaNRowsOnlyWhereRead) {
+  M3_REQUIRE_GPU();
+  negative_page_case(kTinyLike, 203);    // 16-token blocks: 8 blocks a page (the portable tile kernel)
+  // One block a page (the wgmma tile kernel on sm_90); 35 blocks, 16 selected: some rows miss it.
+  negative_page_case(kSmallGroup, 4133);
 }
 
 // Where the reference throws, the GPU gives visible NaN rows: a (query, group) without a valid id
