@@ -1,4 +1,5 @@
-// The vision tower, projector, patch merger and feature placement in fp64; see vision.h.
+// The vision part's configuration, seeded weights and images, patch extraction and feature
+// placement; see vision.h. The forward pass itself is in vision_forward.cpp.
 #include "reference/vision.h"
 
 #include "reference/rng.h"
@@ -59,28 +60,6 @@ MatD gen(Eigen::Index r, Eigen::Index c, std::uint64_t seed, const std::string& 
 }
 Vec<double> genv(Eigen::Index n, std::uint64_t seed, const std::string& name, double scale, double shift = 0) {
   return gen(n, 1, seed, name, scale, shift).col(0);
-}
-
-// y = x W^T + b; x [R, in], W [out, in], b [out].
-MatD affine(const MatD& x, const MatD& w, const Vec<double>& b) {
-  MatD y = x * w.transpose();
-  y.rowwise() += b.transpose();
-  return y;
-}
-
-MatD layer_norm(const MatD& x, const Vec<double>& w, const Vec<double>& b, double eps) {
-  MatD y(x.rows(), x.cols());
-  for (Eigen::Index r = 0; r < x.rows(); ++r) {
-    const double mean = x.row(r).mean();
-    const double var = (x.row(r).array() - mean).square().mean();
-    y.row(r) = ((x.row(r).array() - mean) / std::sqrt(var + eps)).matrix().cwiseProduct(w.transpose()) + b.transpose();
-  }
-  return y;
-}
-
-MatD gelu(MatD x) {
-  x = x.unaryExpr([](double v) { return 0.5 * v * (1.0 + std::erf(v / std::sqrt(2.0))); });
-  return x;
 }
 
 }  // namespace
@@ -150,31 +129,6 @@ PatchGrid patch_grid(const VisionConfig& vc, int height, int width) {
   return PatchGrid{height / vc.patch, width / vc.patch};
 }
 
-void vision_rope3d(MatD& x, int heads, int hd, int rd, double theta, const std::vector<std::array<int, 3>>& pos) {
-  if (x.cols() != static_cast<Eigen::Index>(heads) * hd || static_cast<Eigen::Index>(pos.size()) != x.rows() ||
-      rd % 2 != 0 || 3 * rd > hd)
-    throw std::invalid_argument(fmt::format("vision_rope3d: x [{}, {}] with {} positions, heads {}, head_dim {}, rope_dims "
-                                            "{}: expected cols = heads * head_dim, a position a row, even rope_dims "
-                                            "with 3 * rope_dims <= head_dim",
-                                            x.rows(), x.cols(), pos.size(), heads, hd, rd));
-  // The 3*rd rotated dims of a head: frequencies [t: rd/2 | h: rd/2 | w: rd/2] in the first half,
-  // repeated in the second; rotate_half pairs dim i with i + 3*rd/2 (vision.h).
-  const int per_axis = rd / 2, half = 3 * per_axis;
-  for (Eigen::Index r = 0; r < x.rows(); ++r)
-    for (int h = 0; h < heads; ++h) {
-      const int s = h * hd;
-      for (int i = 0; i < half; ++i) {
-        const int a = i / per_axis, j = i % per_axis;
-        const double ang = pos[static_cast<std::size_t>(r)][a] * std::pow(theta, -2.0 * j / rd);
-        const double c = std::cos(ang), sn = std::sin(ang);
-        const double x1 = x(r, s + i), x2 = x(r, s + i + half);
-        x(r, s + i) = x1 * c - x2 * sn;
-        x(r, s + i + half) = x2 * c + x1 * sn;
-      }
-    }
-}
-
-
 VisionPatches vision_patches(const VisionConfig& vc, const MatD& image, int height, int width) {
   const PatchGrid g = patch_grid(vc, height, width);
   if (image.rows() != vc.channels || image.cols() != static_cast<Eigen::Index>(height) * width)
@@ -204,59 +158,6 @@ VisionPatches vision_patches(const VisionConfig& vc, const MatD& image, int heig
                       image(ch, static_cast<Eigen::Index>(r * p + ky) * width + c * p + kx);
         }
   return out;
-}
-
-MatD vision_forward(const VisionConfig& vc, const VisionWeights<double>& w, const MatD& image, int height, int width,
-                    VisionTrace* trace) {
-  vc.validate();
-  const PatchGrid g = patch_grid(vc, height, width);
-  if (image.rows() != vc.channels || image.cols() != static_cast<Eigen::Index>(height) * width)
-    throw std::invalid_argument(fmt::format("vision_forward: image [{}, {}], expected [channels, height*width] = [{}, {}]",
-                                            image.rows(), image.cols(), vc.channels,
-                                            static_cast<Eigen::Index>(height) * width));
-  if (static_cast<int>(w.layers.size()) != vc.layers || w.patch_embed.rows() != vc.hidden)
-    throw std::invalid_argument("vision_forward: weights do not match the vision config");
-  auto emit = [&](const std::string& n, const MatD& m) {
-    if (trace) trace->tensors.emplace_back(n, m);
-  };
-  const int m = vc.merge, P = g.patches();
-  const auto [patches, pos] = vision_patches(vc, image, height, width);  // [P, C*tp*p*p], [P]
-  MatD x = patches * w.patch_embed.transpose();  // [P, Hv]
-  emit("vis.patch_embed", x);
-  x = layer_norm(x, w.pre_ln_w, w.pre_ln_b, vc.ln_eps);
-  const int Hv = vc.hidden, hd = vc.head_dim;
-  const double scale = 1.0 / std::sqrt(static_cast<double>(hd));
-  for (int l = 0; l < vc.layers; ++l) {
-    const auto& L = w.layers[static_cast<std::size_t>(l)];
-    const MatD a = layer_norm(x, L.ln1_w, L.ln1_b, vc.ln_eps);
-    const MatD qkv = affine(a, L.qkv, L.qkv_b);  // [P, 3*Hv]
-    MatD q = qkv.leftCols(Hv), k = qkv.middleCols(Hv, Hv), v = qkv.rightCols(Hv);  // [P, Hv] each
-    vision_rope3d(q, vc.heads, hd, vc.rope_dims, vc.rope_theta, pos);
-    vision_rope3d(k, vc.heads, hd, vc.rope_dims, vc.rope_theta, pos);
-    MatD o(P, Hv);  // [P, Hv]
-    for (int h = 0; h < vc.heads; ++h) {
-      MatD s = q.middleCols(h * hd, hd) * k.middleCols(h * hd, hd).transpose() * scale;  // [P, P]
-      for (Eigen::Index r = 0; r < s.rows(); ++r) {
-        s.row(r).array() -= s.row(r).maxCoeff();
-        s.row(r) = s.row(r).array().exp().matrix();
-        s.row(r) /= s.row(r).sum();
-      }
-      o.middleCols(h * hd, hd) = s * v.middleCols(h * hd, hd);
-    }
-    x += affine(o, L.out, L.out_b);
-    x += affine(gelu(affine(layer_norm(x, L.ln2_w, L.ln2_b, vc.ln_eps), L.fc1, L.fc1_b)), L.fc2, L.fc2_b);
-    emit(fmt::format("vis.blk.{}.out", l), x);
-  }
-  const MatD y = affine(gelu(affine(x, w.proj1, w.proj1_b)), w.proj2, w.proj2_b);  // [P, H]
-  emit("vis.proj", y);
-  const int m2 = m * m, H = vc.text_hidden;
-  // A window's patches are consecutive rows: [P, H] viewed as [P/m2, m2*H], row-major per window.
-  MatD cat(P / m2, m2 * H);  // [P/4, 4H]
-  for (int t = 0; t < P / m2; ++t)
-    for (int j = 0; j < m2; ++j) cat.block(t, j * H, 1, H) = y.row(t * m2 + j);
-  MatD z = affine(gelu(affine(cat, w.merge1, w.merge1_b)), w.merge2, w.merge2_b);  // [P/4, H]
-  emit("vis.merged", z);
-  return z;
 }
 
 MatD leading_image_rows(const MatF& embed_tokens, std::span<const std::int32_t> tokens, const MatD& features) {

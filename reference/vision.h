@@ -1,4 +1,5 @@
-// The vision part of M3 (spec §8), reference in fp64: an image becomes text-model input rows.
+// The vision part of M3 (spec §8), reference in fp64 (or fp32, or the GPU tower's bf16 emulation:
+// vision_forward's Precision): an image becomes text-model input rows.
 //   pixels [C, Hpx, Wpx] (normalized), duplicated to temporal_patch frames
 //   -> patches of temporal_patch x patch x patch, in 2x2 merge-window order     [P, C*tp*p*p]
 //   -> Conv3d patch embedding (a linear map: stride = kernel, no bias)          [P, Hv]
@@ -137,15 +138,29 @@ VisionPatches vision_patches(const VisionConfig& vc, const MatD& image, int heig
 
 // The vision tower and projector: image [C, Hpx*Wpx] (channel rows, pixels row-major) with its
 // height and width -> features [tokens, H], one row a text token. `trace` (optional) receives
-// vis.patch_embed, vis.blk.{l}.out, vis.proj, vis.merged.
+// vis.patch_embed, vis.blk.{l}.out, vis.proj, vis.merged (widened to fp64 in every precision).
+// precision (DESIGN §3): FP64 the truth; FP32 fp32 weights and arithmetic; BF16 the emulation of
+// the GPU tower (gpu/vision.h): fp32 arithmetic with a bf16 rounding exactly where the GPU stores
+// bf16 (the list in vision_forward.cpp), the reference that compare/vision_compare.h gates it by.
 struct VisionTrace {
   std::vector<std::pair<std::string, MatD>> tensors;
 };
 MatD vision_forward(const VisionConfig& vc, const VisionWeights<double>& w, const MatD& image, int height, int width,
-                     VisionTrace* trace = nullptr);
+                     VisionTrace* trace = nullptr, Precision precision = Precision::FP64);
 
-// The 3-D RoPE of the tower, in place: x [P, heads*head_dim], pos [P] = (t, h, w) a row.
-void vision_rope3d(MatD& x, int heads, int head_dim, int rope_dims, double theta,
+// vision_forward's engine: arithmetic in T (float or double), bf16 rounding at the GPU's storage
+// points on or off. FP64 = <double>(false), FP32 = <float>(false), BF16 = <float>(true);
+// <double>(true) rounds where BF16 does but sums in fp64: it differs from the emulation only where
+// fp32 roundoff moves a value across a bf16 rounding boundary, as a GPU's own summation order does
+// (tests/test_vision.cpp uses it as a CPU stand-in for the GPU tower).
+template <class T>
+MatD vision_forward_as(const VisionConfig& vc, const VisionWeights<double>& w, const MatD& image, int height, int width,
+                       bool emulate_bf16, VisionTrace* trace = nullptr);
+
+// The 3-D RoPE of the tower, in place: x [P, heads*head_dim], pos [P] = (t, h, w) a row (T = float
+// or double).
+template <class T>
+void vision_rope3d(Mat<T>& x, int heads, int head_dim, int rope_dims, double theta,
                    const std::vector<std::array<int, 3>>& pos);
 
 // Input rows of the text model for a prompt that starts with an image: the embeddings of `tokens`

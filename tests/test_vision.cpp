@@ -1,6 +1,11 @@
 // The reference vision part (vision.h): the Conv3d patch embedding and the 2x2 merge-window order
 // against a direct convolution, the 3-D RoPE's relative-position property, the projector and merger
 // shapes, feature placement, the text model fed an image, and clear errors for bad images.
+// VisionBf16: the bf16-emulating tower (vision_forward, Precision::BF16) against the fp64 truth, and
+// the two-layer check of compare/vision_compare.h on a CPU stand-in for the GPU tower and on
+// perturbed stages.
+#include "compare/tolerance.h"
+#include "compare/vision_compare.h"
 #include "reference/model.h"
 #include "reference/vision.h"
 #include "reference/weights.h"
@@ -9,6 +14,9 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <cstdio>
+#include <string>
+#include <tuple>
 #include <vector>
 
 namespace {
@@ -189,4 +197,223 @@ TEST(Vision, LeadingImageRowsKeepTheTextsOwnIds) {
   EXPECT_TRUE(x.row(3) == emb.row(vc.image_token_id).cast<double>());
   EXPECT_THROW(m3::leading_image_rows(emb, std::vector<std::int32_t>{1}, feats), std::invalid_argument);
   EXPECT_THROW(m3::leading_image_rows(emb, std::vector<std::int32_t>{1, 2, 600}, feats), std::out_of_range);
+}
+
+// ---- the bf16 emulation and the two-layer check (compare/vision_compare.h) ----
+
+namespace {
+
+// Roundings to bf16 on the path to each traced stage in the emulation (vision_forward.cpp's list),
+// counted per element: the patch embedding's pixels, weights and output (3); pre_layrnorm (1); per
+// block LN1, the qkv weights, q, k and v, P, the attention output, the out weights, the residual,
+// LN2, the fc1 weights, GELU's output, the fc2 weights and the residual (14); the projector's and
+// the merger's two weights and two outputs (4 each).
+int roundings_before(const std::string& stage, int layers) {
+  if (stage == "vis.patch_embed") return 3;
+  if (stage.rfind("vis.blk.", 0) == 0) return 3 + 1 + 14 * (std::stoi(stage.substr(8)) + 1);
+  if (stage == "vis.proj") return 3 + 1 + 14 * layers + 4;
+  return 3 + 1 + 14 * layers + 8;  // vis.merged
+}
+
+struct TowerCase {
+  m3::VisionConfig vc;
+  int H, W;
+};
+
+// tiny and small at awkward sizes (patch counts 60, 224, 364: not multiples of the GPU's 64-key
+// tiles, windows not square), and M3's head geometry (head_dim 80, 78 rotated dims, patch 14,
+// 3 channels) with 2 blocks and a narrow text width.
+std::vector<TowerCase> tower_cases() {
+  m3::VisionConfig m3v = m3::vision_preset("m3");
+  m3v.layers = 2, m3v.text_hidden = 256;
+  return {{m3::vision_preset("tiny"), 24, 40}, {m3::vision_preset("tiny"), 64, 56},
+          {m3::vision_preset("small"), 48, 80}, {m3::vision_preset("small"), 112, 208}, {m3v, 112, 140}};
+}
+
+}  // namespace
+
+// The emulation is the fp64 tower plus bf16 roundings: every traced value is a bf16 value, and each
+// stage is off the truth by a bf16-sized error. A rounding to bf16 is off by at most half an ulp,
+// 2^-8 relative (8 significant bits), so a rel-L2 of at most 2^-8 a rounding, and independent
+// roundings add in quadrature: a stage R roundings deep (roundings_before) is within sqrt(R) 2^-8
+// (a factor sqrt(3) over a uniform rounding's rms, 2^-8/sqrt(3), for the gains of LayerNorm and
+// GELU along the path; the residual stream damps the blocks' share). From below, the stage's own
+// output rounding alone leaves a relative rms error >= 2^-9/sqrt(3) = 1.1e-3 (half an ulp is
+// >= 2^-9 relative), independent of the errors before it: a stage within 2^-10 of fp64 was not
+// rounded. The FP32 mode (the same arithmetic without the roundings) is within the fp32 tier:
+// the bf16-sized gap is the roundings', not fp32 arithmetic's.
+TEST(VisionBf16, EmulationIsWithinBf16RoundingOfFp64) {
+  auto g = m3::test::test_rng();
+  SCOPED_TRACE(m3::test::seed_note());
+  for (const auto& [vc, H, W] : tower_cases()) {
+    SCOPED_TRACE(vc.name + " " + std::to_string(H) + "x" + std::to_string(W));
+    const auto w = m3::generate_vision_weights(vc, g());
+    const MatD img = m3::synthetic_image(vc, H, W, g());
+    m3::VisionTrace emu, truth, f32;
+    const MatD out = m3::vision_forward(vc, w, img, H, W, &emu, m3::Precision::BF16);
+    m3::vision_forward(vc, w, img, H, W, &truth, m3::Precision::FP64);
+    m3::vision_forward(vc, w, img, H, W, &f32, m3::Precision::FP32);
+    ASSERT_EQ(emu.tensors.size(), static_cast<std::size_t>(vc.layers + 3));
+    EXPECT_TRUE(out == emu.tensors.back().second);
+    for (std::size_t i = 0; i < emu.tensors.size(); ++i) {
+      const auto& [name, e] = emu.tensors[i];
+      const MatD& t = traced(truth, name);
+      ASSERT_TRUE(e.allFinite()) << name;
+      ASSERT_GT(t.norm(), 0.0) << name;
+      long not_bf16 = 0;
+      for (Eigen::Index k = 0; k < e.size(); ++k)
+        not_bf16 += static_cast<double>(m3::round_bf16(static_cast<float>(e.data()[k]))) != e.data()[k];
+      EXPECT_EQ(not_bf16, 0) << name << ": the GPU stores every traced stage in bf16";
+      const double err = m3::test::rel_l2(e, t);
+      const double upper = std::sqrt(static_cast<double>(roundings_before(name, vc.layers))) * 0x1p-8;
+      std::printf("  %-14s %4dx%-4d %-16s bf16 emulation vs fp64 %.3e (bounds %.1e .. %.1e), fp32 %.1e\n",
+                  vc.name.c_str(), H, W, name.c_str(), err, 0x1p-10, upper, m3::test::rel_l2(traced(f32, name), t));
+      EXPECT_GE(err, 0x1p-10) << name << ": no bf16 rounding happened";
+      EXPECT_LE(err, upper) << name;
+      EXPECT_LE(m3::test::rel_l2(traced(f32, name), t), m3::cmp::kFp32.rel_l2) << name;
+    }
+  }
+}
+
+// A CPU stand-in for the GPU tower: the emulation's rounding points with fp64 sums
+// (vision_forward_as<double>(true)), which differs from the emulation only where fp32 roundoff moves
+// a value across a bf16 rounding boundary, as a GPU's own summation order does (and then, flip by
+// flip, everywhere downstream: compare/tolerance.h). It must pass the two-layer check, and differ
+// from the emulation (else the check compared a thing with itself): the small images of tiny may
+// round every value alike (no fp32 roundoff lands within reach of a bf16 boundary), the larger
+// cases did on every seed tried, so at least 3 of the 5 must differ.
+TEST(VisionBf16, StandInEnginePassesTheTwoLayerCheck) {
+  auto g = m3::test::test_rng();
+  SCOPED_TRACE(m3::test::seed_note());
+  int differ = 0;
+  for (const auto& [vc, H, W] : tower_cases()) {
+    SCOPED_TRACE(vc.name + " " + std::to_string(H) + "x" + std::to_string(W));
+    const auto w = m3::generate_vision_weights(vc, g());
+    const MatD img = m3::synthetic_image(vc, H, W, g());
+    m3::VisionTrace emu, truth, stand_in;
+    m3::vision_forward(vc, w, img, H, W, &emu, m3::Precision::BF16);
+    m3::vision_forward(vc, w, img, H, W, &truth, m3::Precision::FP64);
+    m3::vision_forward_as<double>(vc, w, img, H, W, true, &stand_in);
+    const m3::cmp::VisionComparison c = m3::cmp::compare_vision(stand_in, emu, truth);
+    ASSERT_EQ(c.stages.size(), emu.tensors.size());
+    for (const auto& s : c.stages) {
+      std::printf("  %-14s %4dx%-4d %-16s stand-in vs emulation %.3e <= gate %.3e (elem %.2f%%), vs fp64 %.3e <= "
+                  "bound %.3e\n",
+                  vc.name.c_str(), H, W, s.name.c_str(), s.vs_ref.rel_l2, s.gate, s.vs_ref.pass_pct, s.err_test, s.bound);
+      EXPECT_TRUE(s.pass()) << s.name << ": " << (s.failures.empty() ? "" : s.failures.front());
+      EXPECT_TRUE(s.emulation_ok && s.truth_ok) << s.name;
+    }
+    differ += c.stages.back().vs_ref.rel_l2 > 0;
+    EXPECT_TRUE(c.pass());
+  }
+  EXPECT_GE(differ, 3) << "the stand-in is the emulation itself: a vacuous pass";
+}
+
+// Defects fail: a GPU tower that drops a bias (an engine with block 0's out_b zeroed: O(bias) = 2e-2
+// of an O(1) residual stream), noise of 3% on one stage, two windows swapped in the merged rows, a
+// NaN, a missing stage. Each fails at its stage and, where the defect is local, only there.
+TEST(VisionBf16, PerturbedStagesFailTheTwoLayerCheck) {
+  auto g = m3::test::test_rng();
+  SCOPED_TRACE(m3::test::seed_note());
+  const m3::VisionConfig vc = m3::vision_preset("small");
+  const int H = 80, W = 48;  // 10 x 6 patches: 15 merged tokens
+  const auto w = m3::generate_vision_weights(vc, g());
+  const MatD img = m3::synthetic_image(vc, H, W, g());
+  m3::VisionTrace emu, truth, good;
+  m3::vision_forward(vc, w, img, H, W, &emu, m3::Precision::BF16);
+  m3::vision_forward(vc, w, img, H, W, &truth, m3::Precision::FP64);
+  m3::vision_forward_as<double>(vc, w, img, H, W, true, &good);
+  ASSERT_TRUE(m3::cmp::compare_vision(good, emu, truth).pass());
+  const auto failing = [](const m3::cmp::VisionComparison& c) {
+    std::vector<std::string> names;
+    for (const auto& s : c.stages)
+      if (!s.pass()) names.push_back(s.name);
+    return names;
+  };
+  const auto stage = [](m3::VisionTrace& t, const std::string& name) -> MatD& {
+    for (auto& [n, m] : t.tensors)
+      if (n == name) return m;
+    throw std::runtime_error("not traced: " + name);
+  };
+
+  {  // an engine without block 0's attention out bias: every stage from vis.blk.0.out on fails
+    auto wd = w;
+    wd.layers[0].out_b.setZero();
+    m3::VisionTrace bad;
+    m3::vision_forward_as<double>(vc, wd, img, H, W, true, &bad);
+    const auto c = m3::cmp::compare_vision(bad, emu, truth);
+    EXPECT_FALSE(c.pass());
+    EXPECT_TRUE(c.stages[0].pass()) << "vis.patch_embed comes before the defect";
+    EXPECT_FALSE(c.stages[1].pass()) << "vis.blk.0.out";
+  }
+  {  // 3% noise on vis.blk.1.out alone: 3x the emulation gate, and ~2x the 2x-truth bound
+    m3::VisionTrace bad = good;
+    MatD& x = stage(bad, "vis.blk.1.out");
+    x += 0.03 * x.norm() / std::sqrt(static_cast<double>(x.size())) * m3::test::randn<double>(x.rows(), x.cols(), g);
+    const auto c = m3::cmp::compare_vision(bad, emu, truth);
+    EXPECT_EQ(failing(c), std::vector<std::string>{"vis.blk.1.out"});
+    const auto& s = c.stages[2];
+    EXPECT_FALSE(s.emulation_ok);
+    EXPECT_FALSE(s.truth_ok);
+  }
+  {  // merged tokens 3 and 11 swapped (a wrong window order): O(1) on those rows
+    m3::VisionTrace bad = good;
+    MatD& z = stage(bad, "vis.merged");
+    z.row(3).swap(z.row(11));
+    EXPECT_EQ(failing(m3::cmp::compare_vision(bad, emu, truth)), std::vector<std::string>{"vis.merged"});
+  }
+  {  // one NaN in vis.proj fails at once, whatever the rel-L2 over the finite rest
+    m3::VisionTrace bad = good;
+    stage(bad, "vis.proj")(7, 5) = std::nan("");
+    const auto c = m3::cmp::compare_vision(bad, emu, truth);
+    EXPECT_EQ(failing(c), std::vector<std::string>{"vis.proj"});
+    EXPECT_NE(c.stages[3].failures.front().find("NaN at [7, 5]"), std::string::npos) << c.stages[3].failures.front();
+  }
+  {  // a stage the engine did not trace, or traced in another shape
+    m3::VisionTrace bad = good;
+    bad.tensors.erase(bad.tensors.begin());
+    stage(bad, "vis.merged").conservativeResize(14, Eigen::NoChange);
+    EXPECT_EQ(failing(m3::cmp::compare_vision(bad, emu, truth)),
+              (std::vector<std::string>{"vis.patch_embed", "vis.merged"}));
+  }
+  EXPECT_FALSE(m3::cmp::VisionComparison{}.pass()) << "no stages is no pass";
+}
+
+// Each layer fails on its own, on random tensors of an awkward shape with truth X and errors of
+// exact sizes, orthogonal to each other (so rel-L2s add in quadrature, up to O(1e-3) relative for
+// the cross terms with X):
+//   emulation 1e-2 off X, test 2.05e-2 off X the other way: 2.28e-2 from the emulation > the
+//     gate 2 x 1e-2, but within the 2x-truth bound 2 x 1e-2 + 2^-8 = 2.39e-2 -> layer 1 alone fails;
+//   emulation 1e-4 off X, test 6e-3 off the emulation: within the gate 1e-2, but beyond
+//     2 x 1e-4 + 2^-8 = 4.1e-3 from the truth -> layer 2 alone fails.
+TEST(VisionBf16, EachLayerOfTheRuleFailsOnItsOwn) {
+  auto g = m3::test::test_rng();
+  SCOPED_TRACE(m3::test::seed_note());
+  std::uniform_int_distribution<int> dim(17, 61);
+  const int R = dim(g), C = dim(g);
+  SCOPED_TRACE("R=" + std::to_string(R) + " C=" + std::to_string(C));
+  const MatD X = m3::test::randn<double>(R, C, g);
+  // A random direction orthogonal to `away` (when given), of norm rel * ||X||.
+  const auto error = [&](double rel, const MatD* away) {
+    MatD e = m3::test::randn<double>(R, C, g);
+    if (away) e -= (e.cwiseProduct(*away).sum() / away->squaredNorm()) * *away;
+    return MatD(e * (rel * X.norm() / e.norm()));
+  };
+  const MatD er = error(1e-2, nullptr), et = error(2.05e-2, &er);
+  auto s = m3::cmp::check_vision_stage("vis.x", X + et, X + er, X);
+  EXPECT_NEAR(s.vs_ref.rel_l2, std::hypot(1e-2, 2.05e-2), 1e-4);
+  EXPECT_NEAR(s.gate, 2e-2, 1e-4);
+  EXPECT_FALSE(s.emulation_ok);
+  EXPECT_TRUE(s.truth_ok) << s.err_test << " vs bound " << s.bound;
+  EXPECT_FALSE(s.pass());
+  const MatD er2 = error(1e-4, nullptr), d = error(6e-3, &er2);
+  s = m3::cmp::check_vision_stage("vis.x", X + er2 + d, X + er2, X);
+  EXPECT_DOUBLE_EQ(s.gate, m3::cmp::kVisionTower.rel_l2);
+  EXPECT_TRUE(s.emulation_ok) << s.vs_ref.rel_l2;
+  EXPECT_FALSE(s.truth_ok) << s.err_test << " vs bound " << s.bound;
+  EXPECT_FALSE(s.pass());
+  s = m3::cmp::check_vision_stage("vis.x", X + er2, X + er2, X);
+  EXPECT_TRUE(s.pass()) << "the emulation itself passes";
+  EXPECT_THROW(m3::cmp::check_vision_stage("vis.x", X, MatD(X.leftCols(C - 1)), X), std::invalid_argument);
+  EXPECT_FALSE(m3::cmp::check_vision_stage("vis.x", X, MatD::Zero(R, C), X).pass()) << "an all-zero reference";
 }

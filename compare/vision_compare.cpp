@@ -1,0 +1,88 @@
+// The vision tower's two-layer agreement check; see vision_compare.h.
+#include "compare/vision_compare.h"
+
+#include "compare/tolerance.h"
+
+#include <fmt/format.h>
+
+#include <algorithm>
+#include <cmath>
+#include <stdexcept>
+
+namespace m3::cmp {
+
+namespace {
+
+std::span<const double> flat(const MatD& m) { return {m.data(), static_cast<std::size_t>(m.size())}; }
+
+const MatD* find(const VisionTrace& t, const std::string& name) {
+  for (const auto& [n, m] : t.tensors)
+    if (n == name) return &m;
+  return nullptr;
+}
+
+}  // namespace
+
+bool VisionComparison::pass() const {
+  return !stages.empty() && std::all_of(stages.begin(), stages.end(), [](const VisionStageCheck& s) { return s.pass(); });
+}
+
+VisionStageCheck check_vision_stage(const std::string& name, const MatD& test, const MatD& ref, const MatD& truth) {
+  if (test.rows() != ref.rows() || test.cols() != ref.cols() || truth.rows() != ref.rows() || truth.cols() != ref.cols())
+    throw std::invalid_argument(fmt::format("check_vision_stage {}: test [{}, {}], bf16 reference [{}, {}], fp64 [{}, {}]: "
+                                            "expected one shape",
+                                            name, test.rows(), test.cols(), ref.rows(), ref.cols(), truth.rows(),
+                                            truth.cols()));
+  VisionStageCheck s;
+  s.name = name;
+  const Tolerance& tol = kVisionTower;
+  s.vs_ref = compare_float(flat(test), flat(ref), {ref.rows(), ref.cols()}, tol.atol, tol.rtol);
+  s.err_test = rel_l2(flat(test), flat(truth));
+  s.err_ref = rel_l2(flat(ref), flat(truth));
+  s.gate = vision_emulation_gate(s.err_ref);
+  s.bound = kAttnErrFactor * s.err_ref + kAttnFloor;
+  auto& f = s.failures;
+  if (s.vs_ref.unexpected_nan)
+    f.push_back(fmt::format("NaN at {} where the bf16 reference has {:.6g}", coord_str(s.vs_ref.first_nonfinite.at),
+                            s.vs_ref.first_nonfinite.want));
+  else if (s.vs_ref.nonfinite_mismatches > 0)
+    f.push_back(fmt::format("{} non-finite values at other places than the bf16 reference's, first at {}",
+                            s.vs_ref.nonfinite_mismatches, coord_str(s.vs_ref.first_nonfinite.at)));
+  // The tower's activations are finite for finite pixels: a non-finite reference or truth is a
+  // defect of the reference (or an overflow of bf16), never a pass.
+  if (!ref.allFinite() || !truth.allFinite())
+    f.push_back(fmt::format("the bf16 reference ({}) or the fp64 truth ({}) is not finite",
+                            ref.allFinite() ? "finite" : "non-finite", truth.allFinite() ? "finite" : "non-finite"));
+  if (!(s.vs_ref.ref_norm > 0)) f.push_back("the bf16 reference is all zero: a vacuous check");
+  s.emulation_ok = s.vs_ref.rel_l2 <= s.gate;
+  s.truth_ok = s.err_test <= s.bound;
+  if (!s.emulation_ok)
+    f.push_back(fmt::format("emulation: rel-L2 {:.3e} vs the bf16 reference > max({:.0e}, {} x {:.3e})", s.vs_ref.rel_l2,
+                            tol.rel_l2, kAttnErrFactor, s.err_ref));
+  if (!s.truth_ok)
+    f.push_back(fmt::format("2x-truth: rel-L2 {:.3e} vs fp64 > {} x {:.3e} (the bf16 reference's) + {:.1e}", s.err_test,
+                            kAttnErrFactor, s.err_ref, kAttnFloor));
+  return s;
+}
+
+VisionComparison compare_vision(const VisionTrace& test, const VisionTrace& ref, const VisionTrace& truth) {
+  VisionComparison c;
+  for (const auto& [name, r] : ref.tensors) {
+    const MatD* a = find(test, name);
+    const MatD* t = find(truth, name);
+    const auto shape_ok = [&](const MatD* m) { return m && m->rows() == r.rows() && m->cols() == r.cols(); };
+    if (!shape_ok(a) || !shape_ok(t)) {
+      VisionStageCheck s;
+      s.name = name;
+      s.failures.push_back(fmt::format("{} [{}, {}] of the bf16 reference: the {} traced {}", name, r.rows(), r.cols(),
+                                       shape_ok(a) ? "fp64 reference" : "engine under test",
+                                       (shape_ok(a) ? t : a) ? "another shape" : "no such tensor"));
+      c.stages.push_back(std::move(s));
+      continue;
+    }
+    c.stages.push_back(check_vision_stage(name, *a, r, *t));
+  }
+  return c;
+}
+
+}  // namespace m3::cmp

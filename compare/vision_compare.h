@@ -1,0 +1,51 @@
+// The vision tower's agreement (DESIGN §4), behind `m3h compare --vision-check` and the GPU tower
+// tests: the engine under test (the GPU tower, gpu/vision.h) against the bf16-emulating reference
+// tower (m3::vision_forward in Precision::BF16, the gate) and the fp64 tower (the truth), traced
+// stage by stage (vis.patch_embed, vis.blk.{l}.out, vis.proj, vis.merged). A stage passes when
+// both layers of the policy hold (compare/tolerance.h, "The vision tower"):
+//   1. emulation:  rel-L2(test, bf16 ref) <= max(kVisionTower.rel_l2, kAttnErrFactor * err_ref)
+//   2. 2x-truth:   err(test vs fp64) <= kAttnErrFactor * err_ref + kAttnFloor
+// with err_ref = rel-L2(bf16 ref, fp64) (why layer 1 widens with it: tolerance.h)
+// and every element is finite where the reference's is (a NaN fails at once), and the reference
+// is not all zero (a vacuous check). The elementwise rule |a - b| <= atol + rtol |b| is measured
+// and reported (pass %), as in the text model's table, not gated.
+//
+//   VisionComparison c = compare_vision(gpu_trace, bf16_trace, fp64_trace);
+//   if (!c.pass()) for (const auto& s : c.stages) for (const auto& f : s.failures) ...
+#pragma once
+
+#include "compare/metrics.h"
+#include "reference/vision.h"
+
+#include <string>
+#include <vector>
+
+namespace m3::cmp {
+
+struct VisionStageCheck {
+  std::string name;        // the traced name, e.g. vis.blk.1.out
+  FloatMetrics vs_ref;     // test vs the bf16-emulating reference (elementwise rule at kVisionTower)
+  double gate = 0;         // layer 1's bound on vs_ref.rel_l2: vision_emulation_gate(err_ref)
+  double err_test = 0;     // rel-L2 test vs fp64
+  double err_ref = 0;      // rel-L2 bf16 reference vs fp64
+  double bound = 0;        // layer 2's bound on err_test: kAttnErrFactor * err_ref + kAttnFloor
+  bool emulation_ok = false;  // layer 1 held
+  bool truth_ok = false;      // layer 2 held
+  std::vector<std::string> failures;  // one line each, empty = pass
+  bool pass() const { return failures.empty(); }
+};
+
+struct VisionComparison {
+  std::vector<VisionStageCheck> stages;  // the reference's trace order
+  bool pass() const;                     // at least one stage, and every stage passes
+};
+
+// One stage: test, ref (bf16 emulation) and truth (fp64) of the same shape [rows, cols]
+// (std::invalid_argument otherwise, naming the three shapes).
+VisionStageCheck check_vision_stage(const std::string& name, const MatD& test, const MatD& ref, const MatD& truth);
+
+// Every stage the bf16 reference traced, looked up by name in the other two traces; a stage that
+// test or truth lacks, or has in another shape, is a failure of that stage (not an exception).
+VisionComparison compare_vision(const VisionTrace& test, const VisionTrace& ref, const VisionTrace& truth);
+
+}  // namespace m3::cmp
