@@ -1,6 +1,7 @@
-// Helpers of the communicator suites (gpu_test_comm_single, multigpu_test_comm): GPU-count skips,
-// integer-valued test data that every collective reproduces exactly whatever its reduction order
-// (style guide rule 19), and a per-rank mismatch count reported as #wrong with the first cases.
+// Helpers of the communicator suites (gpu_test_comm_single, multigpu_test_comm): GPU-count skips and
+// the fixture that makes them, integer-valued test data that every collective reproduces exactly
+// whatever its reduction order (style guide rule 19), a per-rank mismatch count reported as #wrong
+// with the first cases, and the message of a failing team run.
 #pragma once
 
 #include "gpu/parallel/collectives.h"
@@ -12,6 +13,7 @@
 
 #include <cstdint>
 #include <cstring>
+#include <functional>
 #include <map>
 #include <memory>
 #include <string>
@@ -25,6 +27,21 @@
   } while (0)
 
 namespace m3::test {
+
+using gpu::bf16;
+using gpu::DeviceBuffer;
+using gpu::Rank;
+using gpu::Team;
+
+// A suite's fixture whose tests skip below MinGpus GPUs.
+template <int MinGpus>
+class RequiresGpus : public ::testing::Test {
+ protected:
+  void SetUp() override { M3_REQUIRE_GPUS(MinGpus); }
+};
+
+// The element types the collective suites are typed over (sums exact in both: input_value).
+using ReduceTypes = ::testing::Types<float, bf16>;
 
 // Element counts every collective is tried at: one element, an odd count below any NCCL chunk,
 // and a prime above a million (4 MB of fp32: several NCCL chunks and a ragged last one).
@@ -106,5 +123,15 @@ class TeamCache : public ::testing::Environment {
   }
 };
 inline ::testing::Environment* const kTeamCacheEnv = ::testing::AddGlobalTestEnvironment(new TeamCache);
+
+// The message of the GpuError that team.run(f) ends in; "(no error)" where it ends normally.
+inline std::string run_error(Team& team, const std::function<void(Rank&)>& f) {
+  try {
+    team.run(f);
+  } catch (const gpu::GpuError& e) {
+    return e.what();
+  }
+  return "(no error)";
+}
 
 }  // namespace m3::test

@@ -15,11 +15,6 @@
 namespace m3::test {
 namespace {
 
-using gpu::bf16;
-using gpu::DeviceBuffer;
-using gpu::Rank;
-using gpu::Team;
-
 std::string shape(int n, std::size_t count) {
   return std::to_string(n) + " ranks, " + std::to_string(count) + " elements";
 }
@@ -39,11 +34,7 @@ std::vector<T> inputs(int r, std::size_t count) {
 }
 
 template <class T>
-class CommCollective : public ::testing::Test {
- protected:
-  void SetUp() override { M3_REQUIRE_GPUS(2); }
-};
-using ReduceTypes = ::testing::Types<float, bf16>;
+class CommCollective : public RequiresGpus<2> {};
 TYPED_TEST_SUITE(CommCollective, ReduceTypes);
 
 TYPED_TEST(CommCollective, AllReduceSum) {
@@ -221,10 +212,7 @@ std::vector<Wrong> run_a2a(Team& team, const std::function<std::size_t(int, int)
 }
 
 template <class T>
-class CommAllToAllV : public ::testing::Test {
- protected:
-  void SetUp() override { M3_REQUIRE_GPUS(2); }
-};
+class CommAllToAllV : public RequiresGpus<2> {};
 using MoveTypes = ::testing::Types<bf16, std::int64_t>;
 TYPED_TEST_SUITE(CommAllToAllV, MoveTypes);
 
@@ -264,15 +252,6 @@ void warm_up(Team& team) {
   });
 }
 
-std::string run_error(Team& team, const std::function<void(Rank&)>& f) {
-  try {
-    team.run(f);
-  } catch (const gpu::GpuError& e) {
-    return e.what();
-  }
-  return "(no error)";
-}
-
 // Needs no GPU: the count is checked before anything else.
 TEST(CommErrors, TooManyRanksStatesRequestedAndAvailable) {
   const int have = gpu::device_count();
@@ -288,10 +267,7 @@ TEST(CommErrors, TooManyRanksStatesRequestedAndAvailable) {
   EXPECT_THROW(Team(-1), gpu::GpuError);
 }
 
-class CommFailure : public ::testing::Test {
- protected:
-  void SetUp() override { M3_REQUIRE_GPUS(2); }
-};
+class CommFailure : public RequiresGpus<2> {};
 
 // Rank 0 expects 4 elements from rank 1, which sends 5: rank 0 throws, naming both counts; the
 // team then refuses to run.

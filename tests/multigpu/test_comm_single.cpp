@@ -13,26 +13,8 @@
 namespace m3::test {
 namespace {
 
-using gpu::bf16;
-using gpu::DeviceBuffer;
-using gpu::Rank;
-using gpu::Team;
-
-std::string run_error(Team& team, const std::function<void(Rank&)>& f) {
-  try {
-    team.run(f);
-  } catch (const gpu::GpuError& e) {
-    return e.what();
-  }
-  return "(no error)";
-}
-
 template <class T>
-class CommSingleRank : public ::testing::Test {
- protected:
-  void SetUp() override { M3_REQUIRE_GPUS(1); }
-};
-using ReduceTypes = ::testing::Types<float, bf16>;
+class CommSingleRank : public RequiresGpus<1> {};
 TYPED_TEST_SUITE(CommSingleRank, ReduceTypes);
 
 // all_reduce, all_gather, reduce_scatter, broadcast and all_to_all_v (its own block only: the
