@@ -6,6 +6,7 @@
 #include "gpu/kernels/kv_cache.h"
 #include "gpu/runtime/buffer.h"
 
+#include <climits>
 #include <cstdint>
 
 namespace m3::gpu::msa_prefill {
@@ -37,6 +38,38 @@ struct Args {
   float* part_o;            // [Tc*Hq, k_blk, D] unnormalized partial outputs
   float2* part_ml;          // [Tc*Hq, k_blk] (max of the scaled scores in log2 units, sum of weights)
 };
+
+#if defined(__CUDACC__)
+// Warp 0 of a tile kernel (lane = its lane) loads tile `tile`'s metadata into shared memory: its
+// gathered queries (QT <= 64: two a lane at most) as chunk-local t, slot and position, the largest
+// position, the tile_info row, and the unallocated-page marker reset to INT_MAX (none). The caller's
+// barrier publishes them.
+__device__ __forceinline__ void load_tile_meta(const Args& a, int tile, int lane, int* s_tl, int* s_slot,
+                                               long long* s_p, long long& s_pmax, int4& s_tile, int& s_bad) {
+  const int4 ti = a.tile_info[tile];
+  long long pm = -1;
+  for (int i = lane; i < ti.z; i += 32) {
+    const int e = static_cast<int>(a.vals_out[ti.y + i]);
+    const int row = e / a.k_blk;  // g*Tc + tl
+    const int tl = row % a.Tc;
+    const long long p = a.q_pos[a.t0 + tl];
+    s_tl[i] = tl;
+    s_slot[i] = e - row * a.k_blk;
+    s_p[i] = p;
+    pm = p > pm ? p : pm;
+  }
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) {
+    const long long x = __shfl_xor_sync(0xffffffffu, pm, o);
+    pm = x > pm ? x : pm;
+  }
+  if (lane == 0) {
+    s_pmax = pm;
+    s_tile = ti;
+    s_bad = INT_MAX;
+  }
+}
+#endif  // __CUDACC__
 
 // True when the wgmma tile kernel serves these arguments: D = blk = 128 (one m64n128k16 S tile a
 // block) on a compute capability 9.0 device with an sm_90a build.

@@ -88,30 +88,7 @@ __global__ void __launch_bounds__(kThreads, 2) sm90_tile_kernel(const Args a) {
   const float scale_log2 = kLog2e * rsqrtf(static_cast<float>(kD));
 
   for (int tile = blockIdx.x; tile < total; tile += gridDim.x) {
-    if (warp == 0) {  // the tile's gathered queries (QT <= 64: two a lane at most), largest position
-      const int4 ti = a.tile_info[tile];
-      long long pm = -1;
-      for (int i = lane; i < ti.z; i += 32) {
-        const int e = static_cast<int>(a.vals_out[ti.y + i]);
-        const int row = e / a.k_blk;  // g*Tc + tl
-        const int tl = row % a.Tc;
-        const long long p = a.q_pos[a.t0 + tl];
-        s_tl[i] = tl;
-        s_slot[i] = e - row * a.k_blk;
-        s_p[i] = p;
-        pm = p > pm ? p : pm;
-      }
-#pragma unroll
-      for (int o = 16; o > 0; o >>= 1) {
-        const long long x = __shfl_xor_sync(0xffffffffu, pm, o);
-        pm = x > pm ? x : pm;
-      }
-      if (lane == 0) {
-        s_pmax = pm;
-        s_tile = ti;
-        s_bad = INT_MAX;
-      }
-    }
+    if (warp == 0) load_tile_meta(a, tile, lane, s_tl, s_slot, s_p, s_pmax, s_tile, s_bad);
     __syncthreads();
     const int n_q = s_tile.z;
     const int g = s_tile.x / a.NB, blk_id = s_tile.x - g * a.NB;
