@@ -119,6 +119,27 @@ inline constexpr bool is_attention_op(std::string_view op) {
 //    2.8e-3 patch_embed, 4.1-5.2e-3 blocks, 6.2-6.7e-3 proj, 7.0-7.7e-3 merged, the errors an H200
 //    measured against fp64 before: 2.6-8.2e-3), and the floor keeps the bound above one rounding
 //    of the output itself.
+// 3. the block's increment: for vis.blk.{l}.out, l >= 1, layers 1 and 2 again (the same gate and
+//    bound functions) on x_l - x_{l-1} of each tower, with err_ref the emulation's error on that
+//    increment. The accumulated stream cannot see one block's defect at depth: a block adds ~0.09
+//    of the stream's norm, so a dropped bias (0.02 per element) moves its stage by ~2e-2 of the
+//    stream, under the deep stages' gates. Measured with the CPU stand-in at M3 geometry and depth
+//    (head_dim 80, 78 rotated dims, mlp 4 Hv, patch 14, 32 blocks; Hv 160, 112x112 pixels,
+//    tests/test_vision.cpp VisionBf16.M3DepthDefectsFailTheBlockIncrement): out_b or fc2_b dropped
+//    in block 16 or 31 is 0.70-0.93 of the stream gate and of the 2x-truth bound at every stage -
+//    it passed layers 1 and 2 - while its increment is 0.18-0.23 from the emulation's, 6.0-7.9x
+//    the increment's err_ref (~2.9e-2); LN1's weight dropped: 2.8-3.5x; two heads swapped: 20-27x.
+//    A correct stand-in's increment is 0.51-0.83x its err_ref on every block (Hv 160 and 320,
+//    2-32 blocks, 9 seeds), 0.90x at Hv 640 (wider sums flip more roundings): the increment's err_ref is dominated by the bf16 rounding of x_l itself
+//    (2^-9 of the stream, ~1e-2 of an increment) and two towers whose roundings decorrelate are
+//    sqrt(2) err_ref apart at most, so the factor 2 keeps the margin of layer 1. Downstream blocks
+//    of a defect stay below the gate (1.5-1.8x: their inputs moved), so the failure points at the
+//    block. Still within every gate at 32 blocks (measured, not caught): a dropped LN2 or v bias
+//    (1.1-1.5x the increment's err_ref: through LayerNorm's mean and the softmax they are second
+//    order), and dropped projector / merger biases (0.67-0.95 of vis.proj's / vis.merged's gate;
+//    those stages are not residual, so they have no increment to check).
+//    Block 0's increment is not checked: the stream before it (after pre_layrnorm) is not traced,
+//    and at block 0 the stream's own gate is the floor 1e-2 (a dropped bias there fails it).
 // Both, not either as in the text model (model_compare.h): the text model's engines take discrete
 // decisions (MSA selections, MoE experts) whose near-tie flips move whole rows deep in the model,
 // so one layer may legitimately miss; the tower has none, every stage is a continuous function of

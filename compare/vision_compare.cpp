@@ -7,6 +7,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdio>
 #include <stdexcept>
 
 namespace m3::cmp {
@@ -65,8 +66,39 @@ VisionStageCheck check_vision_stage(const std::string& name, const MatD& test, c
   return s;
 }
 
+void check_vision_increment(VisionStageCheck& s, const std::string& prev_name, const MatD& test, const MatD& ref,
+                            const MatD& truth, const MatD& test_prev, const MatD& ref_prev, const MatD& truth_prev) {
+  for (const MatD* m : {&test, &truth, &test_prev, &ref_prev, &truth_prev})
+    if (m->rows() != ref.rows() || m->cols() != ref.cols())
+      throw std::invalid_argument(fmt::format("check_vision_increment {} over {}: a tensor of [{}, {}], the bf16 "
+                                              "reference's is [{}, {}]: expected one shape",
+                                              s.name, prev_name, m->rows(), m->cols(), ref.rows(), ref.cols()));
+  const MatD dt = test - test_prev, dr = ref - ref_prev, df = truth - truth_prev;  // [P, Hv] each
+  s.increment_of = prev_name;
+  s.inc_vs_ref = rel_l2(flat(dt), flat(dr));
+  s.inc_err_test = rel_l2(flat(dt), flat(df));
+  s.inc_err_ref = rel_l2(flat(dr), flat(df));
+  s.inc_gate = vision_emulation_gate(s.inc_err_ref);
+  s.inc_bound = kAttnErrFactor * s.inc_err_ref + kAttnFloor;
+  const bool emu_ok = s.inc_vs_ref <= s.inc_gate, truth_ok = s.inc_err_test <= s.inc_bound;
+  s.increment_ok = emu_ok && truth_ok;
+  if (!emu_ok)
+    s.failures.push_back(fmt::format("increment over {}: rel-L2 {:.3e} vs the bf16 reference's > max({:.0e}, {} x {:.3e})",
+                                     prev_name, s.inc_vs_ref, kVisionTower.rel_l2, kAttnErrFactor, s.inc_err_ref));
+  if (!truth_ok)
+    s.failures.push_back(fmt::format("increment over {}: rel-L2 {:.3e} vs fp64's > {} x {:.3e} (the bf16 reference's) + "
+                                     "{:.1e}",
+                                     prev_name, s.inc_err_test, kAttnErrFactor, s.inc_err_ref, kAttnFloor));
+}
+
 VisionComparison compare_vision(const VisionTrace& test, const VisionTrace& ref, const VisionTrace& truth) {
   VisionComparison c;
+  // vis.blk.{l}.out -> l, or -1 for the other stages.
+  const auto block_of = [](const std::string& name) {
+    int l = -1;
+    char tail[8] = {};
+    return std::sscanf(name.c_str(), "vis.blk.%d.%7s", &l, tail) == 2 && std::string(tail) == "out" ? l : -1;
+  };
   for (const auto& [name, r] : ref.tensors) {
     const MatD* a = find(test, name);
     const MatD* t = find(truth, name);
@@ -81,6 +113,14 @@ VisionComparison compare_vision(const VisionTrace& test, const VisionTrace& ref,
       continue;
     }
     c.stages.push_back(check_vision_stage(name, *a, r, *t));
+    // The block's increment, where the previous block is comparable in all three (when it is not,
+    // that stage has failed already).
+    if (const int l = block_of(name); l >= 1) {
+      const std::string prev = fmt::format("vis.blk.{}.out", l - 1);
+      const MatD *ap = find(test, prev), *rp = find(ref, prev), *tp = find(truth, prev);
+      if (shape_ok(ap) && shape_ok(rp) && shape_ok(tp))
+        check_vision_increment(c.stages.back(), prev, *a, r, *t, *ap, *rp, *tp);
+    }
   }
   return c;
 }

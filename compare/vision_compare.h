@@ -7,7 +7,11 @@
 //   2. 2x-truth:   err(test vs fp64) <= kAttnErrFactor * err_ref + kAttnFloor
 // with err_ref = rel-L2(bf16 ref, fp64) (why layer 1 widens with it: tolerance.h)
 // and every element is finite where the reference's is (a NaN fails at once), and the reference
-// is not all zero (a vacuous check). The elementwise rule |a - b| <= atol + rtol |b| is measured
+// is not all zero (a vacuous check). A residual block vis.blk.{l}.out (l >= 1) passes only when
+// both layers also hold for its increment, vis.blk.{l}.out - vis.blk.{l-1}.out in each of the
+// three towers (the block's own contribution, with err_ref the emulation's error on it): at M3's
+// depth the accumulated stream's gate is ~3e-2, wide enough for a block that drops a bias or a
+// LayerNorm weight, which moves its increment by 3-7x the increment's own gate (tolerance.h). The elementwise rule |a - b| <= atol + rtol |b| is measured
 // and reported (pass %), as in the text model's table, not gated.
 //
 //   VisionComparison c = compare_vision(gpu_trace, bf16_trace, fp64_trace);
@@ -31,6 +35,15 @@ struct VisionStageCheck {
   double bound = 0;        // layer 2's bound on err_test: kAttnErrFactor * err_ref + kAttnFloor
   bool emulation_ok = false;  // layer 1 held
   bool truth_ok = false;      // layer 2 held
+  // Residual blocks l >= 1: the same two layers on the block's increment over `increment_of`
+  // (vis.blk.{l-1}.out); empty when the stage has none or the previous stage is not comparable.
+  std::string increment_of;
+  double inc_vs_ref = 0;      // rel-L2 of the test's increment vs the bf16 reference's
+  double inc_gate = 0;        // vision_emulation_gate(inc_err_ref)
+  double inc_err_test = 0;    // rel-L2 test increment vs fp64 increment
+  double inc_err_ref = 0;     // rel-L2 bf16 reference increment vs fp64 increment
+  double inc_bound = 0;       // kAttnErrFactor * inc_err_ref + kAttnFloor
+  bool increment_ok = true;   // both layers held on the increment (true when not checked)
   std::vector<std::string> failures;  // one line each, empty = pass
   bool pass() const { return failures.empty(); }
 };
@@ -43,6 +56,12 @@ struct VisionComparison {
 // One stage: test, ref (bf16 emulation) and truth (fp64) of the same shape [rows, cols]
 // (std::invalid_argument otherwise, naming the three shapes).
 VisionStageCheck check_vision_stage(const std::string& name, const MatD& test, const MatD& ref, const MatD& truth);
+
+// The increment check of a residual block (fills the inc_* fields of s, appends its failures):
+// test/ref/truth the block's output, *_prev the previous block's, all of one shape
+// (std::invalid_argument otherwise).
+void check_vision_increment(VisionStageCheck& s, const std::string& prev_name, const MatD& test, const MatD& ref,
+                            const MatD& truth, const MatD& test_prev, const MatD& ref_prev, const MatD& truth_prev);
 
 // Every stage the bf16 reference traced, looked up by name in the other two traces; a stage that
 // test or truth lacks, or has in another shape, is a failure of that stage (not an exception).

@@ -15,6 +15,7 @@
 
 #include <cmath>
 #include <cstdio>
+#include <functional>
 #include <string>
 #include <tuple>
 #include <vector>
@@ -377,6 +378,80 @@ TEST(VisionBf16, PerturbedStagesFailTheTwoLayerCheck) {
               (std::vector<std::string>{"vis.patch_embed", "vis.merged"}));
   }
   EXPECT_FALSE(m3::cmp::VisionComparison{}.pass()) << "no stages is no pass";
+}
+
+// M3's depth (finding of the 19b0085 review): at 32 blocks the accumulated stream's gates are
+// ~3e-2, and a block that drops a bias moves the stream by ~2e-2 - it passed both layers on the
+// stream (measured 0.70-0.93 of the gates). M3 geometry (head_dim 80, 78 rotated dims, patch 14,
+// 3 channels, mlp 4 Hv, 32 blocks) at 2 heads (Hv 160, so the test runs in about a second) on
+// 8 x 8 patches. The correct stand-in passes every stage and every block increment, and differs
+// from the emulation (deep blocks at least 1e-3 apart: not a vacuous pass); each realistic single
+// defect in one block fails at that block, on its increment (compare/tolerance.h, layer 3):
+// out_b or fc2_b dropped (6.0-7.9x the increment's err_ref measured, the gate is 2x), LN1's weight
+// dropped (2.8-3.5x), heads 0 and 1 swapped before the out projection (20-27x).
+TEST(VisionBf16, M3DepthDefectsFailTheBlockIncrement) {
+  auto g = m3::test::test_rng();
+  SCOPED_TRACE(m3::test::seed_note());
+  m3::VisionConfig vc = m3::vision_preset("m3");
+  vc.heads = 2, vc.hidden = vc.heads * vc.head_dim, vc.mlp = 4 * vc.hidden, vc.text_hidden = 256;
+  ASSERT_EQ(vc.layers, 32);
+  const int H = 112, W = 112;
+  const auto w = m3::generate_vision_weights(vc, g());
+  const MatD img = m3::synthetic_image(vc, H, W, g());
+  m3::VisionTrace emu, truth, good;
+  m3::vision_forward(vc, w, img, H, W, &emu, m3::Precision::BF16);
+  m3::vision_forward(vc, w, img, H, W, &truth, m3::Precision::FP64);
+  m3::vision_forward_as<double>(vc, w, img, H, W, true, &good);
+  const auto c = m3::cmp::compare_vision(good, emu, truth);
+  ASSERT_EQ(c.stages.size(), static_cast<std::size_t>(vc.layers + 3));
+  int increments = 0;
+  for (const auto& s : c.stages) {
+    std::printf("  correct %-16s stream %.3e <= gate %.3e, vs fp64 %.3e <= %.3e | increment %.3e <= gate %.3e "
+                "(err_ref %.3e, ratio %.2f)\n",
+                s.name.c_str(), s.vs_ref.rel_l2, s.gate, s.err_test, s.bound, s.inc_vs_ref, s.inc_gate, s.inc_err_ref,
+                s.increment_of.empty() ? 0.0 : s.inc_vs_ref / s.inc_err_ref);
+    EXPECT_TRUE(s.pass()) << s.name << ": " << (s.failures.empty() ? "" : s.failures.front());
+    increments += !s.increment_of.empty();
+  }
+  EXPECT_EQ(increments, vc.layers - 1) << "every block after the first has its increment checked";
+  EXPECT_GE(c.stages[static_cast<std::size_t>(vc.layers)].vs_ref.rel_l2, 1e-3) << "the stand-in is the emulation";
+
+  const auto first_failing = [](const m3::cmp::VisionComparison& k) -> const m3::cmp::VisionStageCheck* {
+    for (const auto& s : k.stages)
+      if (!s.pass()) return &s;
+    return nullptr;
+  };
+  const int hd = vc.head_dim;
+  const std::vector<std::tuple<std::string, int, std::function<void(m3::VisionLayerWeights<double>&)>>> defects{
+      {"out_b dropped", 16, [](auto& L) { L.out_b.setZero(); }},
+      {"out_b dropped", 31, [](auto& L) { L.out_b.setZero(); }},
+      {"fc2_b dropped", 31, [](auto& L) { L.fc2_b.setZero(); }},
+      {"ln1_w dropped", 16, [](auto& L) { L.ln1_w.setOnes(); }},
+      {"heads 0, 1 swapped", 31, [hd](auto& L) {
+         const MatD h0 = L.out.middleCols(0, hd);  // [Hv, hd] head 0's slice of the out projection
+         L.out.middleCols(0, hd) = L.out.middleCols(hd, hd);
+         L.out.middleCols(hd, hd) = h0;
+       }},
+  };
+  for (const auto& [what, b, apply] : defects) {
+    SCOPED_TRACE(what + " in block " + std::to_string(b));
+    auto wd = w;
+    apply(wd.layers[static_cast<std::size_t>(b)]);
+    m3::VisionTrace bad;
+    m3::vision_forward_as<double>(vc, wd, img, H, W, true, &bad);
+    const auto k = m3::cmp::compare_vision(bad, emu, truth);
+    const auto& s = k.stages[static_cast<std::size_t>(b) + 1];  // vis.blk.{b}.out
+    ASSERT_EQ(s.name, "vis.blk." + std::to_string(b) + ".out");
+    std::printf("  %-18s blk %2d: stream %.3e (gate %.3e), vs fp64 %.3e (bound %.3e) | increment %.3e (gate %.3e, "
+                "%.1fx err_ref)\n",
+                what.c_str(), b, s.vs_ref.rel_l2, s.gate, s.err_test, s.bound, s.inc_vs_ref, s.inc_gate,
+                s.inc_vs_ref / s.inc_err_ref);
+    EXPECT_FALSE(k.pass());
+    const auto* f = first_failing(k);
+    ASSERT_NE(f, nullptr);
+    EXPECT_EQ(f->name, s.name) << "the first failing stage is the defective block";
+    EXPECT_FALSE(s.increment_ok);
+  }
 }
 
 // Each layer fails on its own, on random tensors of an awkward shape with truth X and errors of
