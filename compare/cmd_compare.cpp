@@ -222,7 +222,8 @@ int compare_mtp(const CompareArgs& a, const ModelConfig& cfg0, const std::vector
       run_generate_mtp(true, cfg, std::move(w), mw, Precision::BF16, prompt, a.decode, a.mtp, &gst);
   const double gpu_ms = clock_ms(t0);
   const double min_acceptance = a.mtp_planted ? cmp::kPlantedMinAcceptance : 0.0;
-  const cmp::MtpComparison c = cmp::compare_mtp_runs(rtok, rst, gtok, gst, cmp::kBf16.tie_rtol, min_acceptance);
+  const cmp::MtpRouterTies ties = cmp::mtp_router_ties(cfg, mw);  // the expert rule (mtp_compare.h)
+  const cmp::MtpComparison c = cmp::compare_mtp_runs(rtok, rst, gtok, gst, cmp::kBf16.tie_rtol, min_acceptance, ties);
   const char* weights_name = a.mtp_planted ? "planted" : "seeded";
   const std::string dev = gpu::describe(gpu::device_info(0));
   if (a.format == Format::JSON) {
@@ -237,7 +238,8 @@ int compare_mtp(const CompareArgs& a, const ModelConfig& cfg0, const std::vector
                 {"min_acceptance", min_acceptance}, {"tokens_agree", c.tokens_agree},
                 {"rounds_ref", c.rounds_ref}, {"rounds_gpu", c.rounds_test}, {"rounds_compared", c.rounds_compared},
                 {"drafts_equal", c.drafts_equal}, {"drafts_compared", c.drafts_compared},
-                {"rounds_near_tie", c.rounds_near_tie},
+                {"rounds_near_tie", c.rounds_near_tie}, {"rounds_expert_tie", c.rounds_expert_tie},
+                {"expert_tie_rtol", ties.rtol},
                 {"tie_rtol", cmp::kBf16.tie_rtol}, {"accepted_by_ref", c.accepted_by_ref},
                 {"accepted_ref", c.accepted_ref}, {"accepted_gpu_own", gst.accepted}, {"drafted_gpu", gst.drafted},
                 {"tokens_ref", rtok}, {"tokens_gpu", gtok}, {"ms_ref", ref_ms}, {"ms_gpu", gpu_ms}};
@@ -253,8 +255,10 @@ int compare_mtp(const CompareArgs& a, const ModelConfig& cfg0, const std::vector
   fmt::print("time: reference bf16 {:.1f} ms, gpu {:.1f} ms\n", ref_ms, gpu_ms);
   fmt::print("tokens: {} of {} agree (the greedy tokens of each engine's main model)\n", c.tokens_agree, c.steps);
   fmt::print("rounds: reference {}, gpu {}; {} drafted from the same history: {} with identical drafts, {} parting at a "
-             "module near-tie (margin <= {:.1e})\n",
-             c.rounds_ref, c.rounds_test, c.rounds_compared, c.drafts_equal, c.rounds_near_tie, cmp::kBf16.tie_rtol);
+             "module near-tie (margin <= {:.1e}), {} after an expert flip at a near-tie (score spread <= {:.1e} x "
+             "scale)\n",
+             c.rounds_ref, c.rounds_test, c.rounds_compared, c.drafts_equal, c.rounds_near_tie, cmp::kBf16.tie_rtol,
+             c.rounds_expert_tie, ties.rtol);
   if (a.mtp_planted && c.accepted_by_ref == c.accepted_ref)
     fmt::print("acceptance, planted weights: {} of {} drafts accepted by both (the reference's check of the gpu's drafts "
                "and of its own, over the {} rounds with identical drafts; gate: both equal and >= {:.0f}%); gpu's own "

@@ -12,7 +12,17 @@
 //   its drafts equal the reference's round r, token for token; or
 //   they first differ at a draft whose module logits were a near-tie in either run (margin, MtpStats::
 //   draft_margins, <= tie_rtol): the module's choice between two equal-scoring tokens may go either
-//   way, so the round is counted (rounds_near_tie) and its acceptance not compared.
+//   way, so the round is counted (rounds_near_tie) and its acceptance not compared; or
+//   (with MtpRouterTies) they first differ at draft j after an expert flip at a near-tie: at the
+//   first draft i <= j of the round where the two engines' owner modules chose other expert sets
+//   (MtpStats::draft_router), the experts in one set and not the other score within ties.rtol of
+//   each other by either engine's biased scores sigmoid(logit) + bias, relative to the row's
+//   largest |score| (DESIGN 4's flip rule; the main model's, model_compare.cpp check_index). A
+//   flipped expert set moves that row's logits and hidden state by far more than rounding (and the
+//   hidden state feeds draft i + 1), so drafts then part with clear logit margins. Counted apart
+//   (rounds_expert_tie). Drafts that part while every owner row up to j chose the same experts,
+//   or after a flip with a clear score gap, fail: a real defect is not explained by a tie that did
+//   not decide anything.
 // Then the reference's check accepts exactly as many of the test engine's drafts as of its own in
 // every equal round (implied by the equality; counted as accepted_by_ref / accepted_ref). At least
 // one round must be compared. Seeded (untrained) modules are right by chance only, so acceptance is
@@ -22,9 +32,12 @@
 // rounds, so that "accepted as often as the reference's own" is not met as 0 = 0.
 #pragma once
 
+#include "compare/tolerance.h"
 #include "reference/mtp.h"
+#include "reference/weights.h"
 
 #include <cstdint>
+#include <span>
 #include <string>
 #include <vector>
 
@@ -37,6 +50,7 @@ struct MtpComparison {
   int rounds_compared = 0;        // rounds starting inside the common prefix (in both runs)
   int drafts_equal = 0;           // of those, rounds with identical drafts
   int rounds_near_tie = 0;        // of those, rounds whose drafts part at a module near-tie
+  int rounds_expert_tie = 0;      // of those, rounds whose drafts part after an expert flip at a near-tie
   std::int64_t drafts_compared = 0;  // drafts in the rounds with identical drafts
   std::int64_t accepted_by_ref = 0;  // the reference's verify of the test engine's drafts
   std::int64_t accepted_ref = 0;     // the reference's own acceptance, same rounds
@@ -52,12 +66,35 @@ struct MtpComparison {
 // only, ~1/V) sits at ~0.
 inline constexpr double kPlantedMinAcceptance = 0.9;
 
+// What the expert rule needs of the MTP modules' routers (both engines run the same weights).
+// Default: no expert rule, draft_router is not read (the comparison of before the rule).
+struct MtpRouterTies {
+  // [module][MoE layer of the module, in layer order] -> e_score_correction_bias [E]; draft j's
+  // owner is module j mod bias.size() (generate_mtp's schedule).
+  std::vector<std::vector<Vec<float>>> bias;
+  int K = 0;              // experts per token (K_e); 0 = no expert rule
+  bool use_bias = true;   // cfg.use_routing_bias: the bias takes part in the choice
+  // The main model's expert tie tolerance (model_compare.cpp check_index: max(kBf16.tie_rtol, 4 x
+  // the router logits' noise between the engines)), at its floor: the noise of one row of E logits
+  // is no measure, and the floor (two bf16 ulps of the row's largest score) already covers router
+  // logits computed from bf16 activations in another summation order.
+  double rtol = kBf16.tie_rtol;
+  bool enabled() const { return K > 0; }
+};
+
+// The ties of modules made by generate_mtp_module with config mtp_module_config(cfg) (one MoE layer
+// each today; every MoE layer is taken).
+MtpRouterTies mtp_router_ties(const ModelConfig& cfg, std::span<const ModelWeights<float>> modules);
+
 // Throws std::invalid_argument when a run's stats do not fit its tokens (a round starting past the
-// tokens, more accepted drafts than its stats say, margins missing for its drafts).
+// tokens, more accepted drafts than its stats say, margins missing for its drafts) or, with
+// router ties, its draft_router does not fit its drafts (one entry a draft, L_moe x E logits and
+// L_moe x K experts as the ties say; a draft_router present without router ties is checked too).
 // tie_rtol: compare/tolerance.h's kBf16.tie_rtol for bf16 engines (two ulps of the best logit).
 // min_acceptance: 0 (seeded modules), or the least fraction accepted_ref / drafts_compared (planted).
+// router: the modules' routers for the expert rule (mtp_router_ties); default: no expert rule.
 MtpComparison compare_mtp_runs(const std::vector<std::int32_t>& ref_tokens, const MtpStats& ref,
                                const std::vector<std::int32_t>& test_tokens, const MtpStats& test, double tie_rtol,
-                               double min_acceptance = 0.0);
+                               double min_acceptance = 0.0, const MtpRouterTies& router = {});
 
 }  // namespace m3::cmp

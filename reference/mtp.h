@@ -39,6 +39,17 @@ struct MtpStats {
   // Per drafting round, each draft's margin in its module's logits row: (best - second best) /
   // max(1, |best|), the relative gap a near-tie test compares with a tolerance (compare/mtp_compare.h).
   std::vector<std::vector<double>> draft_margins;
+  // Per drafting round, per draft: what the router of its owner module (module j mod count) decided
+  // on the draft's row (the last row of that module's forward), one row per MoE layer of the module
+  // in layer order, from its forward's trace (blk.{l}.router_logits, blk.{l}.experts). A draft's
+  // logits follow from the experts its row chose: where a router's K-th and (K+1)-th scores nearly
+  // tie, two engines may choose other experts and then draft other tokens with clear logit margins
+  // (compare/mtp_compare.h's expert rule reads these).
+  struct Router {
+    MatF logits;   // [L_moe, E] router logits (before the sigmoid and the bias)
+    MatI experts;  // [L_moe, K_e] the experts chosen
+  };
+  std::vector<std::vector<Router>> draft_router;
 };
 
 // Prefill `prompt` on `main`, then produce `steps` tokens with k >= 1 drafts a round from

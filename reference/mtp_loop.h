@@ -16,6 +16,7 @@
 #include <limits>
 #include <cstdint>
 #include <span>
+#include <string>
 #include <vector>
 
 namespace m3::detail {
@@ -23,14 +24,33 @@ namespace m3::detail {
 // One forward of one sequence with optional previous hidden states; returns logits [T, V] and
 // sets hidden [T, H] (the residual stream after the last layer).
 template <class ModelT, class SeqT>
-MatD mtp_step(ModelT& m, SeqT& s, std::span<const std::int32_t> tokens, const MatD* h_in, MatD& hidden) {
+MatD mtp_step(ModelT& m, SeqT& s, std::span<const std::int32_t> tokens, const MatD* h_in, MatD& hidden,
+              const TraceFn& trace = {}) {
   SeqT* seqs[] = {&s};
   std::span<const std::int32_t> toks[] = {tokens};
   const MatD* hin[] = {h_in};
   std::vector<MatD> hid;
-  MatD logits = h_in ? m.forward(seqs, toks, {}, hin, &hid)[0] : m.forward(seqs, toks, {}, {}, &hid)[0];
+  MatD logits = h_in ? m.forward(seqs, toks, trace, hin, &hid)[0] : m.forward(seqs, toks, trace, {}, &hid)[0];
   hidden = std::move(hid[0]);
   return logits;
+}
+
+// A trace callback keeping the last row of every blk.{l}.router_logits and blk.{l}.experts of
+// sequence 0, appended in layer (= trace) order: the router's decision on a draft's row.
+inline TraceFn mtp_router_recorder(MtpStats::Router& out) {
+  return [&out](int seq, const std::string& name, const TraceView& v) {
+    if (seq != 0 || v.rows < 1 || name.rfind("blk.", 0) != 0) return;
+    const bool lg = name.ends_with(".router_logits"), ex = name.ends_with(".experts");
+    if (!lg && !ex) return;
+    const std::int64_t r = v.rows - 1;
+    auto append = [&](auto& m, auto cast) {
+      const Eigen::Index n = m.rows();
+      m.conservativeResize(n + 1, v.cols);
+      for (std::int64_t c = 0; c < v.cols; ++c) m(n, c) = cast(v.at(r, c));
+    };
+    if (lg) append(out.logits, [](double x) { return static_cast<float>(x); });
+    else append(out.experts, [](double x) { return static_cast<std::int32_t>(std::llround(x)); });
+  };
 }
 
 // (best - second best) / max(1, |best|) of logits row r: how close the greedy choice is to a tie.
@@ -95,6 +115,7 @@ std::vector<std::int32_t> mtp_loop(ModelT& main, std::span<ModelT* const> module
     const MatD hfeed = main.final_norm(hm.middleRows(fed, n - fed));  // [n - fed, H] after the final norm
     std::vector<std::int32_t> d;                    // d_1 .. d_kk
     std::vector<double> margins;                    // their top-2 margins (mtp_top2_margin)
+    std::vector<MtpStats::Router> routers;          // their owner modules' router rows (only with stats)
     MatD hprev;                                     // [1, H] the last draft step's hidden state
     for (int j = 0; j < kk; ++j) {
       const int owner = j % count;
@@ -104,8 +125,13 @@ std::vector<std::int32_t> mtp_loop(ModelT& main, std::span<ModelT* const> module
       MatD h_next;
       for (int m = 0; m < count; ++m) {
         MatD h;
-        const MatD lg = j == 0 ? mtp_step(*modules[m], seqs[m], feed, &hfeed, h)
-                               : mtp_step(*modules[m], seqs[m], std::span<const std::int32_t>(&tok_in, 1), &h_in, h);
+        // Only the owner's row decides the draft (a module is one layer: the others' MoE outputs
+        // reach neither their caches nor the next step); traced only when stats are asked for,
+        // since a trace makes a device engine copy every traced tensor back.
+        if (m == owner && stats) routers.emplace_back();
+        const TraceFn rec = m == owner && stats ? mtp_router_recorder(routers.back()) : TraceFn{};
+        const MatD lg = j == 0 ? mtp_step(*modules[m], seqs[m], feed, &hfeed, h, rec)
+                               : mtp_step(*modules[m], seqs[m], std::span<const std::int32_t>(&tok_in, 1), &h_in, h, rec);
         if (m == owner) {
           next = greedy_token(lg, lg.rows() - 1);
           margins.push_back(mtp_top2_margin(lg, lg.rows() - 1));
@@ -127,6 +153,7 @@ std::vector<std::int32_t> mtp_loop(ModelT& main, std::span<ModelT* const> module
     st.accepted += a;
     st.drafts.push_back(d);
     st.draft_margins.push_back(std::move(margins));
+    if (stats) st.draft_router.push_back(std::move(routers));
     for (int j = 0; j < a; ++j) ++st.accepted_at[static_cast<std::size_t>(j)];
     // Keep x_n, d_1 .. d_a; forget the rest in the main cache and every draft entry in the modules.
     ms.truncate(n + a + 1);

@@ -306,6 +306,8 @@ TEST(Mtp, GenerateRefusesBadArguments) {
 // The schedule of mtp.h, step by step against direct forwards: round 0's first draft is module 0
 // on positions 0..n-1 fed (x_{p+1}, final_norm(h_p)) with x_n the main model's greedy token; its
 // second draft is module (1 mod count) one position on, fed (d_1, the first step's hidden state).
+// draft_router holds each draft's owner row of its router: the last row of that module's traced
+// router_logits and experts.
 TEST(Mtp, DraftsFollowTheDocumentedSchedule) {
   auto g = m3::test::test_rng();
   SCOPED_TRACE(m3::test::seed_note());
@@ -331,19 +333,41 @@ TEST(Mtp, DraftsFollowTheDocumentedSchedule) {
   std::vector<std::int32_t> feed(prompt.begin() + 1, prompt.end());
   feed.push_back(xn);
   const MatD h0 = main.final_norm(hid[0]);  // [n, H]
+  std::map<std::string, MatD> tr;  // the last forward's router trace
+  const m3::TraceFn keep = [&](int, const std::string& name, const m3::TraceView& v) {
+    if (name != "blk.0.router_logits" && name != "blk.0.experts") return;
+    MatD m(v.rows, v.cols);
+    for (std::int64_t r = 0; r < v.rows; ++r)
+      for (std::int64_t c = 0; c < v.cols; ++c) m(r, c) = v.at(r, c);
+    tr[name] = m;
+  };
   auto run = [&](m3::Model& m, m3::Sequence& s, std::span<const std::int32_t> tok, const MatD& h, MatD& hout) {
     m3::Sequence* seqs[] = {&s};
     std::span<const std::int32_t> toks[] = {tok};
     const MatD* hin[] = {&h};
     std::vector<MatD> ho;
-    MatD l = m.forward(seqs, toks, {}, hin, &ho)[0];
+    MatD l = m.forward(seqs, toks, keep, hin, &ho)[0];
     hout = ho[0];
     return l;
+  };
+  ASSERT_EQ(st.draft_router.size(), st.drafts.size());
+  ASSERT_EQ(st.draft_router[0].size(), 2u);
+  auto expect_router = [&](const m3::MtpStats::Router& r, const char* which) {
+    SCOPED_TRACE(which);
+    ASSERT_EQ(r.logits.rows(), 1);  // one MoE layer
+    ASSERT_EQ(r.experts.rows(), 1);
+    const MatD& lg = tr.at("blk.0.router_logits");
+    const MatD& ex = tr.at("blk.0.experts");
+    ASSERT_EQ(r.logits.cols(), t.cfg.num_local_experts);
+    ASSERT_EQ(r.experts.cols(), t.cfg.num_experts_per_tok);
+    for (Eigen::Index e = 0; e < lg.cols(); ++e) EXPECT_EQ(r.logits(0, e), static_cast<float>(lg(lg.rows() - 1, e)));
+    for (Eigen::Index k = 0; k < ex.cols(); ++k) EXPECT_EQ(r.experts(0, k), ex(ex.rows() - 1, k));
   };
   // Every module is fed every step (mtp.h); the owner of step j is module j mod 2.
   m3::Sequence s0 = m0.new_sequence(), s1 = m1.new_sequence();
   MatD h_a, h_b;
   const MatD l0 = run(m0, s0, feed, h0, h_a);
+  expect_router(st.draft_router[0][0], "draft 0: module 0's last row");
   run(m1, s1, feed, h0, h_b);
   const std::int32_t d1 = m3::greedy_token(l0, n - 1);
   EXPECT_EQ(st.drafts[0][0], d1);
@@ -351,6 +375,7 @@ TEST(Mtp, DraftsFollowTheDocumentedSchedule) {
   MatD unused;
   const MatD l1 = run(m1, s1, std::span<const std::int32_t>(&d1, 1), hprev, unused);
   EXPECT_EQ(st.drafts[0][1], m3::greedy_token(l1, 0));
+  expect_router(st.draft_router[0][1], "draft 1: module 1's row");
 }
 
 // Planted weights (weights.h plant_successor): the main model's greedy token is the successor of
