@@ -122,6 +122,33 @@ VisionComparison compare_vision(const VisionTrace& test, const VisionTrace& ref,
         check_vision_increment(c.stages.back(), prev, *a, r, *t, *ap, *rp, *tp);
     }
   }
+  // Stages the reference does not trace (the GPU tower traces what the reference does, name for
+  // name: an extra one is a renamed or misplaced stage), and names traced twice (find() sees only
+  // the first: the second would go unchecked).
+  const auto extras = [&](const VisionTrace& tr, const char* who) {
+    for (std::size_t i = 0; i < tr.tensors.size(); ++i) {
+      const std::string& name = tr.tensors[i].first;
+      std::string why;
+      if (!find(ref, name))
+        why = fmt::format("traced by the {} but not by the bf16 reference", who);
+      else if (find(tr, name) != &tr.tensors[i].second)
+        why = fmt::format("traced twice by the {}", who);
+      if (why.empty()) continue;
+      VisionStageCheck s;
+      s.name = name;
+      s.failures.push_back(std::move(why));
+      c.stages.push_back(std::move(s));
+    }
+  };
+  extras(test, "engine under test");
+  extras(truth, "fp64 reference");
+  for (std::size_t i = 0; i < ref.tensors.size(); ++i)
+    if (find(ref, ref.tensors[i].first) != &ref.tensors[i].second) {
+      VisionStageCheck s;
+      s.name = ref.tensors[i].first;
+      s.failures.push_back("traced twice by the bf16 reference");
+      c.stages.push_back(std::move(s));
+    }
   return c;
 }
 

@@ -49,7 +49,7 @@ struct VisionStageCheck {
 };
 
 struct VisionComparison {
-  std::vector<VisionStageCheck> stages;  // the reference's trace order
+  std::vector<VisionStageCheck> stages;  // the reference's trace order, then the extra ones
   bool pass() const;                     // at least one stage, and every stage passes
 };
 
@@ -64,7 +64,9 @@ void check_vision_increment(VisionStageCheck& s, const std::string& prev_name, c
                             const MatD& truth, const MatD& test_prev, const MatD& ref_prev, const MatD& truth_prev);
 
 // Every stage the bf16 reference traced, looked up by name in the other two traces; a stage that
-// test or truth lacks, or has in another shape, is a failure of that stage (not an exception).
+// test or truth lacks, or has in another shape, is a failure of that stage (not an exception), and
+// so is a stage that test or truth traces but the reference does not, or a name a trace holds
+// twice (appended after the reference's stages, one failing check each).
 VisionComparison compare_vision(const VisionTrace& test, const VisionTrace& ref, const VisionTrace& truth);
 
 }  // namespace m3::cmp

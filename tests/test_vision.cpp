@@ -312,7 +312,7 @@ TEST(VisionBf16, StandInEnginePassesTheTwoLayerCheck) {
 
 // Defects fail: a GPU tower that drops a bias (an engine with block 0's out_b zeroed: O(bias) = 2e-2
 // of an O(1) residual stream), noise of 3% on one stage, two windows swapped in the merged rows, a
-// NaN, a missing stage. Each fails at its stage and, where the defect is local, only there.
+// NaN, a missing stage, an extra or twice-traced stage. Each fails at its stage and, where the defect is local, only there.
 TEST(VisionBf16, PerturbedStagesFailTheTwoLayerCheck) {
   auto g = m3::test::test_rng();
   SCOPED_TRACE(m3::test::seed_note());
@@ -376,6 +376,28 @@ TEST(VisionBf16, PerturbedStagesFailTheTwoLayerCheck) {
     stage(bad, "vis.merged").conservativeResize(14, Eigen::NoChange);
     EXPECT_EQ(failing(m3::cmp::compare_vision(bad, emu, truth)),
               (std::vector<std::string>{"vis.patch_embed", "vis.merged"}));
+  }
+  {  // a stage the reference does not trace, and one traced twice: each a failing check of its own,
+     // after the reference's stages, which still pass
+    m3::VisionTrace bad = good;
+    const MatD blk1 = stage(bad, "vis.blk.1.out"), proj = stage(bad, "vis.proj");  // copies: the trace grows
+    bad.tensors.emplace_back("vis.blk.2.out", blk1);  // small has blocks 0 and 1
+    bad.tensors.emplace_back("vis.proj", proj);
+    const auto c = m3::cmp::compare_vision(bad, emu, truth);
+    EXPECT_FALSE(c.pass());
+    ASSERT_EQ(c.stages.size(), emu.tensors.size() + 2);
+    EXPECT_EQ(failing(c), (std::vector<std::string>{"vis.blk.2.out", "vis.proj"}));
+    EXPECT_TRUE(c.stages[3].pass()) << "the reference's vis.proj (the first traced one)";
+    EXPECT_NE(c.stages[emu.tensors.size()].failures.front().find("traced by the engine under test but not by the bf16 "
+                                                                 "reference"),
+              std::string::npos)
+        << c.stages[emu.tensors.size()].failures.front();
+    EXPECT_NE(c.stages.back().failures.front().find("traced twice by the engine under test"), std::string::npos)
+        << c.stages.back().failures.front();
+    m3::VisionTrace extra_truth = truth;  // the fp64 tower's trace is checked the same way
+    const MatD merged = stage(extra_truth, "vis.merged");
+    extra_truth.tensors.emplace_back("vis.extra", merged);
+    EXPECT_EQ(failing(m3::cmp::compare_vision(good, emu, extra_truth)), std::vector<std::string>{"vis.extra"});
   }
   EXPECT_FALSE(m3::cmp::VisionComparison{}.pass()) << "no stages is no pass";
 }
