@@ -148,6 +148,8 @@ void bench(benchmark::State& state, bool prefill_form) {
                              w.out.data(), s, w.ws_decode.data(), w.ws_decode.size());
   };
   time_iterations(state, w.stream, run);
+  if (prefill_form)
+    state.SetLabel(m3::gpu::msa_attention_prefill_uses_wgmma(kDims.D, kBlk) ? "wgmma tiles" : "mma.sync tiles");
   const double flops = 4.0 * kDims.Hq * kDims.D * w.keys;
   state.counters["TFLOP/s"] = benchmark::Counter(flops * 1e-12, benchmark::Counter::kIsIterationInvariantRate);
   state.counters["keys/query"] = w.keys / kT;

@@ -547,8 +547,7 @@ void run_chunks(Args a, const Plan& pl, cudaStream_t s, unsigned char* ws) {
   // Raises the kernel's dynamic shared-memory limit to the largest launch (blk = 128) once per device.
   const int resident = detail::resident_ctas(reinterpret_cast<const void*>(kernel), kThreads, smem_bytes<D>(kMaxBlk));
   const int smem = smem_bytes<D>(a.blk);
-  const bool sm90 = g_tiles.load(std::memory_order_relaxed) == detail::PrefillTiles::Auto &&
-                    msa_prefill::sm90_tiles_available(D, a.blk);
+  const bool sm90 = msa_attention_prefill_uses_wgmma(D, a.blk);
   const int resident_sm90 = sm90 ? msa_prefill::sm90_tiles_resident() : 0;
   a.keys_in = reinterpret_cast<std::uint32_t*>(ws + pl.off_kin);
   a.keys_out = reinterpret_cast<std::uint32_t*>(ws + pl.off_kout);
@@ -591,6 +590,11 @@ void run_chunks(Args a, const Plan& pl, cudaStream_t s, unsigned char* ws) {
 }  // namespace
 
 void detail::set_msa_prefill_tiles(PrefillTiles t) { g_tiles.store(t, std::memory_order_relaxed); }
+
+bool msa_attention_prefill_uses_wgmma(int D, int blk) {
+  return g_tiles.load(std::memory_order_relaxed) == detail::PrefillTiles::Auto &&
+         msa_prefill::sm90_tiles_available(D, blk);
+}
 
 std::size_t msa_attention_prefill_workspace_bytes(int T, int N, int blk, int k_blk, const AttnDims& dims) {
   if (T <= 0) return 0;

@@ -76,6 +76,11 @@ void msa_attention_prefill(const bf16* q, const bf16* k, const bf16* v, const st
                            bf16* out, cudaStream_t s, void* workspace, std::size_t workspace_bytes,
                            CachePages pages = {});
 
+// True when a call with head dim D and blocks of blk keys takes the wgmma tile kernel on the
+// current device (D = blk = 128 on compute capability 9.0 with an sm_90a build, not forced off by
+// detail::set_msa_prefill_tiles); false where the portable mma.sync kernel runs.
+bool msa_attention_prefill_uses_wgmma(int D, int blk);
+
 namespace detail {
 // Which tile kernel runs: Auto (the wgmma kernel, sm90_msa_attention_prefill.cu, where D = blk =
 // 128 on a compute capability 9.0 device; the portable mma.sync kernel elsewhere), or the portable

@@ -54,6 +54,7 @@ struct Geo {
 };
 const Geo kSmallGroup{16, 1, 128, 128, 16};  // small's (and M3's) group: G 16, D 128, BLK 128, top-16
 const Geo kTinyLike{4, 2, 64, 16, 4};        // tiny's blocks (BLK 16, top-4, G 2) at D 64
+const Geo kM3{64, 4, 128, 128, 16};          // M3's heads: four groups (per-group cache and head offsets)
 
 enum class SelMode { Realistic, Adversarial };
 
@@ -335,24 +336,37 @@ TEST(MsaAttentionPrefill_bf16, SmallGroup_PortableTiles) {
   run_case(kSmallGroup, 300, 0, SelMode::Adversarial);
 }
 
+// M3's four groups through whichever tile kernel the device takes (the wgmma one on sm_90): the
+// group's offsets into the cache, the query heads and the output, which one group cannot show.
+TEST(MsaAttentionPrefill_bf16, M3Heads_FourGroups) {
+  M3_REQUIRE_GPU();
+  run_case(kM3, 300, 4133, SelMode::Realistic);
+  run_case(kM3, 129, 0, SelMode::Adversarial);
+}
+
 // The two tile kernels on the same inputs: the same products summed in different orders, each
 // output rounded once: one bf16 ulp apart at most (kUlps), as the decode form above.
-TEST(MsaAttentionPrefill_bf16, SmallGroup_TileKernelsAgree) {
+TEST(MsaAttentionPrefill_bf16, TileKernelsAgree) {
   M3_REQUIRE_GPU();
-  const Geo g = kSmallGroup;
-  auto rng = test::test_rng();
-  SCOPED_TRACE(test::seed_note());
-  const Inputs in = make_inputs(g, 700, 9001, SelMode::Adversarial, rng);
-  Device d(in);
-  const MatF a = to_mat(run_prefill(g, in, d, d.k.data(), d.v.data()), in.q.rows(), in.q.cols());
-  MatF b;
-  {
-    ForcePortableTiles force;
-    b = to_mat(run_prefill(g, in, d, d.k.data(), d.v.data()), in.q.rows(), in.q.cols());
+  if (!gpu::msa_attention_prefill_uses_wgmma(128, 128))
+    GTEST_SKIP() << "no wgmma tile kernel on this device (needs compute capability 9.0 and an sm_90a build)";
+  for (const Geo& g : {kSmallGroup, kM3}) {
+    SCOPED_TRACE(name(g, 700, 9001, SelMode::Adversarial));
+    auto rng = test::test_rng();
+    SCOPED_TRACE(test::seed_note());
+    const Inputs in = make_inputs(g, 700, 9001, SelMode::Adversarial, rng);
+    Device d(in);
+    const MatF a = to_mat(run_prefill(g, in, d, d.k.data(), d.v.data()), in.q.rows(), in.q.cols());
+    MatF b;
+    {
+      ForcePortableTiles force;
+      ASSERT_FALSE(gpu::msa_attention_prefill_uses_wgmma(128, 128));
+      b = to_mat(run_prefill(g, in, d, d.k.data(), d.v.data()), in.q.rows(), in.q.cols());
+    }
+    ASSERT_TRUE(a.allFinite());
+    ASSERT_TRUE(b.allFinite());
+    EXPECT_EQ(test::bf16_violations(a, b, kUlps, kAtol), 0) << "max diff " << (a - b).cwiseAbs().maxCoeff();
   }
-  ASSERT_TRUE(a.allFinite());
-  ASSERT_TRUE(b.allFinite());
-  EXPECT_EQ(test::bf16_violations(a, b, kUlps, kAtol), 0) << "max diff " << (a - b).cwiseAbs().maxCoeff();
 }
 
 void negative_page_case(const Geo& g, std::int64_t p0) {
