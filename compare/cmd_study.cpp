@@ -169,6 +169,7 @@ int study(const StudyArgs& a) {
       for (const auto& r : g.prefill)
         j["gpu"]["prefill"].push_back({{"context", r.context}, {"chunk", r.chunk}, {"chunks", r.chunks},
                                        {"chunks_timed", r.chunks_timed}, {"dense_kernel", r.dense_kernel}, {"index_kernel", r.index_kernel},
+                                       {"sparse_kernel", r.sparse_kernel},
                                        {"dense_ms", r.dense_ms}, {"index_ms", r.index_ms}, {"select_ms", r.select_ms},
                                        {"sparse_ms", r.sparse_ms}, {"msa_ms", r.msa_ms}, {"dense_flops", r.dense_flops},
                                        {"index_flops", r.index_flops}, {"sparse_flops", r.sparse_flops},

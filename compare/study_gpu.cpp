@@ -305,6 +305,7 @@ GpuStudy run_gpu_study(const ModelConfig& cfg, const GpuStudyOptions& o,
       r.chunks_timed = static_cast<int>(idx.size());
       r.dense_kernel = sm90 ? "sm90_wgmma" : D == 128 ? "mma_sync" : "split_k";
       r.index_kernel = sm90_index ? "sm90_wgmma" : "mma_sync";
+      r.sparse_kernel = gpu::msa_attention_prefill_uses_wgmma(D, BLK) ? "sm90_wgmma" : "mma_sync";
       r.dense_ms = extrapolate(idx, td, chunks) * 1e-3;
       r.index_ms = extrapolate(idx, ti, chunks) * 1e-3;
       r.select_ms = extrapolate(idx, ts, chunks) * 1e-3;

@@ -42,6 +42,7 @@ struct GpuPrefillPoint {
   int chunk = 0, chunks = 0, chunks_timed = 0;  // chunks_timed < chunks: the rest extrapolated
   std::string dense_kernel;                      // "sm90_wgmma", "mma_sync" or "split_k" (D != 128)
   std::string index_kernel;                      // "sm90_wgmma" (sm90_msa_index) or "mma_sync" (msa_index)
+  std::string sparse_kernel;                     // msa_attention_prefill's tile kernel: "sm90_wgmma" or "mma_sync"
   double dense_ms = 0;
   double index_ms = 0, select_ms = 0, sparse_ms = 0, msa_ms = 0;
   double dense_flops = 0;                        // 2*Hq*D*sum(keys) x 2 (QK and PV), causal

@@ -186,6 +186,11 @@ def decode_section(g, figs):
     return "\n".join(md) + "\n"
 
 
+def sparse_kernel(r):
+    # Runs before 2026-11-29's fourth did not record msa_attention_prefill's tile kernel.
+    return r.get("sparse_kernel", "unrecorded")
+
+
 def prefill_section(g, figs):
     pre = g.get("prefill") or []
     if not pre:
@@ -194,7 +199,8 @@ def prefill_section(g, figs):
     rows = []
     for r in pre:
         msa_fl = r["index_flops"] + r["sparse_flops"]
-        rows.append([ctx(r["context"]), r["dense_kernel"], r.get("index_kernel", "mma_sync"), f"{r['dense_ms']:.2f}",
+        rows.append([ctx(r["context"]), r["dense_kernel"], r.get("index_kernel", "mma_sync"), sparse_kernel(r),
+                     f"{r['dense_ms']:.2f}",
                      f"{r['index_ms']:.2f}",
                      f"{r['select_ms']:.2f}", f"{r['sparse_ms']:.2f}", f"{r['msa_ms']:.2f}",
                      f"{r['dense_ms'] / r['msa_ms']:.2f}x",
@@ -206,7 +212,7 @@ def prefill_section(g, figs):
           f"Chunks of queries; `timed` < `chunks` means an even sample of chunks was timed and the rest "
           f"extrapolated. `% peak` is achieved TFLOP/s over the measured bf16 GEMM peak ({peak:.0f} TFLOP/s).",
           "",
-          table(["n", "dense kernel", "index kernel", "dense ms", "index ms", "select ms", "sparse ms", "MSA ms", "speedup",
+          table(["n", "dense kernel", "index kernel", "sparse kernel", "dense ms", "index ms", "select ms", "sparse ms", "MSA ms", "speedup",
                  "dense % peak", "MSA % peak", "timed"], rows), ""]
     r = at(pre, ONE_M)
     if r:
@@ -225,8 +231,8 @@ def prefill_section(g, figs):
         md.append(f"- Against that rate ({dense_tf:.0f} TFLOP/s, {100 * dense_tf / peak:.0f}% of the GEMM peak): the "
                   f"index scoring ({r.get('index_kernel', 'mma_sync')}) runs at {idx_tf:.0f} TFLOP/s and takes "
                   f"{r['index_ms']:.0f} ms where {idx_at:.0f} ms would do ({r['index_ms'] / idx_at:.1f}x over); the "
-                  f"sparse attention (msa_attention_prefill, KV-block-outer with fp32 partials per query, head and "
-                  f"slot) runs at {sp_tf:.0f} TFLOP/s and takes {r['sparse_ms']:.0f} ms where {sp_at:.0f} ms would "
+                  f"sparse attention (msa_attention_prefill, {sparse_kernel(r)} tiles, KV-block-outer with fp32 "
+                  f"partials per query, head and slot) runs at {sp_tf:.0f} TFLOP/s and takes {r['sparse_ms']:.0f} ms where {sp_at:.0f} ms would "
                   f"do ({r['sparse_ms'] / sp_at:.1f}x over). With both at the dense kernel's rate and selection as "
                   f"measured, MSA would take {best:.0f} ms: {r['dense_ms'] / best:.1f}x.")
         md.append("")

@@ -35,7 +35,7 @@ cat >"$tmp/gpu.json" <<'JSON'
     "msa_fp8_bytes": 138412032.0, "dense_flops": 3.4e10, "msa_flops": 1.1e9, "rest_us": 500.0}],
   "prefill": [
    {"context": 1048576, "chunk": 16384, "chunks": 64, "chunks_timed": 8, "dense_kernel": "sm90_wgmma",
-    "index_kernel": "sm90_wgmma", "dense_ms": 24000.0, "index_ms": 600.0, "select_ms": 100.0, "sparse_ms": 1300.0, "msa_ms": 2000.0,
+    "index_kernel": "sm90_wgmma", "sparse_kernel": "sm90_wgmma", "dense_ms": 24000.0, "index_ms": 600.0, "select_ms": 100.0, "sparse_ms": 1300.0, "msa_ms": 2000.0,
     "dense_flops": 1.4e16, "index_flops": 1.1e15, "sparse_flops": 5.0e14, "rest_ms": 9000.0}]}}
 JSON
 "$py" "$here/reports/make_report.py" "$tmp/gpu.json" "$tmp/cpu.json" --cost "$tmp/cost.json" --out-dir "$tmp/out" \
@@ -49,7 +49,8 @@ want "GPU: FIXTURE-GPU, driver 000.00"
 want "| 1 | 1M | 540.0 | 110.0 | 4.91x | 85.0 | 6.35x | 99% | 62% |"
 want "4.91x with a bf16 index-K cache (paper 7.6x: short by 1.55x"
 # Prefill at 1M: 24000/2000 = 12.00x, short of 14.2 by 1.18x; dense 1.4e16 FLOP / 24 s = 583 TFLOP/s = 83%.
-want "| 1M | sm90_wgmma | sm90_wgmma | 24000.00 | 600.00 | 100.00 | 1300.00 | 2000.00 | 12.00x | 83% |"
+want "| 1M | sm90_wgmma | sm90_wgmma | sm90_wgmma | 24000.00 | 600.00 | 100.00 | 1300.00 | 2000.00 | 12.00x | 83% |"
+want "sparse attention (msa_attention_prefill, sm90_wgmma tiles,"
 want "At 1M: 12.00x (paper 14.2x: short by 1.18x"
 # Against the dense rate (583 TFLOP/s): sparse 5e14 FLOP would take 857 ms (1300 / 857 = 1.5x over);
 # with index (1.1e15 -> 1886 ms) and sparse at that rate, MSA = 1886 + 100 + 857 = 2843 ms: 8.4x.
