@@ -213,6 +213,9 @@ int compare_mtp(const CompareArgs& a, const ModelConfig& cfg0, const std::vector
   std::fprintf(stderr, "compare: reference bf16, generate_mtp ...\n");
   MtpStats rst, gst;
   auto t0 = std::chrono::steady_clock::now();
+  // The near-tie rules of the modules' and the main model's choices (mtp_compare.h); taken before
+  // the gpu run takes the weights.
+  const cmp::MtpRouterTies ties = cmp::mtp_router_ties(cfg, mw, &w);
   const std::vector<std::int32_t> rtok =
       run_generate_mtp(false, cfg, w, mw, Precision::BF16, prompt, a.decode, a.mtp, &rst);
   const double ref_ms = clock_ms(t0);
@@ -222,7 +225,6 @@ int compare_mtp(const CompareArgs& a, const ModelConfig& cfg0, const std::vector
       run_generate_mtp(true, cfg, std::move(w), mw, Precision::BF16, prompt, a.decode, a.mtp, &gst);
   const double gpu_ms = clock_ms(t0);
   const double min_acceptance = a.mtp_planted ? cmp::kPlantedMinAcceptance : 0.0;
-  const cmp::MtpRouterTies ties = cmp::mtp_router_ties(cfg, mw);  // the expert rule (mtp_compare.h)
   const cmp::MtpComparison c = cmp::compare_mtp_runs(rtok, rst, gtok, gst, cmp::kBf16.tie_rtol, min_acceptance, ties);
   const char* weights_name = a.mtp_planted ? "planted" : "seeded";
   const std::string dev = gpu::describe(gpu::device_info(0));
@@ -239,6 +241,7 @@ int compare_mtp(const CompareArgs& a, const ModelConfig& cfg0, const std::vector
                 {"rounds_ref", c.rounds_ref}, {"rounds_gpu", c.rounds_test}, {"rounds_compared", c.rounds_compared},
                 {"drafts_equal", c.drafts_equal}, {"drafts_compared", c.drafts_compared},
                 {"rounds_near_tie", c.rounds_near_tie}, {"rounds_expert_tie", c.rounds_expert_tie},
+                {"rounds_selection_tie", c.rounds_selection_tie}, {"rounds_main_tie", c.rounds_main_tie},
                 {"expert_tie_rtol", ties.rtol},
                 {"tie_rtol", cmp::kBf16.tie_rtol}, {"accepted_by_ref", c.accepted_by_ref},
                 {"accepted_ref", c.accepted_ref}, {"accepted_gpu_own", gst.accepted}, {"drafted_gpu", gst.drafted},
@@ -255,10 +258,10 @@ int compare_mtp(const CompareArgs& a, const ModelConfig& cfg0, const std::vector
   fmt::print("time: reference bf16 {:.1f} ms, gpu {:.1f} ms\n", ref_ms, gpu_ms);
   fmt::print("tokens: {} of {} agree (the greedy tokens of each engine's main model)\n", c.tokens_agree, c.steps);
   fmt::print("rounds: reference {}, gpu {}; {} drafted from the same history: {} with identical drafts, {} parting at a "
-             "module near-tie (margin <= {:.1e}), {} after an expert flip at a near-tie (score spread <= {:.1e} x "
-             "scale)\n",
+             "module near-tie (margin <= {:.1e}), after a flip at a near-tie (score spread <= {:.1e} x scale): {} module "
+             "expert, {} module MSA block, {} main-model on the round's feed rows\n",
              c.rounds_ref, c.rounds_test, c.rounds_compared, c.drafts_equal, c.rounds_near_tie, cmp::kBf16.tie_rtol,
-             c.rounds_expert_tie, ties.rtol);
+             ties.rtol, c.rounds_expert_tie, c.rounds_selection_tie, c.rounds_main_tie);
   if (a.mtp_planted && c.accepted_by_ref == c.accepted_ref)
     fmt::print("acceptance, planted weights: {} of {} drafts accepted by both (the reference's check of the gpu's drafts "
                "and of its own, over the {} rounds with identical drafts; gate: both equal and >= {:.0f}%); gpu's own "

@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <functional>
 #include <iterator>
 #include <limits>
 #include <set>
@@ -59,13 +60,43 @@ Rounds rounds_of(const std::vector<std::int32_t>& tokens, const MtpStats& st, co
   return r;
 }
 
-// draft_router fits the drafts: one entry a draft; with ties, each owner module's MoE layers x E
-// logits and x K experts.
-void check_router_fit(const MtpStats& st, const MtpRouterTies& ties, const char* who) {
+// The decision order of a row: `order` (true = a selection, false = experts), or with none the
+// experts of `moe_layers` layers.
+std::vector<bool> order_of(const std::vector<bool>& order, std::size_t moe_layers) {
+  return order.empty() ? std::vector<bool>(moe_layers, false) : order;
+}
+
+// One record fits: per MoE layer E logits and K experts, per MSA layer Hi rows of NB >= 1 scores and
+// K_blk blocks.
+void check_row_fit(const MtpStats::Router& r, const std::vector<Vec<float>>& bias, const std::vector<bool>& order,
+                   const MtpRouterTies& ties, const std::function<void(const std::string&)>& fail) {
+  if (r.logits.rows() != r.experts.rows())
+    fail(fmt::format("{} layers of logits, {} of experts", r.logits.rows(), r.experts.rows()));
+  if (r.block_scores.rows() != r.selection.rows())
+    fail(fmt::format("{} rows of block scores, {} of selections", r.block_scores.rows(), r.selection.rows()));
+  if (!ties.enabled()) return;
+  if (r.logits.rows() != static_cast<Eigen::Index>(bias.size()))
+    fail(fmt::format("{} MoE layers, the model has {}", r.logits.rows(), bias.size()));
+  for (std::size_t l = 0; l < bias.size(); ++l)
+    if (r.logits.cols() != bias[l].size() || r.experts.cols() != ties.K)
+      fail(fmt::format("layer {}: [{}] logits and [{}] experts, expected E = {} and K = {}", l, r.logits.cols(),
+                       r.experts.cols(), bias[l].size(), ties.K));
+  const auto msa = static_cast<Eigen::Index>(std::count(order.begin(), order.end(), true));
+  if (msa > 0 && (r.selection.rows() != msa * ties.Hi || r.selection.cols() != ties.K_blk || r.block_scores.cols() < 1))
+    fail(fmt::format("[{}, {}] selections and [{}, {}] block scores, expected {} MSA layers x Hi = {} rows of K_blk = "
+                     "{} blocks",
+                     r.selection.rows(), r.selection.cols(), r.block_scores.rows(), r.block_scores.cols(), msa, ties.Hi,
+                     ties.K_blk));
+}
+
+// draft_router fits the drafts (one entry a draft); feed_router (with the main rule) one entry a
+// round, its rows the positions the previous round added (1 + its accepted drafts; round 0: >= 1).
+void check_router_fit(const MtpStats& st, const Rounds& rounds, const MtpRouterTies& ties, const char* who) {
   if (!ties.enabled() && st.draft_router.empty()) return;
+  std::string where = "draft_router";
   auto fail = [&](const std::string& why) {
-    throw std::invalid_argument(fmt::format("compare_mtp_runs: the {} run's draft_router does not match its drafts: {}",
-                                            who, why));
+    throw std::invalid_argument(fmt::format("compare_mtp_runs: the {} run's {} does not match its drafts: {}", who,
+                                            where, why));
   };
   if (ties.enabled() && ties.bias.empty()) fail("router ties without modules (bias is empty)");
   if (st.draft_router.size() != st.drafts.size())
@@ -74,114 +105,189 @@ void check_router_fit(const MtpStats& st, const MtpRouterTies& ties, const char*
     if (st.draft_router[i].size() != st.drafts[i].size())
       fail(fmt::format("round {} has {} router rows for {} drafts", i, st.draft_router[i].size(), st.drafts[i].size()));
     for (std::size_t j = 0; j < st.drafts[i].size(); ++j) {
-      const MtpStats::Router& r = st.draft_router[i][j];
-      if (r.logits.rows() != r.experts.rows())
-        fail(fmt::format("round {} draft {}: {} layers of logits, {} of experts", i, j, r.logits.rows(), r.experts.rows()));
-      if (!ties.enabled()) continue;
-      const auto& b = ties.bias[j % ties.bias.size()];
-      if (r.logits.rows() != static_cast<Eigen::Index>(b.size()))
-        fail(fmt::format("round {} draft {}: {} MoE layers, its module has {}", i, j, r.logits.rows(), b.size()));
-      for (std::size_t l = 0; l < b.size(); ++l)
-        if (r.logits.cols() != b[l].size() || r.experts.cols() != ties.K)
-          fail(fmt::format("round {} draft {} layer {}: [{}] logits and [{}] experts, expected E = {} and K = {}", i, j, l,
-                           r.logits.cols(), r.experts.cols(), b[l].size(), ties.K));
+      const auto& bias = ties.enabled() ? ties.bias[j % ties.bias.size()] : std::vector<Vec<float>>{};
+      check_row_fit(st.draft_router[i][j], bias, order_of(ties.module_order, bias.size()), ties,
+                    [&](const std::string& why) { fail(fmt::format("round {} draft {}: {}", i, j, why)); });
     }
+  }
+  if (!ties.main_enabled()) return;
+  where = "feed_router";
+  if (st.feed_router.size() != st.drafts.size())
+    fail(fmt::format("{} rounds, {} rounds of drafts", st.feed_router.size(), st.drafts.size()));
+  for (std::size_t i = 0; i < st.feed_router.size(); ++i) {
+    const std::size_t want = i == 0 ? 0 : static_cast<std::size_t>(1 + rounds.accepted[i - 1]);
+    if (i == 0 ? st.feed_router[i].empty() : st.feed_router[i].size() != want)
+      fail(fmt::format("round {} has {} feed rows, expected {}", i, st.feed_router[i].size(),
+                       i == 0 ? std::string(">= 1") : std::to_string(want)));
+    for (std::size_t p = 0; p < st.feed_router[i].size(); ++p)
+      check_row_fit(st.feed_router[i][p], ties.main_bias, order_of(ties.main_order, ties.main_bias.size()), ties,
+                    [&](const std::string& why) { fail(fmt::format("round {} feed row {}: {}", i, p, why)); });
   }
 }
 
-std::set<std::int32_t> expert_set(const MatI& experts, Eigen::Index layer) {
-  std::set<std::int32_t> s;
-  for (Eigen::Index c = 0; c < experts.cols(); ++c) s.insert(experts(layer, c));
-  return s;
-}
-
-// A flip of one MoE layer's expert set between two runs' rows: the experts chosen by one run only,
-// and whether they nearly tie by each run's biased scores (their spread <= rtol x the row's largest
-// |score|).
-struct ExpertFlip {
-  int draft = -1, layer = -1;       // where (-1: no flip)
+// A flip of one decision between two runs' rows: the ids chosen by one run only, and whether they
+// nearly tie by each run's scores (their spread <= rtol x the row's largest finite |score|).
+struct Flip {
+  bool main = false;       // a main-model feed row (else a module's draft row)
+  int draft = -1;          // the draft row (module) or the feed row's index in the round (main); -1: no flip
+  bool selection = false;  // an MSA block selection (else an expert choice)
+  int layer = -1, head = -1;  // the MoE or MSA layer among the row's (in order), the index head
   std::vector<std::int32_t> only_test, only_ref;
   double spread_test = 0, spread_ref = 0, scale_test = 0, scale_ref = 0;
   bool near_tie = false;
 };
 
-ExpertFlip judge_flip(const MtpStats::Router& t, const MtpStats::Router& r, Eigen::Index l, const Vec<float>& bias,
-                      const MtpRouterTies& ties) {
-  ExpertFlip f;
-  f.layer = static_cast<int>(l);
-  const std::set<std::int32_t> st = expert_set(t.experts, l), sr = expert_set(r.experts, l);
-  std::set_difference(st.begin(), st.end(), sr.begin(), sr.end(), std::back_inserter(f.only_test));
-  std::set_difference(sr.begin(), sr.end(), st.begin(), st.end(), std::back_inserter(f.only_ref));
-  const auto E = static_cast<std::int32_t>(bias.size());
-  // A duplicate (a set smaller than K) or an id out of range is a defect, never a tie.
-  bool valid = static_cast<int>(st.size()) == ties.K && static_cast<int>(sr.size()) == ties.K;
+std::set<std::int32_t> id_set(const MatI& ids, Eigen::Index row, bool drop_padding) {
+  std::set<std::int32_t> s;
+  for (Eigen::Index c = 0; c < ids.cols(); ++c)
+    if (!drop_padding || ids(row, c) != -1) s.insert(ids(row, c));
+  return s;
+}
+int valid_entries(const MatI& ids, Eigen::Index row, bool drop_padding) {
+  int n = 0;
+  for (Eigen::Index c = 0; c < ids.cols(); ++c) n += !drop_padding || ids(row, c) != -1;
+  return n;
+}
+
+// Judges row `row` of the ids (experts or selection) given both runs' score rows; score(m, e) maps a
+// raw score to the deciding one.
+template <class ScoreFn>
+void judge(Flip& f, const MatI& it, const MatI& ir, const MatF& st, const MatF& sr, Eigen::Index row, bool drop_padding,
+           Eigen::Index ids_end, const MtpRouterTies& ties, ScoreFn score) {
+  const std::set<std::int32_t> a = id_set(it, row, drop_padding), b = id_set(ir, row, drop_padding);
+  std::set_difference(a.begin(), a.end(), b.begin(), b.end(), std::back_inserter(f.only_test));
+  std::set_difference(b.begin(), b.end(), a.begin(), a.end(), std::back_inserter(f.only_ref));
+  // A duplicate, a set of another size or an id out of range is a defect, never a tie.
+  bool valid = static_cast<int>(a.size()) == valid_entries(it, row, drop_padding) &&
+               static_cast<int>(b.size()) == valid_entries(ir, row, drop_padding) && a.size() == b.size();
   for (const auto* ids : {&f.only_test, &f.only_ref})
-    for (std::int32_t e : *ids) valid = valid && e >= 0 && e < E;
-  auto spread = [&](const MatF& logits, double& scale) {
+    for (std::int32_t e : *ids) valid = valid && e >= 0 && e < ids_end && e < st.cols() && e < sr.cols();
+  if (!valid) return;
+  auto spread = [&](const MatF& m, double& scale) {
     double lo = std::numeric_limits<double>::infinity(), hi = -lo;
     scale = 0;
-    auto score = [&](Eigen::Index e) {
-      return 1.0 / (1.0 + std::exp(-static_cast<double>(logits(l, e)))) + (ties.use_bias ? bias(e) : 0.0);
-    };
-    for (Eigen::Index e = 0; e < logits.cols(); ++e)
-      if (const double s = score(e); std::isfinite(s)) scale = std::max(scale, std::abs(s));
+    for (Eigen::Index e = 0; e < m.cols(); ++e)
+      if (const double x = score(m, row, e); std::isfinite(x)) scale = std::max(scale, std::abs(x));
     for (const auto* ids : {&f.only_test, &f.only_ref})
       for (std::int32_t e : *ids) {
-        const double s = score(e);
-        if (!std::isfinite(s)) return std::numeric_limits<double>::infinity();
-        lo = std::min(lo, s), hi = std::max(hi, s);
+        const double x = score(m, row, e);
+        if (!std::isfinite(x)) return std::numeric_limits<double>::infinity();
+        lo = std::min(lo, x), hi = std::max(hi, x);
       }
     return hi - lo;
   };
-  if (!valid) return f;
-  f.spread_test = spread(t.logits, f.scale_test);
-  f.spread_ref = spread(r.logits, f.scale_ref);
+  f.spread_test = spread(st, f.scale_test);
+  f.spread_ref = spread(sr, f.scale_ref);
   f.near_tie = f.spread_test <= ties.rtol * f.scale_test || f.spread_ref <= ties.rtol * f.scale_ref;
-  return f;
 }
 
-// The first draft 0..j of round i (then the first MoE layer) where the runs' owner rows chose other
-// expert sets.
-ExpertFlip first_flip(const MtpStats& test, const MtpStats& ref, std::size_t i, std::size_t j,
-                      const MtpRouterTies& ties) {
-  for (std::size_t d = 0; d <= j; ++d) {
-    const MtpStats::Router &t = test.draft_router[i][d], &r = ref.draft_router[i][d];
-    const auto& bias = ties.bias[d % ties.bias.size()];
-    for (Eigen::Index l = 0; l < t.experts.rows(); ++l)
-      if (expert_set(t.experts, l) != expert_set(r.experts, l)) {
-        ExpertFlip f = judge_flip(t, r, l, bias[static_cast<std::size_t>(l)], ties);
-        f.draft = static_cast<int>(d);
+// The first decision of one row (in `order`) where the runs differ, judged; draft = -1 where none.
+Flip first_flip_in_row(const MtpStats::Router& t, const MtpStats::Router& r, const std::vector<Vec<float>>& bias,
+                       const std::vector<bool>& order, const MtpRouterTies& ties) {
+  int moe = 0, msa = 0;
+  for (const bool sel : order) {
+    Flip f;
+    f.selection = sel;
+    if (sel) {
+      f.layer = msa++;
+      for (int h = 0; h < ties.Hi; ++h) {
+        const Eigen::Index row = static_cast<Eigen::Index>(f.layer) * ties.Hi + h;
+        if (id_set(t.selection, row, true) == id_set(r.selection, row, true)) continue;
+        f.head = h;
+        f.draft = 0;
+        judge(f, t.selection, r.selection, t.block_scores, r.block_scores, row, true, t.block_scores.cols(), ties,
+              [](const MatF& m, Eigen::Index i, Eigen::Index e) { return static_cast<double>(m(i, e)); });
         return f;
       }
+    } else {
+      f.layer = moe++;
+      if (id_set(t.experts, f.layer, false) == id_set(r.experts, f.layer, false)) continue;
+      f.draft = 0;
+      const Vec<float>& b = bias[static_cast<std::size_t>(f.layer)];
+      judge(f, t.experts, r.experts, t.logits, r.logits, f.layer, false, b.size(), ties,
+            [&](const MatF& m, Eigen::Index i, Eigen::Index e) {
+              return 1.0 / (1.0 + std::exp(-static_cast<double>(m(i, e)))) + (ties.use_bias ? b(e) : 0.0);
+            });
+      return f;
+    }
   }
   return {};
 }
 
-std::string flip_note(const ExpertFlip& f, const MtpRouterTies& ties) {
-  if (f.draft < 0) return "; the owner modules chose the same experts on every draft row up to it";
-  return fmt::format("; experts first differ at draft {} layer {}: test only {}, reference only {}, score spread "
-                     "{:.2e} / {:.2e} of row scale {:.3g} / {:.3g} (expert near-tie <= {:.1e} x scale)",
-                     f.draft, f.layer, fmt::join(f.only_test, ","), fmt::join(f.only_ref, ","), f.spread_test,
-                     f.spread_ref, f.scale_test, f.scale_ref, ties.rtol);
+// The first decision, in causal order, where the runs differ before draft j of round i is drafted:
+// the main model's feed rows (with the main rule), then the owner modules' draft rows 0..j.
+Flip first_flip(const MtpStats& test, const MtpStats& ref, std::size_t i, std::size_t j, const MtpRouterTies& ties) {
+  if (ties.main_enabled())
+    for (std::size_t p = 0; p < ref.feed_router[i].size() && p < test.feed_router[i].size(); ++p) {
+      Flip f = first_flip_in_row(test.feed_router[i][p], ref.feed_router[i][p], ties.main_bias,
+                                 order_of(ties.main_order, ties.main_bias.size()), ties);
+      if (f.draft < 0) continue;
+      f.main = true;
+      f.draft = static_cast<int>(p);
+      return f;
+    }
+  for (std::size_t d = 0; d <= j; ++d) {
+    const auto& bias = ties.bias[d % ties.bias.size()];
+    Flip f = first_flip_in_row(test.draft_router[i][d], ref.draft_router[i][d], bias,
+                               order_of(ties.module_order, bias.size()), ties);
+    if (f.draft < 0) continue;
+    f.draft = static_cast<int>(d);
+    return f;
+  }
+  return {};
+}
+
+std::string flip_note(const Flip& f, const MtpRouterTies& ties) {
+  if (f.draft < 0)
+    return ties.main_enabled() ? "; the main model on the round's feed rows and the owner modules on every draft row up "
+                                 "to it made the same choices (experts and MSA blocks)"
+                               : "; the owner modules chose the same experts on every draft row up to it";
+  const std::string where = f.main ? fmt::format("the main model's feed row {}", f.draft) : fmt::format("draft {}", f.draft);
+  const std::string what = f.selection ? fmt::format("MSA blocks first differ at {} MSA layer {} head {}", where, f.layer,
+                                                     f.head)
+                                       : fmt::format("experts first differ at {} layer {}", where, f.layer);
+  return fmt::format("; {}: test only {}, reference only {}, score spread {:.2e} / {:.2e} of row scale {:.3g} / {:.3g} "
+                     "(near-tie <= {:.1e} x scale)",
+                     what, fmt::join(f.only_test, ","), fmt::join(f.only_ref, ","), f.spread_test, f.spread_ref,
+                     f.scale_test, f.scale_ref, ties.rtol);
 }
 
 }  // namespace
 
-MtpRouterTies mtp_router_ties(const ModelConfig& cfg, std::span<const ModelWeights<float>> modules) {
+MtpRouterTies mtp_router_ties(const ModelConfig& cfg, std::span<const ModelWeights<float>> modules,
+                              const ModelWeights<float>* main) {
   MtpRouterTies t;
   t.K = cfg.num_experts_per_tok;
   t.use_bias = cfg.use_routing_bias;
-  for (const auto& m : modules) {
-    if (!m.mtp_in)
-      throw std::invalid_argument("mtp_router_ties: weights without mtp_in are not an MTP module's (generate_mtp_module)");
-    auto& layers = t.bias.emplace_back();
-    for (const auto& L : m.layers)
+  t.Hi = cfg.index_n_heads;
+  t.K_blk = cfg.index_topk_blocks;
+  auto moe_biases = [&](const ModelWeights<float>& w, std::vector<Vec<float>>& out) {
+    for (const auto& L : w.layers)
       if (L.mlp_type == MlpType::MOE) {
         if (L.router_bias.size() != cfg.num_local_experts)
           throw std::invalid_argument(fmt::format("mtp_router_ties: a router bias of {} experts, the config has {}",
                                                   L.router_bias.size(), cfg.num_local_experts));
-        layers.push_back(L.router_bias);
+        out.push_back(L.router_bias);
       }
+  };
+  auto order = [](const ModelConfig& c) {
+    std::vector<bool> o;
+    for (int l = 0; l < c.num_hidden_layers; ++l) {
+      if (c.layer_types[static_cast<std::size_t>(l)] == AttnType::MSA) o.push_back(true);
+      if (c.mlp_layer_types[static_cast<std::size_t>(l)] == MlpType::MOE) o.push_back(false);
+    }
+    return o;
+  };
+  t.module_order = order(mtp_module_config(cfg));
+  for (const auto& m : modules) {
+    if (!m.mtp_in)
+      throw std::invalid_argument("mtp_router_ties: weights without mtp_in are not an MTP module's (generate_mtp_module)");
+    moe_biases(m, t.bias.emplace_back());
+  }
+  if (main) {
+    if (main->mtp_in) throw std::invalid_argument("mtp_router_ties: `main` holds an MTP module's weights");
+    t.main_order = order(cfg);
+    moe_biases(*main, t.main_bias);
   }
   return t;
 }
@@ -195,8 +301,8 @@ MtpComparison compare_mtp_runs(const std::vector<std::int32_t>& ref_tokens, cons
                                          test_tokens[static_cast<std::size_t>(c.tokens_agree)])
     ++c.tokens_agree;
   const Rounds rr = rounds_of(ref_tokens, ref, "reference"), rt = rounds_of(test_tokens, test, "test");
-  check_router_fit(ref, router, "reference");
-  check_router_fit(test, router, "test");
+  check_router_fit(ref, rr, router, "reference");
+  check_router_fit(test, rt, router, "test");
   c.rounds_ref = static_cast<int>(rr.start.size());
   c.rounds_test = static_cast<int>(rt.start.size());
   // Both runs draft from the same state while their histories agree: the same round starts.
@@ -220,11 +326,11 @@ MtpComparison compare_mtp_runs(const std::vector<std::int32_t>& ref_tokens, cons
       ++c.rounds_near_tie;
       continue;
     }
-    ExpertFlip flip;
+    Flip flip;
     if (router.enabled() && j < dt.size() && j < dr.size()) {
       flip = first_flip(test, ref, i, j, router);
       if (flip.near_tie) {
-        ++c.rounds_expert_tie;
+        ++(flip.main ? c.rounds_main_tie : flip.selection ? c.rounds_selection_tie : c.rounds_expert_tie);
         continue;
       }
     }

@@ -23,6 +23,15 @@
 //   (rounds_expert_tie). Drafts that part while every owner row up to j chose the same experts,
 //   or after a flip with a clear score gap, fail: a real defect is not explained by a tie that did
 //   not decide anything.
+//   The same rule covers every discrete decision the round's drafts follow from, taken in causal
+//   order, the first one that differs deciding: the MAIN model's decisions on the round's feed rows
+//   (MtpStats::feed_router: positions fed .. n-1 whose h_p the modules take this round; per position
+//   ascending, per layer its MSA block selection then its experts), then each draft row's module
+//   decisions (draft 0 .. j; selection then experts). A block selection flips at a near-tie when the
+//   blocks chosen by one run only score within ties.rtol x the row's largest finite |score| by either
+//   run's block scores. Counted as rounds_main_tie, rounds_selection_tie, rounds_expert_tie. What
+//   follows the first flip is its consequence and is not judged (DESIGN 4). Main-model flips at
+//   positions before the feed reach the round only through attention and explain nothing.
 // Then the reference's check accepts exactly as many of the test engine's drafts as of its own in
 // every equal round (implied by the equality; counted as accepted_by_ref / accepted_ref). At least
 // one round must be compared. Seeded (untrained) modules are right by chance only, so acceptance is
@@ -50,7 +59,10 @@ struct MtpComparison {
   int rounds_compared = 0;        // rounds starting inside the common prefix (in both runs)
   int drafts_equal = 0;           // of those, rounds with identical drafts
   int rounds_near_tie = 0;        // of those, rounds whose drafts part at a module near-tie
-  int rounds_expert_tie = 0;      // of those, rounds whose drafts part after an expert flip at a near-tie
+  int rounds_expert_tie = 0;      // of those, rounds whose drafts part after a module expert flip at a near-tie
+  int rounds_selection_tie = 0;   // ... after a module MSA selection flip at a near-tie
+  int rounds_main_tie = 0;        // ... after a main-model flip (experts or selection) at a near-tie on a feed row
+  int rounds_explained() const { return rounds_near_tie + rounds_expert_tie + rounds_selection_tie + rounds_main_tie; }
   std::int64_t drafts_compared = 0;  // drafts in the rounds with identical drafts
   std::int64_t accepted_by_ref = 0;  // the reference's verify of the test engine's drafts
   std::int64_t accepted_ref = 0;     // the reference's own acceptance, same rounds
@@ -79,12 +91,26 @@ struct MtpRouterTies {
   // is no measure, and the floor (two bf16 ulps of the row's largest score) already covers router
   // logits computed from bf16 activations in another summation order.
   double rtol = kBf16.tie_rtol;
+  // The MSA rule (with K > 0; mtp_router_ties sets it): a module's draft row or a main-model feed row
+  // whose block selection differs, at a head whose blocks chosen by one run only score within rtol x
+  // the row's largest finite |score| by either run's block scores (model_compare's selection rule).
+  // Decision order of one row: per layer, its selection (an MSA layer) before its experts (an MoE
+  // layer): true = a selection, false = an expert choice. Empty module_order: the experts of each
+  // module MoE layer only (draft_router's block_scores and selection are then not read).
+  std::vector<bool> module_order, main_order;
+  int Hi = 0, K_blk = 0;  // index heads, blocks a row selects
+  // The main-model rule: the main model's MoE layers' biases (in layer order); empty: feed_router is
+  // not read, and a main-model flip explains nothing.
+  std::vector<Vec<float>> main_bias;
   bool enabled() const { return K > 0; }
+  bool main_enabled() const { return enabled() && !main_bias.empty(); }
 };
 
 // The ties of modules made by generate_mtp_module with config mtp_module_config(cfg) (one MoE layer
-// each today; every MoE layer is taken).
-MtpRouterTies mtp_router_ties(const ModelConfig& cfg, std::span<const ModelWeights<float>> modules);
+// each today; every MoE layer is taken), their MSA selections, and with `main` (the main model's
+// weights) the main model's feed rows too.
+MtpRouterTies mtp_router_ties(const ModelConfig& cfg, std::span<const ModelWeights<float>> modules,
+                              const ModelWeights<float>* main = nullptr);
 
 // Throws std::invalid_argument when a run's stats do not fit its tokens (a round starting past the
 // tokens, more accepted drafts than its stats say, margins missing for its drafts) or, with

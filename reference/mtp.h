@@ -45,11 +45,21 @@ struct MtpStats {
   // logits follow from the experts its row chose: where a router's K-th and (K+1)-th scores nearly
   // tie, two engines may choose other experts and then draft other tokens with clear logit margins
   // (compare/mtp_compare.h's expert rule reads these).
+  // With them, the row's MSA block selections (blk.{l}.block_scores, blk.{l}.selection; head-major
+  // as traced: MSA layer s's heads at rows s*Hi .. s*Hi+Hi-1): a block chosen at a near-tie of the
+  // index scores moves the row's attention by a whole block, as a flipped expert moves its MoE output.
   struct Router {
-    MatF logits;   // [L_moe, E] router logits (before the sigmoid and the bias)
-    MatI experts;  // [L_moe, K_e] the experts chosen
+    MatF logits;        // [L_moe, E] router logits (before the sigmoid and the bias)
+    MatI experts;       // [L_moe, K_e] the experts chosen
+    MatF block_scores;  // [L_msa*Hi, NB] the MSA index scores of the row (-inf past its block)
+    MatI selection;     // [L_msa*Hi, K_blk] the blocks chosen (-1 padded)
   };
   std::vector<std::vector<Router>> draft_router;
+  // Per drafting round, per position p of its feed (fed .. n-1: the positions whose (x_{p+1}, h_p)
+  // the modules take at draft step 0, the round's module input), the MAIN model's decisions on row p
+  // in the forward whose h_p was kept (prefill or a check): a main-model flip there moves h_p, and
+  // with it every draft of the round, by far more than rounding (compare/mtp_compare.h's main rule).
+  std::vector<std::vector<Router>> feed_router;
 };
 
 // Prefill `prompt` on `main`, then produce `steps` tokens with k >= 1 drafts a round from

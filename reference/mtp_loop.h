@@ -35,21 +35,36 @@ MatD mtp_step(ModelT& m, SeqT& s, std::span<const std::int32_t> tokens, const Ma
   return logits;
 }
 
-// A trace callback keeping the last row of every blk.{l}.router_logits and blk.{l}.experts of
-// sequence 0, appended in layer (= trace) order: the router's decision on a draft's row.
-inline TraceFn mtp_router_recorder(MtpStats::Router& out) {
-  return [&out](int seq, const std::string& name, const TraceView& v) {
+// A trace callback keeping sequence 0's decisions (blk.{l}.router_logits, .experts, .block_scores,
+// .selection), appended in layer (= trace) order: of its last row into out[0] (last_only: a draft's
+// row; out holds one record), or of every row t into out[t] (out is grown to the forward's T rows).
+// Hi: index heads (block_scores and selection rows are head-major, [Hi*T, .]).
+inline TraceFn mtp_choice_recorder(std::vector<MtpStats::Router>& out, int Hi, bool last_only) {
+  return [&out, Hi, last_only](int seq, const std::string& name, const TraceView& v) {
     if (seq != 0 || v.rows < 1 || name.rfind("blk.", 0) != 0) return;
     const bool lg = name.ends_with(".router_logits"), ex = name.ends_with(".experts");
-    if (!lg && !ex) return;
-    const std::int64_t r = v.rows - 1;
-    auto append = [&](auto& m, auto cast) {
+    const bool sc = name.ends_with(".block_scores"), se = name.ends_with(".selection");
+    if (!lg && !ex && !sc && !se) return;
+    const int heads = sc || se ? Hi : 1;
+    const std::int64_t T = v.rows / heads;
+    auto append = [&](auto& m, std::int64_t r, auto cast) {
       const Eigen::Index n = m.rows();
       m.conservativeResize(n + 1, v.cols);
       for (std::int64_t c = 0; c < v.cols; ++c) m(n, c) = cast(v.at(r, c));
     };
-    if (lg) append(out.logits, [](double x) { return static_cast<float>(x); });
-    else append(out.experts, [](double x) { return static_cast<std::int32_t>(std::llround(x)); });
+    const auto f32 = [](double x) { return static_cast<float>(x); };
+    const auto i32 = [](double x) { return static_cast<std::int32_t>(std::llround(x)); };
+    if (!last_only && static_cast<std::int64_t>(out.size()) < T) out.resize(static_cast<std::size_t>(T));
+    for (std::int64_t t = last_only ? T - 1 : 0; t < T; ++t) {
+      MtpStats::Router& o = out[last_only ? 0 : static_cast<std::size_t>(t)];
+      for (int h = 0; h < heads; ++h) {
+        const std::int64_t r = h * T + t;
+        if (lg) append(o.logits, r, f32);
+        else if (ex) append(o.experts, r, i32);
+        else if (sc) append(o.block_scores, r, f32);
+        else append(o.selection, r, i32);
+      }
+    }
   };
 }
 
@@ -80,9 +95,24 @@ std::vector<std::int32_t> mtp_loop(ModelT& main, std::span<ModelT* const> module
   MtpStats st;
   st.accepted_at.assign(static_cast<std::size_t>(k), 0);
 
+  // Traces run only when stats are asked for, since a trace makes a device engine copy every traced
+  // tensor back.
+  const int Hi = c.index_n_heads;
+  std::vector<MtpStats::Router> main_rows;  // [n] the main model's decisions on each kept row (stats only)
+  std::vector<MtpStats::Router> fresh;      // the last main forward's rows
+  auto main_trace = [&]() -> TraceFn {
+    fresh.clear();
+    return stats ? mtp_choice_recorder(fresh, Hi, false) : TraceFn{};
+  };
+  auto keep_main_rows = [&](std::int64_t from, std::int64_t rows) {  // rows 0 .. rows-1 of fresh at from ..
+    if (!stats) return;
+    main_rows.resize(static_cast<std::size_t>(from));
+    main_rows.insert(main_rows.end(), fresh.begin(), fresh.begin() + rows);
+  };
   SeqT ms = main.new_sequence();
   MatD hm;  // [n, H] the main model's hidden states of every position in its cache
-  MatD logits = mtp_step(main, ms, prompt, nullptr, hm);
+  MatD logits = mtp_step(main, ms, prompt, nullptr, hm, main_trace());
+  keep_main_rows(0, static_cast<std::int64_t>(prompt.size()));
   std::vector<std::int32_t> hist(prompt.begin(), prompt.end());  // x_0 .. x_{n-1}: the main cache
   std::int32_t pending = greedy_token(logits, logits.rows() - 1);  // x_n
   std::vector<SeqT> seqs;
@@ -103,7 +133,8 @@ std::vector<std::int32_t> mtp_loop(ModelT& main, std::span<ModelT* const> module
     ++st.rounds;
     if (kk <= 0) {  // nothing left worth drafting: a plain decode step
       MatD h;
-      const MatD lg = mtp_step(main, ms, std::span<const std::int32_t>(&pending, 1), nullptr, h);
+      const MatD lg = mtp_step(main, ms, std::span<const std::int32_t>(&pending, 1), nullptr, h, main_trace());
+      keep_main_rows(n, 1);
       mtp_append_rows(hm, h);
       hist.push_back(pending);
       pending = greedy_token(lg, 0);
@@ -125,13 +156,14 @@ std::vector<std::int32_t> mtp_loop(ModelT& main, std::span<ModelT* const> module
       MatD h_next;
       for (int m = 0; m < count; ++m) {
         MatD h;
-        // Only the owner's row decides the draft (a module is one layer: the others' MoE outputs
-        // reach neither their caches nor the next step); traced only when stats are asked for,
-        // since a trace makes a device engine copy every traced tensor back.
-        if (m == owner && stats) routers.emplace_back();
-        const TraceFn rec = m == owner && stats ? mtp_router_recorder(routers.back()) : TraceFn{};
+        // Only the owner's row decides the draft (a module is one layer: the others' attention and
+        // MoE outputs reach neither their caches nor the next step).
+        std::vector<MtpStats::Router> row;
+        const TraceFn rec = m == owner && stats ? mtp_choice_recorder(row, Hi, true) : TraceFn{};
+        if (m == owner && stats) row.resize(1);
         const MatD lg = j == 0 ? mtp_step(*modules[m], seqs[m], feed, &hfeed, h, rec)
                                : mtp_step(*modules[m], seqs[m], std::span<const std::int32_t>(&tok_in, 1), &h_in, h, rec);
+        if (m == owner && stats) routers.push_back(std::move(row[0]));
         if (m == owner) {
           next = greedy_token(lg, lg.rows() - 1);
           margins.push_back(mtp_top2_margin(lg, lg.rows() - 1));
@@ -141,14 +173,16 @@ std::vector<std::int32_t> mtp_loop(ModelT& main, std::span<ModelT* const> module
       d.push_back(next);
       hprev = std::move(h_next);
     }
+    if (stats) st.feed_router.emplace_back(main_rows.begin() + fed, main_rows.begin() + n);
     fed = n;
     // The check: x_n, d_1 .. d_kk at positions n .. n+kk in one main forward.
     std::vector<std::int32_t> check{pending};
     check.insert(check.end(), d.begin(), d.end());
     MatD h;
-    const MatD lg = mtp_step(main, ms, check, nullptr, h);  // [kk+1, V]
+    const MatD lg = mtp_step(main, ms, check, nullptr, h, main_trace());  // [kk+1, V]
     int a = 0;
     while (a < kk && greedy_token(lg, a) == d[static_cast<std::size_t>(a)]) ++a;
+    keep_main_rows(n, a + 1);
     st.drafted += kk;
     st.accepted += a;
     st.drafts.push_back(d);

@@ -185,21 +185,26 @@ TEST(GpuMtp, DraftsAreTheReferenceDraftsAndTokensTheGreedyOnes) {
   // Round by round, the GPU's drafts are the reference's (or part at a module near-tie, or after
   // the module's router flipped experts at a near-tie: seeded routers have some on ~1-5% of rows),
   // so the reference's check accepts them as its own (compare/mtp_compare.h, m3h compare --mtp's rule).
-  const auto ties = m3::cmp::mtp_router_ties(t.cfg, std::span<const m3::ModelWeights<float>>(&t.mod, 1));
+  const auto ties = m3::cmp::mtp_router_ties(t.cfg, std::span<const m3::ModelWeights<float>>(&t.mod, 1), &t.main);
   const auto c = m3::cmp::compare_mtp_runs(rtok, rst, gtok, gst, m3::cmp::kBf16.tie_rtol, 0.0, ties);
-  std::printf("[gpu mtp] tokens agree on %d of %d; %d rounds compared: %d equal, %d near-tie, %d expert near-tie; "
+  std::printf("[gpu mtp] tokens agree on %d of %d; %d rounds compared: %d equal, %d near-tie, %d module expert, %d "
+              "module MSA block, %d main-model near-tie flips; "
               "reference accepted %lld of its drafts, %lld of the gpu's\n",
               c.tokens_agree, c.steps, c.rounds_compared, c.drafts_equal, c.rounds_near_tie, c.rounds_expert_tie,
+              c.rounds_selection_tie, c.rounds_main_tie,
               static_cast<long long>(c.accepted_ref), static_cast<long long>(c.accepted_by_ref));
-  // Seeded weights leave rounds that part for reasons the records cannot show yet (an expert or
-  // block-selection flip in the main model, whose hidden states the module takes, or in the
-  // module's MSA): between two correct CPU engines (fp32 vs the bf16 reference, and the bf16
-  // reference vs itself on weights nudged by 2^-12) up to 13 of ~350-430 rounds, <= 4%
-  // (tests/test_mtp_compare.cpp SeededDraftsPartAtExpertNearTies). Of ~23 rounds here, a 4% rate
-  // reaches 4 in ~1.5% of runs and 5 in ~0.3%: at most 4 unexplained rounds; a wrong module
-  // kernel parts most rounds. The strict criterion (every round equal or explained, acceptance
-  // equal on nonzero counts) is the planted test's below, whose margins no flip can overturn.
-  const int unexplained = c.rounds_compared - c.drafts_equal - c.rounds_near_tie - c.rounds_expert_tie;
+  // Seeded weights leave rounds that part beyond every recorded near-tie rule (module expert and MSA
+  // block flips on the draft rows, main-model flips on the round's feed rows, compare/mtp_compare.h):
+  // between two correct CPU engines (fp32 vs the bf16 reference, and the bf16 reference vs itself on
+  // weights nudged by 2^-12) 0.3-0.7% of rounds over 200 seeds (~3400 rounds each; 1.8% before the
+  // MSA and main-model rules), nearly all a module MSA block flip on a draft row with a clear score
+  // gap (tests/test_mtp_compare.cpp SeededDraftsPartAtExpertNearTies), which the records do not
+  // trace to its cause yet (likely a main-model flip at an earlier position whose h_p the module's
+  // cache holds). Not ~0, so the bound stays where a 4% rate put it (reaching 5 of ~23 in ~0.3% of
+  // runs; a 1% rate, in ~1e-5): at most 4 unexplained rounds; a wrong module kernel parts most rounds. The strict criterion (every round
+  // equal or explained, acceptance equal on nonzero counts) is the planted test's below, whose
+  // margins no flip can overturn.
+  const int unexplained = c.rounds_compared - c.drafts_equal - c.rounds_explained();
   for (const auto& f : c.failures) std::printf("  %s\n", f.c_str());
   EXPECT_LE(unexplained, 4) << "rounds parting beyond every near-tie rule";
   EXPECT_GE(c.drafts_equal, (4 * c.rounds_compared) / 5) << "fewer than 80% of the rounds drafted alike";
