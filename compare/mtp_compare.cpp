@@ -132,6 +132,8 @@ struct Flip {
   int draft = -1;          // the draft row (module) or the feed row's index in the round (main); -1: no flip
   bool selection = false;  // an MSA block selection (else an expert choice)
   int layer = -1, head = -1;  // the MoE or MSA layer among the row's (in order), the index head
+  int index = -1;             // the decision's index in the row's order
+  bool consequence = false;   // a block flip over a block holding an earlier position's near-tie flip
   std::vector<std::int32_t> only_test, only_ref;
   double spread_test = 0, spread_ref = 0, scale_test = 0, scale_ref = 0;
   bool near_tie = false;
@@ -184,10 +186,11 @@ void judge(Flip& f, const MatI& it, const MatI& ir, const MatF& st, const MatF& 
 // The first decision of one row (in `order`) where the runs differ, judged; draft = -1 where none.
 Flip first_flip_in_row(const MtpStats::Router& t, const MtpStats::Router& r, const std::vector<Vec<float>>& bias,
                        const std::vector<bool>& order, const MtpRouterTies& ties) {
-  int moe = 0, msa = 0;
+  int moe = 0, msa = 0, index = 0;
   for (const bool sel : order) {
     Flip f;
     f.selection = sel;
+    f.index = index++;
     if (sel) {
       f.layer = msa++;
       for (int h = 0; h < ties.Hi; ++h) {
@@ -214,9 +217,42 @@ Flip first_flip_in_row(const MtpStats::Router& t, const MtpStats::Router& r, con
   return {};
 }
 
+// Per position p of the main cache before round i's drafts (feed rows of rounds 0..i, in order),
+// the index (in main_order) of the main model's first differing decision on row p where that
+// decision is explained (a near-tie, or a block flip over a block holding an earlier explained
+// flip, consequence_of); INT_MAX where the row's decisions agree or its first flip is not explained.
+int block_holds_flip(const Flip& f, const std::vector<int>& tainted, int before_index, std::size_t end,
+                     const MtpRouterTies& ties) {
+  if (!f.selection || ties.BLK <= 0) return 0;
+  for (const auto* ids : {&f.only_test, &f.only_ref})
+    for (std::int32_t b : *ids)
+      for (std::size_t q = static_cast<std::size_t>(b) * ties.BLK;
+           q < std::min(end, static_cast<std::size_t>(b + 1) * ties.BLK) && q < tainted.size(); ++q)
+        if (tainted[q] < before_index) return 1;
+  return 0;
+}
+std::vector<int> main_flips(const MtpStats& test, const MtpStats& ref, std::size_t i, const MtpRouterTies& ties) {
+  std::vector<int> tainted;
+  if (!ties.main_enabled() || ties.BLK <= 0) return tainted;
+  const auto order = order_of(ties.main_order, ties.main_bias.size());
+  for (std::size_t r = 0; r <= i; ++r)
+    for (std::size_t p = 0; p < ref.feed_router[r].size() && p < test.feed_router[r].size(); ++p) {
+      const Flip f = first_flip_in_row(test.feed_router[r][p], ref.feed_router[r][p], ties.main_bias, order, ties);
+      const bool ok = f.draft >= 0 && (f.near_tie || block_holds_flip(f, tainted, f.index, tainted.size(), ties));
+      tainted.push_back(ok ? f.index : std::numeric_limits<int>::max());
+    }
+  return tainted;
+}
+
 // The first decision, in causal order, where the runs differ before draft j of round i is drafted:
 // the main model's feed rows (with the main rule), then the owner modules' draft rows 0..j.
+// A block flip (main model at a feed row, or a module's draft row) over a block that holds an
+// earlier position whose main-model row flipped first at a near-tie, before the block's layer (the
+// module's cache takes every h_p: any of the row's decisions), is that flip's consequence: a block's
+// index score follows its keys, which the flip moved (consequence).
 Flip first_flip(const MtpStats& test, const MtpStats& ref, std::size_t i, std::size_t j, const MtpRouterTies& ties) {
+  const std::vector<int> tainted = main_flips(test, ref, i, ties);
+  const std::size_t fed = tainted.size() - std::min(tainted.size(), ref.feed_router.empty() ? 0 : ref.feed_router[i].size());
   if (ties.main_enabled())
     for (std::size_t p = 0; p < ref.feed_router[i].size() && p < test.feed_router[i].size(); ++p) {
       Flip f = first_flip_in_row(test.feed_router[i][p], ref.feed_router[i][p], ties.main_bias,
@@ -224,6 +260,7 @@ Flip first_flip(const MtpStats& test, const MtpStats& ref, std::size_t i, std::s
       if (f.draft < 0) continue;
       f.main = true;
       f.draft = static_cast<int>(p);
+      if (!f.near_tie && block_holds_flip(f, tainted, f.index, fed + p, ties)) f.near_tie = f.consequence = true;
       return f;
     }
   for (std::size_t d = 0; d <= j; ++d) {
@@ -232,6 +269,8 @@ Flip first_flip(const MtpStats& test, const MtpStats& ref, std::size_t i, std::s
                                order_of(ties.module_order, bias.size()), ties);
     if (f.draft < 0) continue;
     f.draft = static_cast<int>(d);
+    if (!f.near_tie && block_holds_flip(f, tainted, std::numeric_limits<int>::max(), tainted.size(), ties))
+      f.near_tie = f.consequence = true;
     return f;
   }
   return {};
@@ -261,6 +300,7 @@ MtpRouterTies mtp_router_ties(const ModelConfig& cfg, std::span<const ModelWeigh
   t.use_bias = cfg.use_routing_bias;
   t.Hi = cfg.index_n_heads;
   t.K_blk = cfg.index_topk_blocks;
+  t.BLK = cfg.index_block_size;
   auto moe_biases = [&](const ModelWeights<float>& w, std::vector<Vec<float>>& out) {
     for (const auto& L : w.layers)
       if (L.mlp_type == MlpType::MOE) {
@@ -330,7 +370,8 @@ MtpComparison compare_mtp_runs(const std::vector<std::int32_t>& ref_tokens, cons
     if (router.enabled() && j < dt.size() && j < dr.size()) {
       flip = first_flip(test, ref, i, j, router);
       if (flip.near_tie) {
-        ++(flip.main ? c.rounds_main_tie : flip.selection ? c.rounds_selection_tie : c.rounds_expert_tie);
+        ++(flip.main || flip.consequence ? c.rounds_main_tie
+                                         : flip.selection ? c.rounds_selection_tie : c.rounds_expert_tie);
         continue;
       }
     }

@@ -31,7 +31,12 @@
 //   blocks chosen by one run only score within ties.rtol x the row's largest finite |score| by either
 //   run's block scores. Counted as rounds_main_tie, rounds_selection_tie, rounds_expert_tie. What
 //   follows the first flip is its consequence and is not judged (DESIGN 4). Main-model flips at
-//   positions before the feed reach the round only through attention and explain nothing.
+//   positions before the feed reach the round through attention and through the modules' caches
+//   (which hold every h_p): such a flip explains nothing by itself, but a block flip (with any gap)
+//   over a block holding an earlier position whose main-model row flipped first at a near-tie (or
+//   was such a consequence itself), at a layer before the block's (a module row: any layer), is
+//   that flip's consequence, since a block's index score follows the keys the flip moved (counted
+//   as rounds_main_tie; needs ties.BLK).
 // Then the reference's check accepts exactly as many of the test engine's drafts as of its own in
 // every equal round (implied by the equality; counted as accepted_by_ref / accepted_ref). At least
 // one round must be compared. Seeded (untrained) modules are right by chance only, so acceptance is
@@ -61,7 +66,8 @@ struct MtpComparison {
   int rounds_near_tie = 0;        // of those, rounds whose drafts part at a module near-tie
   int rounds_expert_tie = 0;      // of those, rounds whose drafts part after a module expert flip at a near-tie
   int rounds_selection_tie = 0;   // ... after a module MSA selection flip at a near-tie
-  int rounds_main_tie = 0;        // ... after a main-model flip (experts or selection) at a near-tie on a feed row
+  int rounds_main_tie = 0;        // ... after a main-model flip at a near-tie on a feed row (experts or blocks), or a
+                                  // block flip over an earlier position's near-tie main-model flip
   int rounds_explained() const { return rounds_near_tie + rounds_expert_tie + rounds_selection_tie + rounds_main_tie; }
   std::int64_t drafts_compared = 0;  // drafts in the rounds with identical drafts
   std::int64_t accepted_by_ref = 0;  // the reference's verify of the test engine's drafts
@@ -99,6 +105,7 @@ struct MtpRouterTies {
   // module MoE layer only (draft_router's block_scores and selection are then not read).
   std::vector<bool> module_order, main_order;
   int Hi = 0, K_blk = 0;  // index heads, blocks a row selects
+  int BLK = 0;            // positions a block holds (0: no consequence rule, below)
   // The main-model rule: the main model's MoE layers' biases (in layer order); empty: feed_router is
   // not read, and a main-model flip explains nothing.
   std::vector<Vec<float>> main_bias;
