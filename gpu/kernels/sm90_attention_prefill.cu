@@ -71,12 +71,6 @@ struct Args {
 
 #if defined(__CUDA_ARCH__)
 
-// 2^x on the SFU (relative error ~2^-22, far below the bf16 rounding of P); 2^-inf = +0.
-__device__ __forceinline__ float ex2(float x) {
-  float y;
-  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
-  return y;
-}
 // Two floats -> one register of two bf16 (lo = the lower column), round to nearest even.
 __device__ __forceinline__ std::uint32_t pack_bf16(float lo, float hi) {
   const __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
@@ -119,7 +113,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     }
     // Make the initialized barriers visible to the other threads and to the TMA unit (async proxy).
     asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
-    asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+    fence_async_shared();
   }
   __syncthreads();
 
@@ -297,7 +291,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   // Epilogue: O / l in fp32, one bf16 rounding, written into this warpgroup's own 64 rows of the Q
   // tile (only its own wgmma read them, and they completed), in the same swizzled layout, so that
   // the global stores below are 16 bytes wide and coalesced.
-  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");  // async-proxy reads, then generic writes
+  fence_async_shared();  // async-proxy reads, then generic writes
 #pragma unroll
   for (int hr = 0; hr < 2; ++hr) {
     float lsum = l[hr];

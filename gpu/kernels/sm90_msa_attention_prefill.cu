@@ -34,6 +34,9 @@ namespace m3::gpu::msa_prefill {
 namespace {
 
 using namespace sm90;
+using detail::cp_async16;
+using detail::cp_async_commit;
+using detail::cp_async_wait;
 
 constexpr int kD = 128;
 constexpr int kBlk = 128;
@@ -46,24 +49,6 @@ constexpr std::uint32_t kKVBytes = 2 * kKVHalf;
 // + 1024: the dynamic window is aligned up to 1024 bytes in the kernel (swizzle atoms).
 constexpr int kSmemBytes = 1024 + static_cast<int>(kQBytes + 2 * kKVBytes);
 
-#if defined(__CUDA_ARCH__)
-__device__ __forceinline__ float ex2(float x) {  // 2^x on the SFU; 2^-inf = +0
-  float y;
-  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
-  return y;
-}
-__device__ __forceinline__ void cp_async16(std::uint32_t dst, const void* src, bool valid) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(valid ? 16 : 0));
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-template <int kPending>
-__device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending) : "memory");
-}
-__device__ __forceinline__ void fence_async_shared() {
-  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
-}
-#endif  // __CUDA_ARCH__
 
 __global__ void __launch_bounds__(kThreads, 2) sm90_tile_kernel(const Args a) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
@@ -194,8 +179,7 @@ __global__ void __launch_bounds__(kThreads, 2) sm90_tile_kernel(const Args a) {
         const float lo = sc[8 * kk + 2 * x], hi = sc[8 * kk + 2 * x + 1];
         const __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);  // .x (low half) = lo
         ph[kk][x] = *reinterpret_cast<const std::uint32_t*>(&h);
-        const __nv_bfloat162 r = __floats2bfloat162_rn(lo - __low2float(h), hi - __high2float(h));  // exact differences
-        pl[kk][x] = *reinterpret_cast<const std::uint32_t*>(&r);
+        pl[kk][x] = detail::pack_bf16(lo - __low2float(h), hi - __high2float(h));  // exact differences
       }
     float o[64];  // O [64, 128]: o[4 nt + e] = row r0 + 8 (e >> 1), dim 8 nt + 2 tq + (e & 1)
 #pragma unroll

@@ -144,6 +144,19 @@ __device__ __forceinline__ void wgmma_k128_ss(float (&d)[64], std::uint32_t a, s
   }
 }
 
+// 2^x on the SFU (relative error ~2^-22, far below a bf16 rounding); 2^-inf = +0.
+__device__ __forceinline__ float ex2(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+  return y;
+}
+// Orders this thread's generic-proxy shared-memory accesses (stores, cp.async data it has waited
+// for) before later async-proxy ones (wgmma, TMA) of the CTA, and async-proxy reads before later
+// generic writes; a barrier then publishes the order to the other threads.
+__device__ __forceinline__ void fence_async_shared() {
+  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+}
+
 // NaN-propagating max (PTX max.NaN): a NaN operand makes the result NaN, as the reference's
 // PropagateNaN reductions do; one instruction where fmaxf would drop the NaN.
 __device__ __forceinline__ float max_nan(float a, float b) {
