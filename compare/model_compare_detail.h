@@ -22,6 +22,10 @@ bool add_nonfinite_failure(const FloatMetrics& m, std::vector<std::string>& fail
 MatD expert_scores(const MatF& logits, const Vec<float>& bias, bool use_bias);
 // Top-K per row with the router's tie rule, in the router's arithmetic: [T, K] ids as floats.
 MatF router_choice(const MatF& logits, const Vec<float>& bias, bool use_bias, int K);
+// A differing argmax of logits row r (a_test on the test engine, a_ref on the reference) is a
+// near-tie: the reference's two logits are within kNoiseMargin x the noise of a two-logit gap,
+// measured from the engines' differences at the row's other tokens (model_compare.cpp).
+bool argmax_near_tie(const MatD& test, const MatD& ref, Eigen::Index r, std::int32_t a_test, std::int32_t a_ref);
 // An index output against the reference's: exact, a near-tie on `scores`, or exactly `own`.
 TensorCheck check_index(const std::string& name, const MatF& test, const MatF& ref, const MatD& scores,
                         double noise_rel, const MatF& own);

@@ -11,8 +11,12 @@
 // index in both. Each such round is gated on its own (sums could cancel between rounds):
 //   its drafts equal the reference's round r, token for token; or
 //   they first differ at a draft whose module logits were a near-tie in either run (margin, MtpStats::
-//   draft_margins, <= tie_rtol): the module's choice between two equal-scoring tokens may go either
-//   way, so the round is counted (rounds_near_tie) and its acceptance not compared; or
+//   draft_margins, <= tie_rtol), or, where both runs recorded the draft's logits row (MtpStats::
+//   Router::draft_logits) and the rows agree within the bf16 logits gate (rel-L2 <= kBf16.rel_l2),
+//   the reference's two candidates are within 4 x the two-logit gap noise measured between the rows
+//   (the main model's greedy rule, model_compare.h): the module's choice between two equal-scoring
+//   tokens may go either way, so the round is counted (rounds_near_tie) and its acceptance not
+//   compared; or
 //   (with MtpRouterTies) they first differ at draft j after an expert flip at a near-tie: at the
 //   first draft i <= j of the round where the two engines' owner modules chose other expert sets
 //   (MtpStats::draft_router), the experts in one set and not the other score within ties.rtol of

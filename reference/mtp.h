@@ -53,6 +53,9 @@ struct MtpStats {
     MatI experts;       // [L_moe, K_e] the experts chosen
     MatF block_scores;  // [L_msa*Hi, NB] the MSA index scores of the row (-inf past its block)
     MatI selection;     // [L_msa*Hi, K_blk] the blocks chosen (-1 padded)
+    // [1, V] the owner module's logits on the draft's row (the draft is their argmax): the near-tie
+    // rule measures the engines' logit noise on them (compare/mtp_compare.h).
+    MatF draft_logits;
   };
   std::vector<std::vector<Router>> draft_router;
   // Per drafting round, per position p of its feed (fed .. n-1: the positions whose (x_{p+1}, h_p)

@@ -163,7 +163,10 @@ std::vector<std::int32_t> mtp_loop(ModelT& main, std::span<ModelT* const> module
         if (m == owner && stats) row.resize(1);
         const MatD lg = j == 0 ? mtp_step(*modules[m], seqs[m], feed, &hfeed, h, rec)
                                : mtp_step(*modules[m], seqs[m], std::span<const std::int32_t>(&tok_in, 1), &h_in, h, rec);
-        if (m == owner && stats) routers.push_back(std::move(row[0]));
+        if (m == owner && stats) {
+          row[0].draft_logits = lg.bottomRows(1).cast<float>();
+          routers.push_back(std::move(row[0]));
+        }
         if (m == owner) {
           next = greedy_token(lg, lg.rows() - 1);
           margins.push_back(mtp_top2_margin(lg, lg.rows() - 1));
