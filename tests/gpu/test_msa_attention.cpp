@@ -14,6 +14,7 @@
 #include "reference/ops/msa_attention.h"
 #include "reference/ops/msa_select.h"
 #include "tests/gpu/gpu_test_util.h"
+#include "tests/gpu/paged_test_util.h"
 
 #include <algorithm>
 #include <cmath>
@@ -24,6 +25,10 @@
 
 using namespace m3;
 using m3::test::bf16_exact;
+using m3::test::make_pages;
+using m3::test::PageTable;
+using m3::test::scatter_pages;
+using m3::test::scattered_positions;
 
 namespace {
 
@@ -50,62 +55,6 @@ std::string name(const Case& c) {
 }
 
 std::vector<int> lens_of(const Case& c) { return c.lens.empty() ? std::vector<int>(c.B, c.N) : c.lens; }
-
-// Paged copy of a contiguous cache (the same helper in each reader's test): sequence b's logical
-// page lp is physical page ids[b*pps + lp], drawn from a random permutation of a pool with `spare`
-// pages more than the sequences use; pps is one more than N needs (the table's stride is pps, not
-// ceil(N/128)). Pages past a sequence's length get id -1 (unallocated: a kernel that looked one up
-// would give NaN), and every pool row that no logical row < len[b] maps to (the spare pages, the
-// tail of a sequence's last page) keeps the all-ones poison (bf16 and E4M3 NaN).
-struct PageTable {
-  std::vector<std::int32_t> ids;  // [B, pps]
-  int pps = 0, n_pages = 0;
-};
-
-PageTable make_pages(int N, const std::vector<int>& len, int spare, std::mt19937_64& g) {
-  const int B = static_cast<int>(len.size());
-  PageTable t;
-  t.pps = (N + gpu::kPageRows - 1) / gpu::kPageRows + 1;
-  int used = 0;
-  for (int L : len) used += (L + gpu::kPageRows - 1) / gpu::kPageRows;
-  t.n_pages = used + spare;
-  std::vector<std::int32_t> perm(t.n_pages);
-  std::iota(perm.begin(), perm.end(), 0);
-  std::shuffle(perm.begin(), perm.end(), g);
-  t.ids.assign(static_cast<std::size_t>(B) * t.pps, -1);
-  int next = 0;
-  for (int b = 0; b < B; ++b)
-    for (int lp = 0; lp * gpu::kPageRows < len[b]; ++lp) t.ids[b * t.pps + lp] = perm[next++];
-  return t;
-}
-
-// Rows [0, len[b]) of every sequence of contig [B*N, W] scattered into a pool [n_pages*128, W].
-template <class E>
-std::vector<E> scatter_pages(const std::vector<E>& contig, int N, std::int64_t W, const std::vector<int>& len,
-                             const PageTable& t) {
-  std::vector<E> pool(static_cast<std::size_t>(t.n_pages) * gpu::kPageRows * W);
-  std::memset(static_cast<void*>(pool.data()), 0xFF, pool.size() * sizeof(E));
-  for (std::size_t b = 0; b < len.size(); ++b)
-    for (int j = 0; j < len[b]; ++j) {
-      const std::int32_t id = t.ids[b * t.pps + j / gpu::kPageRows];
-      if (id < 0) continue;  // a page made unallocated on purpose: its rows have nowhere to go
-      const std::int64_t row = std::int64_t{id} * gpu::kPageRows + j % gpu::kPageRows;
-      std::memcpy(static_cast<void*>(&pool[row * W]), &contig[(static_cast<std::int64_t>(b) * N + j) * W],
-                  W * sizeof(E));
-    }
-  return pool;
-}
-
-
-std::vector<std::int64_t> scattered_positions(int T, int N, std::mt19937_64& g) {
-  std::vector<std::int64_t> all(N);
-  std::iota(all.begin(), all.end(), 0);
-  std::shuffle(all.begin(), all.end(), g);
-  std::vector<std::int64_t> p(T);
-  for (int t = 0; t < T; ++t) p[t] = all[t % N];
-  p[std::uniform_int_distribution<int>(0, T - 1)(g)] = N - 1;
-  return p;
-}
 
 MatD to_d(const MatF& m) { return m.cast<double>(); }
 
