@@ -42,27 +42,6 @@ using m3::gpu::DeviceBuffer;
 constexpr int kH = 6144, kI = 3072, kIs = 3072, kE = 128, kK = 4;
 constexpr double kRoutedScale = 2.5;
 
-std::uint64_t next(std::uint64_t& s) {
-  s ^= s << 13, s ^= s >> 7, s ^= s << 17;
-  return s;
-}
-
-// Uniform values in [-scale, scale): a 16M-element host pattern, uploaded once and tiled over d by
-// doubling device-to-device copies (generating 7G values on the host would take a minute).
-void fill_random(DeviceBuffer<bf16>& d, std::uint64_t seed, float scale) {
-  constexpr std::size_t kPattern = std::size_t{1} << 24;
-  std::uint64_t s = seed * 0x9E3779B97F4A7C15ull + 1;
-  std::vector<float> f(std::min(kPattern, d.size()));
-  for (auto& v : f) v = scale * static_cast<float>(static_cast<double>(next(s) >> 11) * 0x1p-52 - 1.0);
-  const auto b = m3::gpu::to_bf16(f.data(), f.size());
-  M3_CUDA_CHECK(cudaMemcpy(d.data(), b.data(), b.size() * sizeof(bf16), cudaMemcpyHostToDevice));
-  for (std::size_t done = b.size(); done < d.size();) {
-    const std::size_t n = std::min(done, d.size() - done);
-    M3_CUDA_CHECK(cudaMemcpy(d.data() + done, d.data(), n * sizeof(bf16), cudaMemcpyDeviceToDevice));
-    done += n;
-  }
-}
-
 // The expert weights (14.5 GB) and the shared expert, made once; the in-process GEMM peak.
 struct World {
   DeviceBuffer<bf16> gate_up, down, sgu, sdown;
@@ -77,15 +56,15 @@ struct World {
         down(static_cast<std::size_t>(kE) * kH * kI),
         sgu(static_cast<std::size_t>(2) * kIs * kH),
         sdown(static_cast<std::size_t>(kH) * kIs) {
-    fill_random(gate_up, 1, 0.02f);
-    fill_random(down, 2, 0.02f);
-    fill_random(sgu, 3, 0.02f);
-    fill_random(sdown, 4, 0.02f);
+    m3::bench::fill_random(gate_up, 1, 0.02f);
+    m3::bench::fill_random(down, 2, 0.02f);
+    m3::bench::fill_random(sgu, 3, 0.02f);
+    m3::bench::fill_random(sdown, 4, 0.02f);
     w = {gate_up.data(), down.data(), kE, kI, sgu.data(), sdown.data(), kIs};
     const int n = 8192;
     DeviceBuffer<bf16> a(static_cast<std::size_t>(n) * n), b(a.size()), c(a.size());
-    fill_random(a, 5, 1.f);
-    fill_random(b, 6, 1.f);
+    m3::bench::fill_random(a, 5, 1.f);
+    m3::bench::fill_random(b, 6, 1.f);
     const double sec = mean_seconds(stream.get(), 10, [&] {
       m3::gpu::linear(h.get(), a.data(), b.data(), c.data(), n, n, n, stream.get());
     });
@@ -97,7 +76,7 @@ struct World {
     if (auto it = dense_tflops.find(T); it != dense_tflops.end()) return it->second;
     const std::size_t N = static_cast<std::size_t>(T) * kK;
     DeviceBuffer<bf16> x(N * kH), mid(N * 2 * kI);
-    fill_random(x, 7, 1.f);
+    m3::bench::fill_random(x, 7, 1.f);
     const double sec = mean_seconds(stream.get(), 5, [&] {
       m3::gpu::linear(h.get(), x.data(), gate_up.data(), mid.data(), static_cast<int>(N), kH, 2 * kI, stream.get());
       m3::gpu::linear(h.get(), mid.data(), down.data(), x.data(), static_cast<int>(N), kI, kH, stream.get());
@@ -124,7 +103,7 @@ struct Inputs {
         ids(static_cast<std::size_t>(T) * kK),
         wts(ids.size()),
         ws(m3::gpu::moe_experts_workspace_bytes(T, kH, kK, w)) {
-    fill_random(x, 8, 1.f);
+    m3::bench::fill_random(x, 8, 1.f);
     std::uint64_t s = 11;
     std::vector<std::int32_t> hid(ids.size());
     std::vector<float> hw(ids.size());
@@ -132,7 +111,7 @@ struct Inputs {
     std::iota(pool.begin(), pool.end(), 0);
     for (int t = 0; t < T; ++t)
       for (int j = 0; j < kK; ++j) {  // partial Fisher-Yates: distinct experts, as the router picks
-        std::swap(pool[j], pool[j + static_cast<int>(next(s) % (kE - j))]);
+        std::swap(pool[j], pool[j + static_cast<int>(m3::bench::next_random(s) % (kE - j))]);
         hid[static_cast<std::size_t>(t) * kK + j] = pool[j];
         hw[static_cast<std::size_t>(t) * kK + j] = 0.25f;
       }

@@ -14,6 +14,7 @@
 // bytes) exceed the L2 anyway.
 // Counter TFLOP/s: attended FLOPs, 4 * Hq * D * (keys attended summed over the queries), the keys
 // counted with the causal mask (15 full blocks + p % BLK + 1 keys of the own block a query).
+#include "compare/bench/bench_gpu_util.h"
 #include "gpu/kernels/msa_attention.h"
 #include "gpu/kernels/msa_attention_prefill.h"
 #include "gpu/kernels/msa_index.h"
@@ -37,22 +38,6 @@ const m3::AttnDims kDims{64, 4, 128};
 constexpr int kBlk = 128, kTopK = 16, kT = 4096;
 constexpr int kMaxCtx = 1 << 20;
 
-// N(0, 1) bf16: one random block drawn on the host (odd length, so rows do not repeat in step),
-// tiled over the buffer by device copies.
-void fill_random(DeviceBuffer<bf16>& d, std::uint64_t seed) {
-  constexpr std::size_t kBlock = (std::size_t{1} << 22) + 4099;
-  std::mt19937_64 g(seed);
-  std::normal_distribution<float> nd;
-  std::vector<float> host(std::min(kBlock, d.size()));
-  for (auto& x : host) x = nd(g);
-  const auto b = m3::gpu::to_bf16(host.data(), host.size());
-  M3_CUDA_CHECK(cudaMemcpy(d.data(), b.data(), b.size() * sizeof(bf16), cudaMemcpyHostToDevice));
-  for (std::size_t at = b.size(); at < d.size(); at += b.size()) {
-    const std::size_t n = std::min(b.size(), d.size() - at);
-    M3_CUDA_CHECK(cudaMemcpy(d.data() + at, d.data(), n * sizeof(bf16), cudaMemcpyDeviceToDevice));
-  }
-}
-
 struct World {
   DeviceBuffer<bf16> q, k, v, out;             // [T, Hq*D], [N, Hkv*D] x2, [T, Hq*D]
   DeviceBuffer<std::int64_t> pos;              // [T]
@@ -69,9 +54,9 @@ struct World {
     out = DeviceBuffer<bf16>(qe);
     k = DeviceBuffer<bf16>(kv);
     v = DeviceBuffer<bf16>(kv);
-    fill_random(q, 1);
-    fill_random(k, 2);
-    fill_random(v, 3);
+    m3::bench::fill_random(q, 1, 1.f, m3::bench::Dist::Normal);
+    m3::bench::fill_random(k, 2, 1.f, m3::bench::Dist::Normal);
+    m3::bench::fill_random(v, 3, 1.f, m3::bench::Dist::Normal);
     pos = DeviceBuffer<std::int64_t>(kT);
     sel = DeviceBuffer<std::int32_t>(static_cast<std::size_t>(kDims.Hkv) * kT * kTopK);
     std::size_t wp = 0;
@@ -166,8 +151,8 @@ struct IndexWorld {
   IndexWorld() {
     iq = DeviceBuffer<bf16>(static_cast<std::size_t>(kT) * kMsa.Hi * kMsa.Di);
     ik = DeviceBuffer<bf16>(static_cast<std::size_t>(kMaxCtx) * kMsa.Di);
-    fill_random(iq, 4);
-    fill_random(ik, 5);
+    m3::bench::fill_random(iq, 4, 1.f, m3::bench::Dist::Normal);
+    m3::bench::fill_random(ik, 5, 1.f, m3::bench::Dist::Normal);
     scores = DeviceBuffer<float>(static_cast<std::size_t>(kMsa.Hi) * kT * (kMaxCtx / kBlk));
     pos = DeviceBuffer<std::int64_t>(kT);
   }

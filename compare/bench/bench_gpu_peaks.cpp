@@ -26,23 +26,6 @@ using m3::bench::have_gpu;
 
 using m3::gpu::bf16;
 
-// Uniform [-1, 1) bf16 values from a 64-bit xorshift, generated in 16M-element host chunks
-// (std::normal_distribution over 2 x 64M elements would take seconds of setup).
-void fill_random(m3::gpu::DeviceBuffer<bf16>& d, std::uint64_t seed) {
-  std::uint64_t s = seed * 0x9E3779B97F4A7C15ull + 1;
-  constexpr std::size_t kChunk = std::size_t{1} << 24;
-  std::vector<float> f(std::min(kChunk, d.size()));
-  for (std::size_t off = 0; off < d.size(); off += kChunk) {
-    const std::size_t n = std::min(kChunk, d.size() - off);
-    for (std::size_t i = 0; i < n; ++i) {
-      s ^= s << 13, s ^= s >> 7, s ^= s << 17;
-      f[i] = static_cast<float>(static_cast<double>(s >> 11) * 0x1p-52 - 1.0);
-    }
-    const auto b = m3::gpu::to_bf16(f.data(), n);
-    M3_CUDA_CHECK(cudaMemcpy(d.data() + off, b.data(), n * sizeof(bf16), cudaMemcpyHostToDevice));
-  }
-}
-
 // Runs op once per benchmark iteration between two events on s; returns the summed seconds.
 template <class Op>
 double time_loop(benchmark::State& state, cudaStream_t s, Op&& op) {
@@ -73,8 +56,8 @@ void BM_gpu_peak_gemm_bf16(benchmark::State& state) {
   m3::gpu::DeviceBuffer<bf16> x(static_cast<std::size_t>(m) * k);  // [m, k]
   m3::gpu::DeviceBuffer<bf16> w(static_cast<std::size_t>(n) * k);  // [n, k]
   m3::gpu::DeviceBuffer<bf16> y(static_cast<std::size_t>(m) * n);  // [m, n]
-  fill_random(x, 1);
-  fill_random(w, 2);
+  m3::bench::fill_random(x, 1);
+  m3::bench::fill_random(w, 2);
   m3::gpu::CublasHandle h;
   m3::gpu::Stream s;
   for (int i = 0; i < 3; ++i)  // warm-up: cuBLAS heuristics, clocks

@@ -6,6 +6,7 @@
 // 4 * Hq * D * N^2 of full (non-causal) Q K^T and P V, the same count reports/tools/sdpa_bench.py
 // uses for PyTorch SDPA, so the two rates divide into a speed ratio. (The exact causal count,
 // 4 * Hq * D * N (N + 1) / 2, differs from it by (N + 1) / N: < 0.013% at N >= 8192.)
+#include "compare/bench/bench_gpu_util.h"
 #include "gpu/kernels/attention_prefill.h"
 #include "gpu/runtime/buffer.h"
 #include "gpu/runtime/device.h"
@@ -21,23 +22,6 @@ namespace {
 
 constexpr m3::AttnDims kM3{64, 4, 128};
 
-// Fills a device buffer with N(0, 1) bf16: one random block drawn on the host, repeated by device
-// copies (drawing 2^30 values on the host would take longer than the benchmark). The block length is
-// odd, so the repetition does not line up with rows or heads.
-void fill_random(m3::gpu::DeviceBuffer<m3::gpu::bf16>& d, std::uint64_t seed) {
-  constexpr std::size_t kBlock = (std::size_t{1} << 22) + 4099;
-  std::mt19937_64 g(seed);
-  std::normal_distribution<float> nd;
-  std::vector<float> host(std::min(kBlock, d.size()));
-  for (auto& x : host) x = nd(g);
-  const auto b = m3::gpu::to_bf16(host.data(), host.size());
-  M3_CUDA_CHECK(cudaMemcpy(d.data(), b.data(), b.size() * sizeof(m3::gpu::bf16), cudaMemcpyHostToDevice));
-  for (std::size_t at = b.size(); at < d.size(); at += b.size()) {
-    const std::size_t n = std::min(b.size(), d.size() - at);
-    M3_CUDA_CHECK(cudaMemcpy(d.data() + at, d.data(), n * sizeof(m3::gpu::bf16), cudaMemcpyDeviceToDevice));
-  }
-}
-
 void BM_attention_prefill(benchmark::State& state) {
   if (m3::gpu::device_count() == 0) {
     state.SkipWithError("no CUDA device");
@@ -47,9 +31,9 @@ void BM_attention_prefill(benchmark::State& state) {
   const auto q_elems = static_cast<std::size_t>(T) * kM3.Hq * kM3.D;
   const auto kv_elems = static_cast<std::size_t>(N) * kM3.Hkv * kM3.D;
   m3::gpu::DeviceBuffer<m3::gpu::bf16> q(q_elems), k(kv_elems), v(kv_elems), out(q_elems);  // [T, Hq*D], [N, Hkv*D]
-  fill_random(q, 1);
-  fill_random(k, 2);
-  fill_random(v, 3);
+  m3::bench::fill_random(q, 1, 1.f, m3::bench::Dist::Normal);
+  m3::bench::fill_random(k, 2, 1.f, m3::bench::Dist::Normal);
+  m3::bench::fill_random(v, 3, 1.f, m3::bench::Dist::Normal);
   m3::gpu::Stream stream;
   m3::gpu::Event start, stop;
   auto run = [&] {

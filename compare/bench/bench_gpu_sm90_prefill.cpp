@@ -5,6 +5,7 @@
 //   bench_gpu --benchmark_filter=attention_prefill
 // Time: CUDA events around each launch (UseManualTime), medians over repetitions.
 // Counter TFLOP/s: FlashAttention's causal convention, 2 * Hq * D * N^2 (see bench_gpu_prefill.cpp).
+#include "compare/bench/bench_gpu_util.h"
 #include "gpu/kernels/sm90_attention_prefill.h"
 #include "gpu/runtime/buffer.h"
 #include "gpu/runtime/device.h"
@@ -20,22 +21,6 @@ namespace {
 
 constexpr m3::AttnDims kM3{64, 4, 128};
 
-// N(0, 1) bf16: one random host block repeated by device copies, its odd length out of step with
-// rows and heads (as bench_gpu_prefill.cpp does; drawing 2^30 values on the host would be slow).
-void fill_random(m3::gpu::DeviceBuffer<m3::gpu::bf16>& d, std::uint64_t seed) {
-  constexpr std::size_t kBlock = (std::size_t{1} << 22) + 4099;
-  std::mt19937_64 g(seed);
-  std::normal_distribution<float> nd;
-  std::vector<float> host(std::min(kBlock, d.size()));
-  for (auto& x : host) x = nd(g);
-  const auto b = m3::gpu::to_bf16(host.data(), host.size());
-  M3_CUDA_CHECK(cudaMemcpy(d.data(), b.data(), b.size() * sizeof(m3::gpu::bf16), cudaMemcpyHostToDevice));
-  for (std::size_t at = b.size(); at < d.size(); at += b.size()) {
-    const std::size_t n = std::min(b.size(), d.size() - at);
-    M3_CUDA_CHECK(cudaMemcpy(d.data() + at, d.data(), n * sizeof(m3::gpu::bf16), cudaMemcpyDeviceToDevice));
-  }
-}
-
 void BM_sm90_attention_prefill(benchmark::State& state) {
   if (m3::gpu::device_count() == 0) {
     state.SkipWithError("no CUDA device");
@@ -49,9 +34,9 @@ void BM_sm90_attention_prefill(benchmark::State& state) {
   const auto q_elems = static_cast<std::size_t>(T) * kM3.Hq * kM3.D;
   const auto kv_elems = static_cast<std::size_t>(N) * kM3.Hkv * kM3.D;
   m3::gpu::DeviceBuffer<m3::gpu::bf16> q(q_elems), k(kv_elems), v(kv_elems), out(q_elems);  // [T, Hq*D], [N, Hkv*D]
-  fill_random(q, 1);
-  fill_random(k, 2);
-  fill_random(v, 3);
+  m3::bench::fill_random(q, 1, 1.f, m3::bench::Dist::Normal);
+  m3::bench::fill_random(k, 2, 1.f, m3::bench::Dist::Normal);
+  m3::bench::fill_random(v, 3, 1.f, m3::bench::Dist::Normal);
   m3::gpu::Stream stream;
   m3::gpu::Event start, stop;
   auto run = [&] {

@@ -42,30 +42,6 @@ constexpr int kH = 6144;
 constexpr double kEps = 1e-6;
 constexpr double kTheta = 5e6;
 
-std::uint64_t next(std::uint64_t& s) {
-  s ^= s << 13, s ^= s >> 7, s ^= s << 17;
-  return s;
-}
-
-// Uniform values in [-scale, scale), through host chunks (see bench_gpu_peaks.cpp).
-template <class T>
-void fill_random(DeviceBuffer<T>& d, std::uint64_t seed, float scale = 1.f) {
-  std::uint64_t s = seed * 0x9E3779B97F4A7C15ull + 1;
-  constexpr std::size_t kChunk = std::size_t{1} << 24;
-  std::vector<float> f(std::min(kChunk, d.size()));
-  for (std::size_t off = 0; off < d.size(); off += kChunk) {
-    const std::size_t n = std::min(kChunk, d.size() - off);
-    for (std::size_t i = 0; i < n; ++i)
-      f[i] = scale * static_cast<float>(static_cast<double>(next(s) >> 11) * 0x1p-52 - 1.0);
-    if constexpr (std::is_same_v<T, bf16>) {
-      const auto b = m3::gpu::to_bf16(f.data(), n);
-      M3_CUDA_CHECK(cudaMemcpy(d.data() + off, b.data(), n * sizeof(bf16), cudaMemcpyHostToDevice));
-    } else {
-      M3_CUDA_CHECK(cudaMemcpy(d.data() + off, f.data(), n * sizeof(float), cudaMemcpyHostToDevice));
-    }
-  }
-}
-
 // Times op once per iteration between events on its own stream; flushes the L2 before each
 // iteration when `flush` (memory-bound ops). Returns the summed seconds.
 class Timer {
@@ -105,8 +81,8 @@ void BM_gpu_rms_norm(benchmark::State& state) {
   if (!have_gpu(state)) return;
   const int T = static_cast<int>(state.range(0)), H = static_cast<int>(state.range(1));
   DeviceBuffer<bf16> x(static_cast<std::size_t>(T) * H), w(H), y(static_cast<std::size_t>(T) * H);
-  fill_random(x, 1, 2.f);
-  fill_random(w, 2, 0.1f);
+  m3::bench::fill_random(x, 1, 2.f);
+  m3::bench::fill_random(w, 2, 0.1f);
   Timer timer(true);
   const double sec = timer.run(state, [&] { m3::gpu::rms_norm(x.data(), w.data(), kEps, y.data(), T, H, timer.stream()); });
   set_gbps(state, 2.0 * T * H * sizeof(bf16) + H * sizeof(bf16), sec);
@@ -118,9 +94,9 @@ void BM_gpu_add_rms_norm(benchmark::State& state) {
   const int T = static_cast<int>(state.range(0)), H = static_cast<int>(state.range(1));
   DeviceBuffer<bf16> h(static_cast<std::size_t>(T) * H), d(static_cast<std::size_t>(T) * H), w(H),
       y(static_cast<std::size_t>(T) * H);
-  fill_random(h, 1, 2.f);
-  fill_random(d, 3, 1e-3f);  // small deltas: the stream stays bounded over the repeats
-  fill_random(w, 2, 0.1f);
+  m3::bench::fill_random(h, 1, 2.f);
+  m3::bench::fill_random(d, 3, 1e-3f);  // small deltas: the stream stays bounded over the repeats
+  m3::bench::fill_random(w, 2, 0.1f);
   Timer timer(true);
   const double sec =
       timer.run(state, [&] { m3::gpu::add_rms_norm(h.data(), d.data(), w.data(), kEps, y.data(), T, H, timer.stream()); });
@@ -134,8 +110,8 @@ void BM_gpu_qk_norm_rope(benchmark::State& state) {
   const int T = static_cast<int>(state.range(0)), heads = static_cast<int>(state.range(1)), d = 128, R = 64;
   const std::size_t n = static_cast<std::size_t>(T) * heads * d;
   DeviceBuffer<bf16> x(n), w(d), y(n);
-  fill_random(x, 1, 2.f);
-  fill_random(w, 2, 0.1f);
+  m3::bench::fill_random(x, 1, 2.f);
+  m3::bench::fill_random(w, 2, 0.1f);
   std::vector<std::int64_t> pos(T);
   for (int t = 0; t < T; ++t) pos[t] = (std::int64_t{1} << 20) - T + t;  // the end of a 1M context
   DeviceBuffer<std::int64_t> dpos(T);
@@ -159,7 +135,7 @@ void BM_gpu_swiglu_oai(benchmark::State& state) {
   const bool fused = state.range(2) != 0;
   const std::size_t n = static_cast<std::size_t>(T) * I;
   DeviceBuffer<bf16> gate_up(2 * n), act(n);  // separate: gate = first n, up = second n
-  fill_random(gate_up, 1, 8.f);
+  m3::bench::fill_random(gate_up, 1, 8.f);
   Timer timer(true);
   const m3::gpu::SwigluParams p;
   const double sec = timer.run(state, [&] {
@@ -182,9 +158,9 @@ void BM_gpu_moe_router(benchmark::State& state) {
   DeviceBuffer<float> w(static_cast<std::size_t>(E) * H), bias(E), logits(static_cast<std::size_t>(T) * E),
       weights(static_cast<std::size_t>(T) * K);
   DeviceBuffer<std::int32_t> experts(static_cast<std::size_t>(T) * K);
-  fill_random(x, 1, 2.f);
-  fill_random(w, 2, 0.02f);
-  fill_random(bias, 3, 0.1f);
+  m3::bench::fill_random(x, 1, 2.f);
+  m3::bench::fill_random(w, 2, 0.02f);
+  m3::bench::fill_random(bias, 3, 0.1f);
   Timer timer(true);
   const double sec = timer.run(state, [&] {
     m3::gpu::moe_router(x.data(), w.data(), bias.data(), K, true, logits.data(), experts.data(), weights.data(), T,
@@ -206,7 +182,7 @@ void BM_gpu_embedding(benchmark::State& state) {
   table.fill_bytes(0x3F);  // the bits do not matter for a copy
   std::vector<std::int32_t> ids(T);
   std::uint64_t s = 7;
-  for (auto& id : ids) id = static_cast<std::int32_t>(next(s) % V);
+  for (auto& id : ids) id = static_cast<std::int32_t>(m3::bench::next_random(s) % V);
   DeviceBuffer<std::int32_t> dids(T);
   dids.upload(ids);
   Timer timer(true);
@@ -222,8 +198,8 @@ void BM_gpu_linear(benchmark::State& state) {
             out = static_cast<int>(state.range(2));
   DeviceBuffer<bf16> x(static_cast<std::size_t>(T) * in), w(static_cast<std::size_t>(out) * in),
       y(static_cast<std::size_t>(T) * out);
-  fill_random(x, 1);
-  fill_random(w, 2, 0.02f);
+  m3::bench::fill_random(x, 1);
+  m3::bench::fill_random(w, 2, 0.02f);
   m3::gpu::CublasHandle h;
   Timer timer(false);  // compute-bound: the operands (~100 MB) exceed the L2 anyway
   const double sec =

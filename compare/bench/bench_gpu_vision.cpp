@@ -39,17 +39,6 @@ using m3::bench::mean_seconds;
 using m3::gpu::bf16;
 using m3::gpu::DeviceBuffer;
 
-// Uniform [-1, 1) bf16 values (a xorshift; zeros would run the tensor cores cooler and faster).
-void fill_random(DeviceBuffer<bf16>& d, std::uint64_t seed) {
-  std::uint64_t s = seed * 0x9E3779B97F4A7C15ull + 1;
-  std::vector<float> f(d.size());
-  for (auto& v : f) {
-    s ^= s << 13, s ^= s >> 7, s ^= s << 17;
-    v = static_cast<float>(static_cast<double>(s >> 11) * 0x1p-52 - 1.0);
-  }
-  d.upload(m3::gpu::to_bf16(f.data(), f.size()));
-}
-
 struct World {
   m3::VisionConfig vc = m3::vision_preset("m3");
   std::unique_ptr<m3::gpu::VisionTower> tower;
@@ -63,8 +52,8 @@ struct World {
     tower = std::make_unique<m3::gpu::VisionTower>(vc, w);
     const int n = 8192;
     DeviceBuffer<bf16> a(static_cast<std::size_t>(n) * n), b(a.size()), c(a.size());
-    fill_random(a, 5);
-    fill_random(b, 6);
+    m3::bench::fill_random(a, 5);
+    m3::bench::fill_random(b, 6);
     m3::gpu::CublasHandle h;
     const double sec = mean_seconds(tower->stream(), 10, [&] {
       m3::gpu::linear(h.get(), a.data(), b.data(), c.data(), n, n, n, tower->stream());
@@ -133,7 +122,7 @@ void BM_gpu_vision_attention(benchmark::State& state) {
   World& W = world();
   const int P = static_cast<int>(state.range(0)), Hv = W.vc.hidden;
   DeviceBuffer<bf16> qkv(static_cast<std::size_t>(P) * 3 * Hv), out(static_cast<std::size_t>(P) * Hv);  // [P, 3Hv], [P, Hv]
-  fill_random(qkv, 7);
+  m3::bench::fill_random(qkv, 7);
   cudaStream_t s = W.tower->stream();
   const auto call = [&] {
     m3::gpu::vision_attention(qkv.data(), qkv.data() + Hv, qkv.data() + 2 * Hv, 3 * Hv, P, W.vc.heads, W.vc.head_dim,
