@@ -55,6 +55,31 @@ struct Traces {
   }
 };
 
+// generate_mtp with t's main model and module on the GPU and on the bf16 reference, the same
+// prompt, steps and k; greedy / logits (optional): the GPU's plain greedy tokens and their logits.
+struct MtpRuns {
+  std::vector<std::int32_t> gpu_tokens;
+  m3::MtpStats gpu_stats;
+  std::vector<std::int32_t> ref_tokens;
+  m3::MtpStats ref_stats;
+};
+MtpRuns run_mtp(const Tiny& t, const std::vector<std::int32_t>& prompt, int steps, int k,
+                std::vector<std::int32_t>* greedy = nullptr, MatD* logits = nullptr) {
+  const m3::ModelConfig mc = m3::mtp_module_config(t.cfg);
+  m3::gpu::ModelOptions o;
+  o.max_context = 256;  // prompt (<= 70) + steps (24) + k drafts in flight
+  o.max_tokens = 128;
+  m3::gpu::Model gmain(t.cfg, t.main, o), gmod(mc, t.mod, o);
+  m3::gpu::Model* gmods[] = {&gmod};
+  MtpRuns r;
+  r.gpu_tokens = m3::gpu::generate_mtp(gmain, gmods, prompt, steps, k, &r.gpu_stats);
+  if (greedy) *greedy = m3::gpu::generate_greedy(gmain, prompt, steps, logits);
+  m3::Model rmain(t.cfg, t.main, m3::Precision::BF16), rmod(mc, t.mod, m3::Precision::BF16);
+  m3::Model* rmods[] = {&rmod};
+  r.ref_tokens = m3::generate_mtp(rmain, rmods, prompt, steps, k, &r.ref_stats);
+  return r;
+}
+
 double rel_l2(const MatD& a, const MatD& b) { return (a - b).norm() / b.norm(); }
 
 // DESIGN §4's gate for one float tensor: the emulation's bound, or no further from the fp64 truth
@@ -153,18 +178,12 @@ TEST(GpuMtp, DraftsAreTheReferenceDraftsAndTokensTheGreedyOnes) {
   auto g = m3::test::test_rng();
   SCOPED_TRACE(m3::test::seed_note());
   Tiny t(g());
-  const m3::ModelConfig mc = m3::mtp_module_config(t.cfg);
   const auto prompt = m3::test::random_tokens(67, t.cfg.vocab_size, g);
   const int steps = 24, k = 3;
-  m3::gpu::ModelOptions o;
-  o.max_context = 256;
-  o.max_tokens = 128;
-  m3::gpu::Model gmain(t.cfg, t.main, o), gmod(mc, t.mod, o);
-  m3::gpu::Model* gmods[] = {&gmod};
-  m3::MtpStats gst;
-  const auto gtok = m3::gpu::generate_mtp(gmain, gmods, prompt, steps, k, &gst);
   MatD glog;
-  const auto ggreedy = m3::gpu::generate_greedy(gmain, prompt, steps, &glog);
+  std::vector<std::int32_t> ggreedy;
+  const MtpRuns runs = run_mtp(t, prompt, steps, k, &ggreedy, &glog);
+  const auto& [gtok, gst, rtok, rst] = runs;
   ASSERT_EQ(gtok.size(), static_cast<std::size_t>(steps));
   int agree = 0;
   while (agree < steps && gtok[static_cast<std::size_t>(agree)] == ggreedy[static_cast<std::size_t>(agree)]) ++agree;
@@ -178,10 +197,6 @@ TEST(GpuMtp, DraftsAreTheReferenceDraftsAndTokensTheGreedyOnes) {
   std::printf("[gpu mtp] %d of %d tokens as plain greedy; %d rounds, %lld of %lld drafts accepted\n", agree, steps,
               gst.rounds, static_cast<long long>(gst.accepted), static_cast<long long>(gst.drafted));
 
-  m3::Model rmain(t.cfg, t.main, m3::Precision::BF16), rmod(mc, t.mod, m3::Precision::BF16);
-  m3::Model* rmods[] = {&rmod};
-  m3::MtpStats rst;
-  const auto rtok = m3::generate_mtp(rmain, rmods, prompt, steps, k, &rst);
   // Round by round, the GPU's drafts are the reference's (or part at a module near-tie, or after
   // the module's router flipped experts at a near-tie: seeded routers have some on ~1-5% of rows),
   // so the reference's check accepts them as its own (compare/mtp_compare.h, m3h compare --mtp's rule).
@@ -220,20 +235,9 @@ TEST(GpuMtp, PlantedDraftsAreAcceptedByTheReferenceAsItsOwn) {
   m3::plant_successor(t.main);
   t.mod = m3::generate_mtp_module(t.cfg, 0, g(), t.main);
   m3::plant_successor_module(t.mod);
-  const m3::ModelConfig mc = m3::mtp_module_config(t.cfg);
   const auto prompt = m3::test::random_tokens(70, t.cfg.vocab_size, g);
-  const int steps = 24, k = 3;
-  m3::gpu::ModelOptions o;
-  o.max_context = 256;
-  o.max_tokens = 128;
-  m3::gpu::Model gmain(t.cfg, t.main, o), gmod(mc, t.mod, o);
-  m3::gpu::Model* gmods[] = {&gmod};
-  m3::MtpStats gst;
-  const auto gtok = m3::gpu::generate_mtp(gmain, gmods, prompt, steps, k, &gst);
-  m3::Model rmain(t.cfg, t.main, m3::Precision::BF16), rmod(mc, t.mod, m3::Precision::BF16);
-  m3::Model* rmods[] = {&rmod};
-  m3::MtpStats rst;
-  const auto rtok = m3::generate_mtp(rmain, rmods, prompt, steps, k, &rst);
+  const MtpRuns runs = run_mtp(t, prompt, 24, 3);
+  const auto& [gtok, gst, rtok, rst] = runs;
   const auto c = m3::cmp::compare_mtp_runs(rtok, rst, gtok, gst, m3::cmp::kBf16.tie_rtol, m3::cmp::kPlantedMinAcceptance);
   std::printf("[gpu mtp planted] tokens agree on %d of %d; %d rounds compared, %d equal; the reference's check accepts "
               "%lld of the gpu's drafts and %lld of its own, of %lld (gpu's own check: %lld of %lld)\n",
