@@ -9,6 +9,7 @@
 #if M3_HAVE_GPU
 #include "gpu/model.h"
 #include "gpu/mtp.h"
+#include "gpu/vision.h"
 #endif
 
 #include <fmt/format.h>
@@ -73,7 +74,10 @@ CliImage load_image(const std::string& spec, const VisionConfig& vc, std::uint64
 }
 
 PromptImage prepend_image(const std::string& spec, const ModelConfig& cfg, std::uint64_t seed,
-                          std::vector<std::int32_t>& prompt, const CheckpointVision* tower) {
+                          std::vector<std::int32_t>& prompt, const CheckpointVision* tower, bool on_gpu) {
+#if !M3_HAVE_GPU
+  if (on_gpu) throw std::invalid_argument("--image on the GPU needs the CUDA build (configure with -DM3_WITH_CUDA=ON)");
+#endif
   const VisionConfig vc = tower ? tower->config : vision_preset(cfg.name);
   if (vc.text_hidden != cfg.hidden_size)  // a checkpoint's loader checked this; a preset pairs by name
     throw std::invalid_argument(fmt::format("--image: vision tower '{}' feeds width {}, the model '{}' has hidden_size {}",
@@ -84,12 +88,18 @@ PromptImage prepend_image(const std::string& spec, const ModelConfig& cfg, std::
   out.tower = tower ? "checkpoint" : "seeded";
   const VisionWeights<double> w =
       tower ? vision_weights_cast<double>(tower->weights) : generate_vision_weights(vc, seed);
-  out.features = vision_forward(vc, w, im.pixels, im.height, im.width);  // [N, H]
+#if M3_HAVE_GPU
+  if (on_gpu) {
+    gpu::VisionTower g(vc, w);
+    out.features = g.forward(im.pixels, im.height, im.width);  // [N, H], bf16 values
+  }
+#endif
+  if (!on_gpu) out.features = vision_forward(vc, w, im.pixels, im.height, im.width);  // [N, H]
   const double ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
   const auto n = static_cast<std::size_t>(out.features.rows());
   const std::string which = tower ? "from the checkpoint" : fmt::format("seeded, seed {}", seed);
-  out.summary = fmt::format("image {}x{} ({}) -> {} tokens (vision tower {} {}, {:.1f} ms), then {} text tokens",
-                            im.height, im.width, spec, n, vc.name, which, ms, prompt.size());
+  out.summary = fmt::format("image {}x{} ({}) -> {} tokens (vision tower {} {}, on the {}, {:.1f} ms), then {} text tokens",
+                            im.height, im.width, spec, n, vc.name, which, on_gpu ? "gpu" : "cpu", ms, prompt.size());
   prompt.insert(prompt.begin(), n, vc.image_token_id);
   return out;
 }

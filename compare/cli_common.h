@@ -48,16 +48,18 @@ CliImage load_image(const std::string& spec, const VisionConfig& vc, std::uint64
 // `--image` for a prompt: loads the image (load_image), runs the tower and puts as many
 // image-placeholder tokens before `prompt`. The tower is `tower` when given (a checkpoint's: its
 // config and fp32 weights, widened to the reference's fp64), else the seeded one of cfg's preset
-// (vision_preset(cfg.name), generate_vision_weights(seed)). Returns the tower's rows [N, H]
-// (leading_image_rows places them), a one-line summary naming the tower and its time, and which
-// tower ran ("checkpoint" | "seeded").
+// (vision_preset(cfg.name), generate_vision_weights(seed)); it runs on the CPU reference (fp64), or
+// with on_gpu on GPU 0 (gpu::VisionTower, bf16; the CUDA build only). Returns the tower's rows
+// [N, H] (leading_image_rows places them), a one-line summary naming the tower, where it ran and
+// its time, and which tower ran ("checkpoint" | "seeded").
 struct PromptImage {
   MatD features;  // [N, H]
   std::string summary;
   std::string tower;
 };
 PromptImage prepend_image(const std::string& spec, const ModelConfig& cfg, std::uint64_t seed,
-                          std::vector<std::int32_t>& prompt, const CheckpointVision* tower = nullptr);
+                          std::vector<std::int32_t>& prompt, const CheckpointVision* tower = nullptr,
+                          bool on_gpu = false);
 
 // generate_mtp (reference/mtp.h) of the main model (cfg, w) with the MTP modules' weights `modules`
 // (models of mtp_module_config(cfg)): on the CPU reference in `prec`, or with on_gpu on the GPU

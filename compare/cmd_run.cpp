@@ -26,7 +26,6 @@
 #include <memory>
 #include <optional>
 #include <sstream>
-#include <type_traits>
 
 namespace m3::cli {
 
@@ -159,12 +158,15 @@ int run(const RunArgs& a) {
   std::optional<MatD> image_x;      // [T, H] the prompt's input rows with them in front
   std::string image_line, image_tower;
   if (!a.image.empty()) {
-    if (a.device != "cpu") throw std::invalid_argument("--image: the vision tower runs on the CPU reference only (issue 7)");
     if (a.mtp > 0) throw std::invalid_argument("--image and --mtp together are not supported");
-    // A golden file stores tokens, from which --check would rebuild a run without the image.
-    if (!a.out.empty()) throw std::invalid_argument("--image: --out is not written for image runs (goldens carry no image yet)");
-    // The checkpoint's tower when it has one; otherwise the seeded tower of the config's preset.
-    PromptImage pi = prepend_image(a.image, cfg, a.seed, prompt, ck && ck->vision ? &*ck->vision : nullptr);
+    // run's golden layout holds tokens, trace and logits only; `m3h golden --image` writes the image too.
+    if (!a.out.empty())
+      throw std::invalid_argument("--image: --out is not written for image runs (write an image golden with `m3h golden "
+                                  "--image ...`)");
+    // The checkpoint's tower when it has one; otherwise the seeded tower of the config's preset; on
+    // the device the text model runs on.
+    PromptImage pi = prepend_image(a.image, cfg, a.seed, prompt, ck && ck->vision ? &*ck->vision : nullptr,
+                                   a.device == "gpu");
     image_feats = std::move(pi.features);
     image_line = std::move(pi.summary);
     image_tower = std::move(pi.tower);
@@ -192,12 +194,8 @@ int run(const RunArgs& a) {
   // Prefill with the trace (when --out), then greedy steps; the same for both engines.
   auto drive = [&](auto& model, auto& seq) {
     const TraceFn tf = a.out.empty() ? TraceFn{} : rec.fn();
-    if constexpr (std::is_same_v<std::decay_t<decltype(model)>, Model>) {
-      if (image_x) {
-        all = model.prefill_embeds(seq, prompt, *image_x, tf);  // [T, V]
-      } else {
-        all = model.prefill(seq, prompt, tf);  // [T, V]
-      }
+    if (image_x) {
+      all = model.prefill_embeds(seq, prompt, *image_x, tf);  // [T, V]
     } else {
       all = model.prefill(seq, prompt, tf);  // [T, V]
     }
@@ -235,7 +233,8 @@ int run(const RunArgs& a) {
     gpu::ModelOptions o;
     o.max_batch = 1;
     o.max_context = a.max_context > 0 ? a.max_context : T + a.decode;
-    o.max_tokens = std::min<std::int64_t>(T, 16384);
+    // prefill_embeds takes the image prompt in one call (no chunking); a text prompt goes in chunks.
+    o.max_tokens = image_feats ? T : std::min<std::int64_t>(T, 16384);
     auto t0 = clock::now();
     if (a.show_plan) {
       // The plan the model will check before allocating, printed first so a refusal can be read.
@@ -247,7 +246,10 @@ int run(const RunArgs& a) {
                    static_cast<long long>(o.max_context), static_cast<long long>(o.max_tokens),
                    gpu::plan_memory(cfg, req).describe().c_str());
     }
-    gpu::Model model(cfg, ck ? ck->weights : generate_weights(cfg, a.seed), o);
+    ModelWeights<float> w = ck ? std::move(ck->weights) : generate_weights(cfg, a.seed);
+    if (image_feats) image_x = leading_image_rows(w.embed_tokens, prompt, *image_feats);
+    gpu::Model model(cfg, w, o);
+    w = ModelWeights<float>{};  // the model holds the device copy
     if (ck) ck.reset();
     auto t1 = clock::now();
     gpu::Sequence seq = model.new_sequence();

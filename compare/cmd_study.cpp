@@ -66,6 +66,19 @@ int study(const StudyArgs& a) {
     throw std::invalid_argument(fmt::format("study: --min-context {} must be in [1, --max-context = {}]", a.min_context,
                                             a.max_context));
   const std::int64_t hi = std::min(a.max_context, cap);
+  // Every argument is checked before any part runs: a sweep to 1M takes minutes to hours, and a
+  // bad part name or an unwritable --out found afterwards would lose it.
+  const std::vector<std::string> parts = split(a.parts);
+  for (const std::string& part : parts) {
+    if (part != "cpu" && part != "quality" && part != "gpu")
+      throw std::invalid_argument(fmt::format("study: unknown part '{}': expected cpu, quality or gpu", part));
+#if !M3_HAVE_GPU
+    if (part == "gpu")
+      throw std::invalid_argument("study: --part gpu needs the CUDA build (configure with -DM3_WITH_CUDA=ON)");
+#endif
+  }
+  if (!a.out.empty() && !std::ofstream(a.out, std::ios::app))  // app: an existing file stays as it is until the end
+    throw std::invalid_argument(fmt::format("study: cannot write {}", a.out));
   nlohmann::json j;
   j["command"] = command_line();
   j["build_commit"] = build_git_commit();  // the commit the binary was built from, "-dirty" with local changes
@@ -81,7 +94,7 @@ int study(const StudyArgs& a) {
   const bool human = a.format == Format::TABLE;
   if (human) fmt::print("# {}\n# {}\nconfig {} (one layer's attention; contexts clipped to max_position_embeddings {})\n",
                         command_line(), cpu_description(), cfg.name, cap);
-  for (const std::string& part : split(a.parts)) {
+  for (const std::string& part : parts) {
     if (part == "cpu") {
       std::fprintf(stderr, "study cpu: allocating caches for %lld keys ...\n", static_cast<long long>(hi));
       study::CpuDecodeStudy s(cfg, hi, a.seed);
@@ -191,11 +204,7 @@ int study(const StudyArgs& a) {
                      r.dense_ms, r.msa_ms, r.index_ms, r.select_ms, r.sparse_ms, r.dense_ms / r.msa_ms,
                      r.dense_flops / (r.dense_ms * 1e-3) / 1e12);
       }
-#else
-      throw std::invalid_argument("study: --part gpu needs the CUDA build (configure with -DM3_WITH_CUDA=ON)");
-#endif
-    } else {
-      throw std::invalid_argument(fmt::format("study: unknown part '{}': expected cpu, quality or gpu", part));
+#endif  // without the CUDA build, the check above refused the part
     }
   }
   if (!a.out.empty()) {

@@ -37,4 +37,16 @@ PY
 python3 "$tmp/check.py" "$tmp/stdout.json" "$tmp/s.json" || fail "values"
 "$M3H" study --preset small --part gpu0 >/dev/null 2>"$tmp/err"; rc=$?
 [ $rc -eq 2 ] && grep -q "unknown part" "$tmp/err" || fail "unknown part: exit $rc, $(cat "$tmp/err")"
+# Refused before any part runs (a long sweep must not be lost to a later typo or an unwritable file):
+# no section header on stdout, and an existing --out file left as it was.
+"$M3H" study --preset small --part cpu,gpu0 --min-context 1024 --max-context 1024 >"$tmp/out" 2>"$tmp/err"; rc=$?
+[ $rc -eq 2 ] && grep -q "unknown part 'gpu0'" "$tmp/err" && ! grep -q "## CPU decode" "$tmp/out" \
+  || fail "cpu,gpu0: exit $rc, ran a part before refusing: $(cat "$tmp/out" "$tmp/err")"
+"$M3H" study --preset small --part cpu --min-context 1024 --max-context 1024 --out "$tmp/no/such/dir.json" \
+  >"$tmp/out" 2>"$tmp/err"; rc=$?
+[ $rc -eq 2 ] && grep -q "cannot write" "$tmp/err" && ! grep -q "## CPU decode" "$tmp/out" \
+  || fail "unwritable --out: exit $rc, $(cat "$tmp/out" "$tmp/err")"
+echo keep >"$tmp/keep.json"
+"$M3H" study --preset small --part cpu,gpu0 --out "$tmp/keep.json" >/dev/null 2>&1
+[ "$(cat "$tmp/keep.json")" = keep ] || fail "a refused study changed its --out file"
 echo "cli_study: ok"
