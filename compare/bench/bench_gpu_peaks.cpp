@@ -3,6 +3,11 @@
 //                                                fp32 accumulation) on random data -> TFLOP/s
 //   BM_gpu_peak_copy/MiB:1024                    device-to-device cudaMemcpyAsync of 1 GiB ->
 //                                                GB/s counting bytes read + written
+//   BM_gpu_peak_read/MiB:256|1024                gpu::stream_read (16-byte loads, nothing written)
+//                                                -> GB/s read, and frac_copy against the copy's
+//                                                rate measured in the same process: the ceiling of
+//                                                the read-only MSA index scan of decode (256 MiB
+//                                                at 1M keys: the 256 MiB case, cold in L2)
 // Part of bench_gpu (every compare/bench/bench_gpu_*.cpp; scripts/gpu-suite runs it):
 //   build/gpu/compare/bench/bench_gpu --benchmark_filter=peak
 // Timing: CUDA events around each iteration (Google Benchmark manual time); the counters are
@@ -13,6 +18,7 @@
 #include "compare/bench/bench_gpu_util.h"
 #include "gpu/runtime/buffer.h"
 #include "gpu/runtime/device.h"
+#include "gpu/runtime/stream_read.h"
 
 #include <benchmark/benchmark.h>
 
@@ -90,5 +96,55 @@ void BM_gpu_peak_copy(benchmark::State& state) {
   state.counters["GB/s"] = 2.0 * static_cast<double>(bytes) * static_cast<double>(state.iterations()) / sec * 1e-9;
 }
 BENCHMARK(BM_gpu_peak_copy)->ArgName("MiB")->Arg(1024)->UseManualTime()->Unit(benchmark::kMicrosecond);
+
+// The copy's GB/s (read + write) of 1 GiB, best of 5, for frac_copy of the read probe.
+double copy_gbps_once() {
+  constexpr std::size_t kBytes = std::size_t{1} << 30;
+  m3::gpu::DeviceBuffer<unsigned char> src(kBytes), dst(kBytes);
+  src.fill_bytes(0x5A);
+  m3::gpu::Stream s;
+  double best = 0;
+  for (int i = 0; i < 6; ++i) {  // the first is a warm-up
+    m3::gpu::Event e0, e1;
+    e0.record(s.get());
+    M3_CUDA_CHECK(cudaMemcpyAsync(dst.data(), src.data(), kBytes, cudaMemcpyDeviceToDevice, s.get()));
+    e1.record(s.get());
+    s.sync();
+    if (i > 0) best = std::max(best, 2.0 * static_cast<double>(kBytes) / (e1.since(e0) * 1e-3) * 1e-9);
+  }
+  return best;
+}
+
+void BM_gpu_peak_read(benchmark::State& state) {
+  if (!have_gpu(state)) return;
+  static const double copy = copy_gbps_once();
+  const std::size_t bytes = static_cast<std::size_t>(state.range(0)) << 20;
+  m3::gpu::DeviceBuffer<float> src(bytes / sizeof(float));  // [bytes / 4] random words
+  m3::gpu::DeviceBuffer<unsigned char> flush(2 * m3::gpu::device_info().l2_bytes);
+  m3::bench::fill_random(src, 1);
+  m3::gpu::DeviceBuffer<unsigned> sink(1);
+  m3::gpu::Stream s;
+  for (int i = 0; i < 3; ++i) m3::gpu::stream_read(src.data(), bytes, sink.data(), s.get());
+  s.sync();
+  double sec = 0;
+  for (auto _ : state) {
+    // Each iteration starts with the buffer out of L2 (a decode step's index-K is not in it), the
+    // flush outside the timed span.
+    M3_CUDA_CHECK(cudaMemsetAsync(flush.data(), 0, flush.bytes(), s.get()));
+    m3::gpu::Event e0, e1;
+    e0.record(s.get());
+    m3::gpu::stream_read(src.data(), bytes, sink.data(), s.get());
+    e1.record(s.get());
+    s.sync();
+    const double t = e1.since(e0) * 1e-3;
+    state.SetIterationTime(t);
+    sec += t;
+  }
+  const double gbps = static_cast<double>(bytes) * static_cast<double>(state.iterations()) / sec * 1e-9;
+  state.counters["GB/s"] = gbps;
+  state.counters["copy_GB/s"] = copy;
+  state.counters["frac_copy"] = gbps / copy;
+}
+BENCHMARK(BM_gpu_peak_read)->ArgName("MiB")->Arg(256)->Arg(1024)->UseManualTime()->Unit(benchmark::kMicrosecond);
 
 }  // namespace
