@@ -111,24 +111,45 @@ VisionReport check_vision_tower(const ModelConfig& cfg, const std::string& spec,
   return rep;
 }
 
+// Layer 4 (compare/vision_compare.h VisionMeanCheck): the column means' numbers, null when unchecked.
+nlohmann::json to_json(const cmp::VisionMeanCheck& m) {
+  if (!m.checked) return nullptr;
+  return {{"rel_l2_vs_bf16_ref", m.vs_ref}, {"gate_vs_bf16_ref", m.gate},   {"rel_l2_gpu_vs_fp64", m.err_test},
+          {"rel_l2_bf16_ref_vs_fp64", m.err_ref}, {"bound_vs_fp64", m.bound}, {"floor", m.floor},
+          {"pass", m.ok()}};
+}
+
 nlohmann::json to_json(const VisionReport& v) {
   nlohmann::json j;
   j["gpu_forward_ms"] = v.gpu_ms;
   j["pass"] = v.pass();
-  for (const auto& s : v.check.stages)
-    j["tensors"].push_back({{"name", s.name},
-                            {"rel_l2_vs_bf16_ref", s.vs_ref.rel_l2},
-                            {"gate_vs_bf16_ref", s.gate},
-                            {"max_abs", s.vs_ref.max_abs},
-                            {"max_abs_at", s.vs_ref.max_at.at},
-                            {"max_abs_gpu", s.vs_ref.max_at.got},
-                            {"max_abs_ref", s.vs_ref.max_at.want},
-                            {"elementwise_pass_pct", s.vs_ref.pass_pct},
-                            {"rel_l2_gpu_vs_fp64", s.err_test},
-                            {"rel_l2_bf16_ref_vs_fp64", s.err_ref},
-                            {"bound_vs_fp64", s.bound},
-                            {"failures", s.failures},
-                            {"pass", s.pass()}});
+  for (const auto& s : v.check.stages) {
+    nlohmann::json t = {{"name", s.name},
+                        {"rel_l2_vs_bf16_ref", s.vs_ref.rel_l2},
+                        {"gate_vs_bf16_ref", s.gate},
+                        {"max_abs", s.vs_ref.max_abs},
+                        {"max_abs_at", s.vs_ref.max_at.at},
+                        {"max_abs_gpu", s.vs_ref.max_at.got},
+                        {"max_abs_ref", s.vs_ref.max_at.want},
+                        {"elementwise_pass_pct", s.vs_ref.pass_pct},
+                        {"rel_l2_gpu_vs_fp64", s.err_test},
+                        {"rel_l2_bf16_ref_vs_fp64", s.err_ref},
+                        {"bound_vs_fp64", s.bound},
+                        {"column_means", to_json(s.mean)},
+                        {"increment", nullptr},
+                        {"failures", s.failures},
+                        {"pass", s.pass()}};
+    if (!s.increment_of.empty())
+      t["increment"] = {{"over", s.increment_of},
+                        {"rel_l2_vs_bf16_ref", s.inc_vs_ref},
+                        {"gate_vs_bf16_ref", s.inc_gate},
+                        {"rel_l2_gpu_vs_fp64", s.inc_err_test},
+                        {"rel_l2_bf16_ref_vs_fp64", s.inc_err_ref},
+                        {"bound_vs_fp64", s.inc_bound},
+                        {"column_means", to_json(s.inc_mean)},
+                        {"pass", s.increment_ok && s.inc_mean.ok()}};
+    j["tensors"].push_back(std::move(t));
+  }
   return j;
 }
 
@@ -435,17 +456,30 @@ int compare(const CompareArgs& a) {
   for (const auto& t : mc.tensors) failed += !t.pass();
   if (vis) {
     fmt::print("\nvision tower (gpu forward {:.2f} ms), gate per stage, both: rel-L2 vs the bf16 reference <= max({:.0e}, "
-               "{} x ref-fp64), and gpu-fp64 <= {} x ref-fp64 + {:.1e} (compare/vision_compare.h)\n"
-               "{:<24} {:>10} {:>10} {:>10} {:>22} {:>10} {:>10} {:>10} {:>8}  {}\n",
-               vis->gpu_ms, cmp::kVisionTower.rel_l2, cmp::kAttnErrFactor, cmp::kAttnErrFactor, cmp::kAttnFloor, "tensor",
-               "vs bf16", "gate", "max abs", "at (gpu / ref)", "gpu-fp64", "ref-fp64", "bound", "elem %", "verdict");
+               "{} x ref-fp64), and gpu-fp64 <= {} x ref-fp64 + {:.1e}; the same on each block's increment (row "
+               "'+ increment'), and on the column means over rows of both (mean columns: vs bf16 <= max(floor, {} x "
+               "ref-fp64), gpu-fp64 <= {} x ref-fp64 + floor) (compare/vision_compare.h)\n"
+               "{:<24} {:>10} {:>10} {:>10} {:>22} {:>10} {:>10} {:>10} {:>8} {:>10} {:>10} {:>10} {:>10} {:>10}  {}\n",
+               vis->gpu_ms, cmp::kVisionTower.rel_l2, cmp::kAttnErrFactor, cmp::kAttnErrFactor, cmp::kAttnFloor,
+               cmp::kAttnErrFactor, cmp::kAttnErrFactor, "tensor", "vs bf16", "gate", "max abs", "at (gpu / ref)",
+               "gpu-fp64", "ref-fp64", "bound", "elem %", "mean bf16", "mean gate", "mean gpu", "mean ref", "mean bnd",
+               "verdict");
+    const auto mean_cols = [](const cmp::VisionMeanCheck& m) {
+      return m.checked ? fmt::format("{:>10.3e} {:>10.3e} {:>10.3e} {:>10.3e} {:>10.3e}", m.vs_ref, m.gate, m.err_test,
+                                     m.err_ref, m.bound)
+                       : fmt::format("{:>10} {:>10} {:>10} {:>10} {:>10}", "-", "-", "-", "-", "-");
+    };
     for (const auto& s : vis->check.stages) {
       failed += !s.pass();
-      fmt::print("{:<24} {:>10.3e} {:>10.3e} {:>10.3e} {:>22} {:>10.3e} {:>10.3e} {:>10.3e} {:>8.2f}  {}\n", s.name,
+      fmt::print("{:<24} {:>10.3e} {:>10.3e} {:>10.3e} {:>22} {:>10.3e} {:>10.3e} {:>10.3e} {:>8.2f} {}  {}\n", s.name,
                  s.vs_ref.rel_l2, s.gate, s.vs_ref.max_abs,
                  fmt::format("{} {:.4g}/{:.4g}", cmp::coord_str(s.vs_ref.max_at.at), s.vs_ref.max_at.got,
                              s.vs_ref.max_at.want),
-                 s.err_test, s.err_ref, s.bound, s.vs_ref.pass_pct, s.pass() ? "ok" : "FAIL");
+                 s.err_test, s.err_ref, s.bound, s.vs_ref.pass_pct, mean_cols(s.mean), s.pass() ? "ok" : "FAIL");
+      if (!s.increment_of.empty())
+        fmt::print("{:<24} {:>10.3e} {:>10.3e} {:>10} {:>22} {:>10.3e} {:>10.3e} {:>10.3e} {:>8} {}  {}\n",
+                   "  + increment", s.inc_vs_ref, s.inc_gate, "-", "-", s.inc_err_test, s.inc_err_ref, s.inc_bound, "-",
+                   mean_cols(s.inc_mean), s.increment_ok && s.inc_mean.ok() ? "ok" : "FAIL");
       if (!a.all_rows)
         for (const auto& f : s.failures) fmt::print("    {}\n", f);
     }
@@ -482,7 +516,8 @@ CLI::App* register_compare(CLI::App& app, int* exit_code) {
   cmd->add_flag("--vision-check", args->vision_check,
                 "With --image: also run the GPU vision tower and check each traced tensor (vis.patch_embed, "
                 "vis.blk.{l}.out, vis.proj, vis.merged) against the bf16-emulating reference tower and the fp64 one "
-                "(both layers of the policy per stage)");
+                "(both layers of the policy per stage, on each block's increment, and on the column means over rows of "
+                "both)");
   cmd->add_option("--sample-rows", args->sample_rows,
                   "Long-context mode: no reference forward; the GPU's prefill is checked op by op on the first/last "
                   "rows, block and top-k edges, the middle and N seeded random rows, each op re-run by the reference "

@@ -134,12 +134,36 @@ inline constexpr bool is_attention_op(std::string_view op) {
 //    (2^-9 of the stream, ~1e-2 of an increment) and two towers whose roundings decorrelate are
 //    sqrt(2) err_ref apart at most, so the factor 2 keeps the margin of layer 1. Downstream blocks
 //    of a defect stay below the gate (1.5-1.8x: their inputs moved), so the failure points at the
-//    block. Still within every gate at 32 blocks (measured, not caught): a dropped LN2 or v bias
-//    (1.1-1.5x the increment's err_ref: through LayerNorm's mean and the softmax they are second
-//    order), and dropped projector / merger biases (0.67-0.95 of vis.proj's / vis.merged's gate;
-//    those stages are not residual, so they have no increment to check).
+//    block. LN2's weight dropped is caught here too (1.4-1.7x the increment's gate, 7 seeds).
 //    Block 0's increment is not checked: the stream before it (after pre_layrnorm) is not traced,
 //    and at block 0 the stream's own gate is the floor 1e-2 (a dropped bias there fails it).
+// 4. column means (vision_compare.h VisionMeanCheck): layers 1 and 2 again on the mean over rows
+//    (patches) of each column, for every stage and every increment: gate max(floor, 2 err_ref),
+//    bound 2 err_ref + floor, err_ref the emulation's error on the mean vector (vision_mean_gate,
+//    vision_mean_floor). Why: a dropped bias is coherent, it moves every row by about the same
+//    vector, while two correct towers' rounding differences are nearly independent across rows
+//    (measured: ||mean of the difference|| * rows / ||difference|| is 0.9-1.3 for correct stand-ins,
+//    sqrt(rows) = 8 for a pure shift), so the mean keeps the defect and averages the noise by
+//    1/sqrt(rows); a defect's ratio grows as sqrt(patches) (doubled at 256 patches). The factor 2
+//    is layer 1's: two towers with independent roundings have means sqrt(2) err_ref apart. The
+//    emulation's own error on the mean is incoherent too (the same ratio 0.9-1.6), so err_ref of the
+//    mean is ~err_ref / sqrt(rows) of the stream's scale, 4e-3..8e-3 of the mean vector; kBf16's
+//    1e-2 floor would be the gate there, hence a floor of its own (vision_mean_floor, 0.04-0.85x
+//    2 err_ref measured, the largest at vis.patch_embed). Measured on the M3 stand-in (Hv 160,
+//    32 blocks, 8 x 8 patches, 8 seeds; value / gate of the stricter layer, > 1 fails): correct
+//    stand-ins (fp64 sums, or pixels nudged by 2^-14) at most 0.58 on any stage or increment, and
+//    at most 0.58 too with Hv 320 / 640 at 32 blocks, 4 and 16 patches, M3's width (1280) at 2
+//    blocks, tiny and small at the test sizes (2-8 seeds each): a margin of 1.7. Newly caught, on
+//    the block's increment: LN2's bias dropped 1.6-1.8 (block 16) and 1.2-1.5 (block 31), v bias
+//    2.3-3.6, LN1's bias 2.9-3.5; on the stage (non-residual): proj1_b 2.6-3.2, proj2_b 4.7-6.1,
+//    merge1_b 2.5-3.2, merge2_b 4.9-5.9 (layers 1 and 2 had them at 0.54-1.0). Also: out_b / fc2_b
+//    17-27, LN1 / LN2 weight 2.5-4.6, fc1_b 1.4-1.8.
+//    Still not caught (measured): a dropped q bias (0.6-1.3: it only moves attention scores, whose
+//    effect is not a shift; 1.5-2.3 at 256 patches), a dropped k bias (0.4-0.5: a key bias adds
+//    q.b to all of a query's scores alike, which the softmax cancels up to RoPE's rotation of b),
+//    and LN2's bias in the last blocks at small images is caught with 1.2x margin only. Anything
+//    rows share that is not in the stream's traces (a defect confined to one sublayer's internals
+//    that leaves its output's mean and rel-L2 within rounding) stays below every layer here.
 // Both, not either as in the text model (model_compare.h): the text model's engines take discrete
 // decisions (MSA selections, MoE experts) whose near-tie flips move whole rows deep in the model,
 // so one layer may legitimately miss; the tower has none, every stage is a continuous function of
@@ -152,6 +176,16 @@ inline constexpr Tolerance kVisionTower = kBf16;
 inline double vision_emulation_gate(double err_ref) {
   return std::max(kVisionTower.rel_l2, kAttnErrFactor * err_ref);
 }
+
+// Layer 4's floor, relative to ||mean(truth)||: kAttnFloor (one bf16 rounding of every element)
+// carried to a mean over `rows` rows whose roundings are independent, which has the norm
+// kAttnFloor * ||truth|| / rows. Not kBf16's 1e-2 nor kAttnFloor itself: those bound a whole tensor,
+// and the mean vectors' own err_ref is 4e-3..8e-3 (measured, M3 stand-in), so either would be the
+// gate and let a dropped bias through. This floor is 0.2-0.5x 2 * err_ref of the means measured.
+inline double vision_mean_floor(double rows, double truth_norm, double truth_mean_norm) {
+  return kAttnFloor * truth_norm / (rows * truth_mean_norm);
+}
+inline double vision_mean_gate(double err_ref, double floor) { return std::max(floor, kAttnErrFactor * err_ref); }
 
 // The thresholds for one output of `op` in precision `p`: the precision the output is stored in
 // (fp32 outputs of a bf16 case, e.g. block scores and router outputs, use the fp32 tier).

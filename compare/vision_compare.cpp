@@ -22,7 +22,43 @@ const MatD* find(const VisionTrace& t, const std::string& name) {
   return nullptr;
 }
 
+// The mean over rows of each column: [rows, cols] -> [cols].
+Eigen::VectorXd column_means(const MatD& m) { return m.colwise().mean().transpose(); }
+
+std::span<const double> flat(const Eigen::VectorXd& v) { return {v.data(), static_cast<std::size_t>(v.size())}; }
+
 }  // namespace
+
+VisionMeanCheck check_vision_column_means(const std::string& what, const MatD& test, const MatD& ref, const MatD& truth,
+                                          std::vector<std::string>& failures) {
+  const Eigen::VectorXd mt = column_means(test), mr = column_means(ref), mf = column_means(truth);  // [cols] each
+  VisionMeanCheck m;
+  m.checked = true;
+  m.vs_ref = rel_l2(flat(mt), flat(mr));
+  m.err_test = rel_l2(flat(mt), flat(mf));
+  m.err_ref = rel_l2(flat(mr), flat(mf));
+  m.floor = vision_mean_floor(static_cast<double>(truth.rows()), truth.norm(), mf.norm());
+  m.gate = vision_mean_gate(m.err_ref, m.floor);
+  m.bound = kAttnErrFactor * m.err_ref + m.floor;
+  // (NaN and Inf are left out of the means' rel-L2s as of every rel-L2 here; the stage's own check
+  // fails on them.) A truth whose column means are all zero would make the floor infinite.
+  if (!(mf.norm() > 0)) {
+    m.emulation_ok = m.truth_ok = false;
+    failures.push_back(fmt::format("{}column means of the fp64 tower all zero: a vacuous check", what));
+    return m;
+  }
+  m.emulation_ok = m.vs_ref <= m.gate;
+  m.truth_ok = m.err_test <= m.bound;
+  if (!m.emulation_ok)
+    failures.push_back(fmt::format("{}column means over {} rows: rel-L2 {:.3e} vs the bf16 reference's > max({:.1e}, {} "
+                                   "x {:.3e})",
+                                   what, test.rows(), m.vs_ref, m.floor, kAttnErrFactor, m.err_ref));
+  if (!m.truth_ok)
+    failures.push_back(fmt::format("{}column means over {} rows: rel-L2 {:.3e} vs fp64's > {} x {:.3e} (the bf16 "
+                                   "reference's) + {:.1e}",
+                                   what, test.rows(), m.err_test, kAttnErrFactor, m.err_ref, m.floor));
+  return m;
+}
 
 bool VisionComparison::pass() const {
   return !stages.empty() && std::all_of(stages.begin(), stages.end(), [](const VisionStageCheck& s) { return s.pass(); });
@@ -63,6 +99,7 @@ VisionStageCheck check_vision_stage(const std::string& name, const MatD& test, c
   if (!s.truth_ok)
     f.push_back(fmt::format("2x-truth: rel-L2 {:.3e} vs fp64 > {} x {:.3e} (the bf16 reference's) + {:.1e}", s.err_test,
                             kAttnErrFactor, s.err_ref, kAttnFloor));
+  s.mean = check_vision_column_means("", test, ref, truth, f);
   return s;
 }
 
@@ -89,6 +126,7 @@ void check_vision_increment(VisionStageCheck& s, const std::string& prev_name, c
     s.failures.push_back(fmt::format("increment over {}: rel-L2 {:.3e} vs fp64's > {} x {:.3e} (the bf16 reference's) + "
                                      "{:.1e}",
                                      prev_name, s.inc_err_test, kAttnErrFactor, s.inc_err_ref, kAttnFloor));
+  s.inc_mean = check_vision_column_means(fmt::format("increment over {}: ", prev_name), dt, dr, df, s.failures);
 }
 
 VisionComparison compare_vision(const VisionTrace& test, const VisionTrace& ref, const VisionTrace& truth) {

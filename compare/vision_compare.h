@@ -11,8 +11,11 @@
 // both layers also hold for its increment, vis.blk.{l}.out - vis.blk.{l-1}.out in each of the
 // three towers (the block's own contribution, with err_ref the emulation's error on it): at M3's
 // depth the accumulated stream's gate is ~3e-2, wide enough for a block that drops a bias or a
-// LayerNorm weight, which moves its increment by 3-7x the increment's own gate (tolerance.h). The elementwise rule |a - b| <= atol + rtol |b| is measured
-// and reported (pass %), as in the text model's table, not gated.
+// LayerNorm weight, which moves its increment by 3-7x the increment's own gate (tolerance.h). Every
+// stage and every increment also passes both layers on its column means over rows (layer 4,
+// VisionMeanCheck): a dropped bias shifts every row alike, which the rel-L2 of the whole tensor
+// dilutes among the rows' rounding noise and the mean over rows does not. The elementwise rule
+// |a - b| <= atol + rtol |b| is measured and reported (pass %), as in the text model's table, not gated.
 //
 //   VisionComparison c = compare_vision(gpu_trace, bf16_trace, fp64_trace);
 //   if (!c.pass()) for (const auto& s : c.stages) for (const auto& f : s.failures) ...
@@ -25,6 +28,24 @@
 #include <vector>
 
 namespace m3::cmp {
+
+// Both layers on the column means over rows (the mean over patches of each feature) of a stage or
+// of a block's increment: a dropped bias or LayerNorm bias moves every row by about the same vector,
+// while the rounding differences of two correct towers are nearly independent across rows, so the
+// mean keeps the defect and averages the noise (compare/tolerance.h, layer 4). rel-L2s of the
+// [cols] mean vectors; the floor is the norm a mean of independent per-row roundings of 2^-8 has.
+struct VisionMeanCheck {
+  bool checked = false;
+  double vs_ref = 0;     // rel-L2 mean(test) vs mean(bf16 ref)
+  double gate = 0;       // max(floor, kAttnErrFactor * err_ref)
+  double err_test = 0;   // rel-L2 mean(test) vs mean(fp64)
+  double err_ref = 0;    // rel-L2 mean(bf16 ref) vs mean(fp64)
+  double bound = 0;      // kAttnErrFactor * err_ref + floor
+  double floor = 0;      // vision_mean_floor: kAttnFloor ||fp64|| / (rows ||mean(fp64)||)
+  bool emulation_ok = true;
+  bool truth_ok = true;
+  bool ok() const { return emulation_ok && truth_ok; }
+};
 
 struct VisionStageCheck {
   std::string name;        // the traced name, e.g. vis.blk.1.out
@@ -44,6 +65,9 @@ struct VisionStageCheck {
   double inc_err_ref = 0;     // rel-L2 bf16 reference increment vs fp64 increment
   double inc_bound = 0;       // kAttnErrFactor * inc_err_ref + kAttnFloor
   bool increment_ok = true;   // both layers held on the increment (true when not checked)
+  // Layer 4 on the stage and on its increment: the column means over rows (vision_column_means).
+  VisionMeanCheck mean;
+  VisionMeanCheck inc_mean;   // checked only where the increment is
   std::vector<std::string> failures;  // one line each, empty = pass
   bool pass() const { return failures.empty(); }
 };
@@ -62,6 +86,12 @@ VisionStageCheck check_vision_stage(const std::string& name, const MatD& test, c
 // (std::invalid_argument otherwise).
 void check_vision_increment(VisionStageCheck& s, const std::string& prev_name, const MatD& test, const MatD& ref,
                             const MatD& truth, const MatD& test_prev, const MatD& ref_prev, const MatD& truth_prev);
+
+// Layer 4 on [rows, cols] tensors of one shape (the caller checks): the column means of test, ref
+// (the bf16 emulation) and truth (fp64), both layers; `what` names the tensor in failure lines,
+// appended to `failures`.
+VisionMeanCheck check_vision_column_means(const std::string& what, const MatD& test, const MatD& ref, const MatD& truth,
+                                          std::vector<std::string>& failures);
 
 // Every stage the bf16 reference traced, looked up by name in the other two traces; a stage that
 // test or truth lacks, or has in another shape, is a failure of that stage (not an exception), and
