@@ -43,11 +43,11 @@ __global__ void __launch_bounds__(kThreads) stream_read_kernel(const uint4* __re
 
 }  // namespace
 
-void stream_read(const void* d, std::size_t bytes, unsigned* xor_out, cudaStream_t s) {
+void stream_read(const void* d, std::size_t bytes, unsigned* xor_out, cudaStream_t s, bool zero_out) {
   if (bytes % 16 != 0 || reinterpret_cast<std::uintptr_t>(d) % 16 != 0)
     throw GpuError("stream_read: " + std::to_string(bytes) +
                    " bytes at a pointer 16-byte aligned and a multiple of 16 expected");
-  M3_CUDA_CHECK(cudaMemsetAsync(xor_out, 0, sizeof(unsigned), s));
+  if (zero_out) M3_CUDA_CHECK(cudaMemsetAsync(xor_out, 0, sizeof(unsigned), s));
   if (bytes == 0) return;
   int dev = 0, sms = 0, per_sm = 0;
   M3_CUDA_CHECK(cudaGetDevice(&dev));
