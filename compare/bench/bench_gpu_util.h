@@ -69,6 +69,10 @@ void fill_random(gpu::DeviceBuffer<T>& d, std::uint64_t seed, float scale = 1.f,
     M3_CUDA_CHECK(cudaMemcpy(d.data() + done, d.data(), n * sizeof(T), cudaMemcpyDeviceToDevice));
     done += n;
   }
+  // A device-to-device cudaMemcpy returns before the copy is done, on the legacy stream, which does
+  // not order the benches' non-blocking streams (gpu::Stream): without this their first launches
+  // would race the tiling copies (reading half-filled buffers, sharing DRAM with them).
+  M3_CUDA_CHECK(cudaDeviceSynchronize());
 }
 
 }  // namespace m3::bench
