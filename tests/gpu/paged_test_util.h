@@ -16,9 +16,10 @@ namespace m3::test {
 
 // Paged copy of a contiguous cache: sequence b's logical page lp is physical page ids[b*pps + lp],
 // drawn from a random permutation of a pool with `spare` pages more than the sequences use; pps is
-// one more than N needs (the table's stride is pps, not ceil(N/128)). Pages past a sequence's length get id -1 (unallocated: a kernel that looked one up
-// would give NaN), and every pool row that no logical row < len[b] maps to (the spare pages, the
-// tail of a sequence's last page) keeps the all-ones poison (bf16 and E4M3 NaN).
+// one more than N needs (the table's stride is pps, not ceil(N/128)). Pages past a sequence's
+// length get id -1 (unallocated: a kernel that looked one up would give NaN), and every pool row
+// that no logical row < len[b] maps to (the spare pages, the tail of a sequence's last page) keeps
+// the all-ones poison (bf16 and E4M3 NaN).
 struct PageTable {
   std::vector<std::int32_t> ids;  // [B, pps]
   int pps = 0, n_pages = 0;
