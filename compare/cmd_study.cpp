@@ -21,6 +21,7 @@
 
 #include <cstdio>
 #include <ctime>
+#include <filesystem>
 #include <fstream>
 #include <sstream>
 
@@ -77,8 +78,14 @@ int study(const StudyArgs& a) {
       throw std::invalid_argument("study: --part gpu needs the CUDA build (configure with -DM3_WITH_CUDA=ON)");
 #endif
   }
-  if (!a.out.empty() && !std::ofstream(a.out, std::ios::app))  // app: an existing file stays as it is until the end
-    throw std::invalid_argument(fmt::format("study: cannot write {}", a.out));
+  if (!a.out.empty()) {
+    // app: an existing file stays as it is until the end; one the probe creates is removed again,
+    // so that a study failing later leaves no empty --out behind.
+    std::error_code ec;
+    const bool existed = std::filesystem::exists(a.out, ec) || ec;  // unknown: keep it
+    if (!std::ofstream(a.out, std::ios::app)) throw std::invalid_argument(fmt::format("study: cannot write {}", a.out));
+    if (!existed) std::filesystem::remove(a.out, ec);
+  }
   nlohmann::json j;
   j["command"] = command_line();
   j["build_commit"] = build_git_commit();  // the commit the binary was built from, "-dirty" with local changes
