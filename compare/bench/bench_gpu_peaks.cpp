@@ -102,7 +102,7 @@ BENCHMARK(BM_gpu_peak_copy)->ArgName("MiB")->Arg(1024)->UseManualTime()->Unit(be
 double copy_gbps_once() {
   constexpr std::size_t kBytes = std::size_t{1} << 30;
   constexpr int kReps = 5;
-  m3::gpu::DeviceBuffer<unsigned char> src(kBytes), dst(kBytes);
+  m3::gpu::DeviceBuffer<unsigned char> src(kBytes), dst(kBytes);  // [kBytes] each
   m3::gpu::Stream s;
   src.fill_bytes(0x5A, s.get());
   double sec = 0;
@@ -122,9 +122,9 @@ void BM_gpu_peak_read(benchmark::State& state) {
   static const double copy = copy_gbps_once();
   const std::size_t bytes = static_cast<std::size_t>(state.range(0)) << 20;
   m3::gpu::DeviceBuffer<float> src(bytes / sizeof(float));  // [bytes / 4] random words
-  m3::gpu::DeviceBuffer<unsigned char> flush(2 * m3::gpu::device_info().l2_bytes);
+  m3::gpu::DeviceBuffer<unsigned char> flush(2 * m3::gpu::device_info().l2_bytes);  // [2 x L2]: evicts every line
   m3::bench::fill_random(src, 1);
-  m3::gpu::DeviceBuffer<unsigned> sink(1);
+  m3::gpu::DeviceBuffer<unsigned> sink(1);  // [1] the probe's word
   m3::gpu::Stream s;
   for (int i = 0; i < 3; ++i) m3::gpu::stream_read(src.data(), bytes, sink.data(), s.get());
   s.sync();

@@ -32,9 +32,9 @@ TEST(GpuStreamRead, XorOfEveryWordAtAwkwardSizes) {
   const std::size_t sizes[] = {0, 1, 3, 255, 257, 4097, 540671, 540673, 1081343, 3333333};
   std::vector<std::uint32_t> host(3333333 * 4);  // [words]
   for (auto& w : host) w = static_cast<std::uint32_t>(g());
-  m3::gpu::DeviceBuffer<std::uint32_t> d(host.size());
+  m3::gpu::DeviceBuffer<std::uint32_t> d(host.size());  // [words]
   d.upload(host);
-  m3::gpu::DeviceBuffer<unsigned> out(1);
+  m3::gpu::DeviceBuffer<unsigned> out(1);  // [1]
   m3::gpu::Stream s;
   for (std::size_t n16 : sizes) {
     SCOPED_TRACE("vectors " + std::to_string(n16));
@@ -58,8 +58,8 @@ TEST(GpuStreamRead, XorOfEveryWordAtAwkwardSizes) {
 
 TEST(GpuStreamRead, RefusesUnalignedPointersAndSizes) {
   M3_REQUIRE_GPU();
-  m3::gpu::DeviceBuffer<std::uint32_t> d(64);
-  m3::gpu::DeviceBuffer<unsigned> out(1);
+  m3::gpu::DeviceBuffer<std::uint32_t> d(64);  // [words]
+  m3::gpu::DeviceBuffer<unsigned> out(1);    // [1]
   EXPECT_THROW(m3::gpu::stream_read(d.data(), 24, out.data(), nullptr), m3::gpu::GpuError);
   EXPECT_THROW(m3::gpu::stream_read(d.data() + 1, 16, out.data(), nullptr), m3::gpu::GpuError);
 }
