@@ -233,6 +233,7 @@ int compare_mtp(const CompareArgs& a, const ModelConfig& cfg0, const std::vector
   };
   std::fprintf(stderr, "compare: reference bf16, generate_mtp ...\n");
   MtpStats rst, gst;
+  rst.record_decisions = gst.record_decisions = true;  // the near-tie rules read them
   auto t0 = std::chrono::steady_clock::now();
   // The near-tie rules of the modules' and the main model's choices (mtp_compare.h); taken before
   // the gpu run takes the weights.

@@ -181,7 +181,7 @@ inline double vision_emulation_gate(double err_ref) {
 // carried to a mean over `rows` rows whose roundings are independent, which has the norm
 // kAttnFloor * ||truth|| / rows. Not kBf16's 1e-2 nor kAttnFloor itself: those bound a whole tensor,
 // and the mean vectors' own err_ref is 4e-3..8e-3 (measured, M3 stand-in), so either would be the
-// gate and let a dropped bias through. This floor is 0.2-0.5x 2 * err_ref of the means measured.
+// gate and let a dropped bias through. This floor is 0.04-0.85x 2 * err_ref of the means measured.
 inline double vision_mean_floor(double rows, double truth_norm, double truth_mean_norm) {
   return kAttnFloor * truth_norm / (rows * truth_mean_norm);
 }

@@ -31,6 +31,11 @@
 namespace m3 {
 
 struct MtpStats {
+  // Input: also record the decisions below (draft_router, feed_router, draft logits rows), which
+  // compare/mtp_compare.h reads. Off by default: it traces every forward (a device engine copies
+  // each traced tensor back) and keeps per draft a [1, V] logits row and per position the main
+  // model's block scores, far more than a run's counters need at M3's vocabulary and context.
+  bool record_decisions = false;
   int rounds = 0;               // draft-and-check rounds (= main forwards after the prefill)
   std::int64_t drafted = 0;     // draft tokens proposed
   std::int64_t accepted = 0;    // draft tokens the main model agreed with
@@ -39,7 +44,7 @@ struct MtpStats {
   // Per drafting round, each draft's margin in its module's logits row: (best - second best) /
   // max(1, |best|), the relative gap a near-tie test compares with a tolerance (compare/mtp_compare.h).
   std::vector<std::vector<double>> draft_margins;
-  // Per drafting round, per draft: what the router of its owner module (module j mod count) decided
+  // With record_decisions, per drafting round, per draft: what the router of its owner module (module j mod count) decided
   // on the draft's row (the last row of that module's forward), one row per MoE layer of the module
   // in layer order, from its forward's trace (blk.{l}.router_logits, blk.{l}.experts). A draft's
   // logits follow from the experts its row chose: where a router's K-th and (K+1)-th scores nearly
@@ -58,7 +63,7 @@ struct MtpStats {
     MatF draft_logits;
   };
   std::vector<std::vector<Router>> draft_router;
-  // Per drafting round, per position p of its feed (fed .. n-1: the positions whose (x_{p+1}, h_p)
+  // With record_decisions, per drafting round, per position p of its feed (fed .. n-1: the positions whose (x_{p+1}, h_p)
   // the modules take at draft step 0, the round's module input), the MAIN model's decisions on row p
   // in the forward whose h_p was kept (prefill or a check): a main-model flip there moves h_p, and
   // with it every draft of the round, by far more than rounding (compare/mtp_compare.h's main rule).

@@ -94,18 +94,19 @@ std::vector<std::int32_t> mtp_loop(ModelT& main, std::span<ModelT* const> module
   const int count = static_cast<int>(modules.size());
   MtpStats st;
   st.accepted_at.assign(static_cast<std::size_t>(k), 0);
-
-  // Traces run only when stats are asked for, since a trace makes a device engine copy every traced
-  // tensor back.
+  // Traces run only when the decisions are asked for, since a trace makes a device engine copy every
+  // traced tensor back.
+  const bool rec = stats && stats->record_decisions;
+  st.record_decisions = rec;
   const int Hi = c.index_n_heads;
-  std::vector<MtpStats::Router> main_rows;  // [n] the main model's decisions on each kept row (stats only)
+  std::vector<MtpStats::Router> main_rows;  // [n] the main model's decisions on each kept row (rec only)
   std::vector<MtpStats::Router> fresh;      // the last main forward's rows
   auto main_trace = [&]() -> TraceFn {
     fresh.clear();
-    return stats ? mtp_choice_recorder(fresh, Hi, false) : TraceFn{};
+    return rec ? mtp_choice_recorder(fresh, Hi, false) : TraceFn{};
   };
   auto keep_main_rows = [&](std::int64_t from, std::int64_t rows) {  // rows 0 .. rows-1 of fresh at from ..
-    if (!stats) return;
+    if (!rec) return;
     main_rows.resize(static_cast<std::size_t>(from));
     main_rows.insert(main_rows.end(), fresh.begin(), fresh.begin() + rows);
   };
@@ -146,7 +147,7 @@ std::vector<std::int32_t> mtp_loop(ModelT& main, std::span<ModelT* const> module
     const MatD hfeed = main.final_norm(hm.middleRows(fed, n - fed));  // [n - fed, H] after the final norm
     std::vector<std::int32_t> d;                    // d_1 .. d_kk
     std::vector<double> margins;                    // their top-2 margins (mtp_top2_margin)
-    std::vector<MtpStats::Router> routers;          // their owner modules' router rows (only with stats)
+    std::vector<MtpStats::Router> routers;          // their owner modules' router rows (rec only)
     MatD hprev;                                     // [1, H] the last draft step's hidden state
     for (int j = 0; j < kk; ++j) {
       const int owner = j % count;
@@ -159,11 +160,11 @@ std::vector<std::int32_t> mtp_loop(ModelT& main, std::span<ModelT* const> module
         // Only the owner's row decides the draft (a module is one layer: the others' attention and
         // MoE outputs reach neither their caches nor the next step).
         std::vector<MtpStats::Router> row;
-        const TraceFn rec = m == owner && stats ? mtp_choice_recorder(row, Hi, true) : TraceFn{};
-        if (m == owner && stats) row.resize(1);
-        const MatD lg = j == 0 ? mtp_step(*modules[m], seqs[m], feed, &hfeed, h, rec)
-                               : mtp_step(*modules[m], seqs[m], std::span<const std::int32_t>(&tok_in, 1), &h_in, h, rec);
-        if (m == owner && stats) {
+        const TraceFn tf = m == owner && rec ? mtp_choice_recorder(row, Hi, true) : TraceFn{};
+        if (m == owner && rec) row.resize(1);
+        const MatD lg = j == 0 ? mtp_step(*modules[m], seqs[m], feed, &hfeed, h, tf)
+                               : mtp_step(*modules[m], seqs[m], std::span<const std::int32_t>(&tok_in, 1), &h_in, h, tf);
+        if (m == owner && rec) {
           row[0].draft_logits = lg.bottomRows(1).cast<float>();
           routers.push_back(std::move(row[0]));
         }
@@ -176,7 +177,7 @@ std::vector<std::int32_t> mtp_loop(ModelT& main, std::span<ModelT* const> module
       d.push_back(next);
       hprev = std::move(h_next);
     }
-    if (stats) st.feed_router.emplace_back(main_rows.begin() + fed, main_rows.begin() + n);
+    if (rec) st.feed_router.emplace_back(main_rows.begin() + fed, main_rows.begin() + n);
     fed = n;
     // The check: x_n, d_1 .. d_kk at positions n .. n+kk in one main forward.
     std::vector<std::int32_t> check{pending};
@@ -190,7 +191,7 @@ std::vector<std::int32_t> mtp_loop(ModelT& main, std::span<ModelT* const> module
     st.accepted += a;
     st.drafts.push_back(d);
     st.draft_margins.push_back(std::move(margins));
-    if (stats) st.draft_router.push_back(std::move(routers));
+    if (rec) st.draft_router.push_back(std::move(routers));
     for (int j = 0; j < a; ++j) ++st.accepted_at[static_cast<std::size_t>(j)];
     // Keep x_n, d_1 .. d_a; forget the rest in the main cache and every draft entry in the modules.
     ms.truncate(n + a + 1);

@@ -319,8 +319,13 @@ TEST(Mtp, DraftsFollowTheDocumentedSchedule) {
   m3::Model m0(mc, m3::generate_mtp_module(t.cfg, 0, 5, t.main), m3::Precision::FP64);
   m3::Model m1(mc, t.mod, m3::Precision::FP64);
   m3::Model* mods[] = {&m0, &m1};
+  m3::MtpStats plain;  // counters only: no decision is recorded unless asked for
+  const auto plain_tokens = m3::generate_mtp(main, mods, prompt, 6, 2, &plain);
+  EXPECT_TRUE(plain.draft_router.empty() && plain.feed_router.empty());
   m3::MtpStats st;
-  m3::generate_mtp(main, mods, prompt, 6, 2, &st);
+  st.record_decisions = true;
+  EXPECT_EQ(m3::generate_mtp(main, mods, prompt, 6, 2, &st), plain_tokens) << "recording changes nothing";
+  EXPECT_EQ(st.drafts, plain.drafts);
   ASSERT_FALSE(st.drafts.empty());
   ASSERT_EQ(st.drafts[0].size(), 2u);
 

@@ -61,6 +61,7 @@ MtpRun run_tiny(std::uint64_t seed, bool zero_head, const std::vector<std::int32
   m3::Model main(cfg, w, p), mod(m3::mtp_module_config(cfg), mw, p);
   m3::Model* mods[] = {&mod};
   MtpRun r;
+  r.st.record_decisions = true;  // the near-tie rules read them
   r.tokens = m3::generate_mtp(main, mods, prompt, steps, k, &r.st);
   return r;
 }
@@ -229,6 +230,7 @@ MtpRun run_planted(std::uint64_t seed, m3::Precision p, bool swap_halves, const 
   m3::Model main(cfg, w, p), mod(m3::mtp_module_config(cfg), mw, p);
   m3::Model* mods[] = {&mod};
   MtpRun r;
+  r.st.record_decisions = true;  // the near-tie rules read them
   r.tokens = m3::generate_mtp(main, mods, prompt, steps, k, &r.st);
   return r;
 }

@@ -72,6 +72,7 @@ MtpRuns run_mtp(const Tiny& t, const std::vector<std::int32_t>& prompt, int step
   m3::gpu::Model gmain(t.cfg, t.main, o), gmod(mc, t.mod, o);
   m3::gpu::Model* gmods[] = {&gmod};
   MtpRuns r;
+  r.gpu_stats.record_decisions = r.ref_stats.record_decisions = true;  // the near-tie rules read them
   r.gpu_tokens = m3::gpu::generate_mtp(gmain, gmods, prompt, steps, k, &r.gpu_stats);
   if (greedy) *greedy = m3::gpu::generate_greedy(gmain, prompt, steps, logits);
   m3::Model rmain(t.cfg, t.main, m3::Precision::BF16), rmod(mc, t.mod, m3::Precision::BF16);
