@@ -111,6 +111,19 @@ void check_random(Eigen::Index Tn, Eigen::Index H, Eigen::Index E, int k) {
   Mat<T> x = randn<T>(Tn, H, g);                                          // [T, H]
   Mat<T> w = randn<T>(E, H, g, 2.0 / std::sqrt(static_cast<double>(H)));  // [E, H]: logits std ~2
   Vec<T> b = randn_vec<T>(E, g, 0.3);  // [E]: same order as the spread of s, so it matters
+  // A token whose top K_e+1 biased scores lie within kNearTie of each other (in the fp64 naive)
+  // cannot be checked exactly: its row is drawn again, so every token gets the exact check. (Left
+  // in, such a token failed "most tokens get the exact check" whenever T is small: measured 3.3e-4
+  // of the draws at T = 1, E = 16, K = 4, i.e. 1 in ~3000 runs of OneToken_E16_K4,
+  // M3_TEST_SEED=14491695261478760192; 8e-6 at TopKEqualsE7.) Exact ties stay covered by
+  // check_ties below.
+  for (Eigen::Index t = 0; t < Tn; ++t) {
+    int redraws = 0;
+    while (naive_route(x, t, w, b, k).margin <= kNearTie<T>) {
+      ASSERT_LT(++redraws, 100) << "token " << t << ": no draw without a near-tie";
+      x.row(t) = randn<T>(1, H, g);
+    }
+  }
   for (bool renorm : {true, false}) {
     SCOPED_TRACE(renorm ? "renormalize" : "raw weights");
     RouterOut<T> o = run_router(x, w, b, k, renorm);
@@ -167,8 +180,8 @@ void check_random(Eigen::Index Tn, Eigen::Index H, Eigen::Index E, int k) {
             << "token " << t << " expert " << e;
       }
     }
-    // Near ties are rare at these scales (gaps ~1e-2); most tokens must get the exact check.
-    EXPECT_GE(exact_checked, Tn - Tn / 10);
+    // Every token was drawn without a near-tie (above): every one got the exact check.
+    EXPECT_EQ(exact_checked, Tn);
     EXPECT_GT(x.norm(), 0.0);
     EXPECT_GT(ref_logits.norm(), 0.0);
     EXPECT_LE(rel_l2(o.logits, ref_logits), kTol<T>);
