@@ -22,7 +22,12 @@
 //   first draft i <= j of the round where the two engines' owner modules chose other expert sets
 //   (MtpStats::draft_router), the experts in one set and not the other score within ties.rtol of
 //   each other by either engine's biased scores sigmoid(logit) + bias, relative to the row's
-//   largest |score| (DESIGN 4's flip rule; the main model's, model_compare.cpp check_index). A
+//   largest |score| (DESIGN 4's flip rule; the main model's, model_compare.cpp check_index), or
+//   within 4 sqrt(2) x the engines' noise measured on the row itself (the standard deviation of
+//   their router logits' differences over the row's other experts, times the flipped experts'
+//   sigmoid slope; for a block selection, of the block scores' differences over the other blocks
+//   of every head of that MSA layer) where that noise is at most 5% of the row's scale
+//   (mtp_compare.cpp kFlipNoiseMargin, kScoreNoiseMax: fp32 vs bf16 flips beyond the fixed rtol). A
 //   flipped expert set moves that row's logits and hidden state by far more than rounding (and the
 //   hidden state feeds draft i + 1), so drafts then part with clear logit margins. Counted apart
 //   (rounds_expert_tie). Drafts that part while every owner row up to j chose the same experts,
@@ -34,9 +39,10 @@
 //   ascending, per layer its MSA block selection then its experts), then each draft row's module
 //   decisions (draft 0 .. j; selection then experts). A block selection flips at a near-tie when the
 //   blocks chosen by one run only score within ties.rtol x the row's largest finite |score| by either
-//   run's block scores. Counted as rounds_main_tie, rounds_selection_tie, rounds_expert_tie. What
-//   follows the first flip is its consequence and is not judged (DESIGN 4). Main-model flips at
-//   positions before the feed reach the round through attention and through the modules' caches
+//   run's block scores, or within the measured noise as above. Counted as rounds_main_tie,
+//   rounds_selection_tie, rounds_expert_tie. What follows the first flip is its consequence and is
+//   not judged (DESIGN 4). Main-model flips at positions before the feed reach the round through
+//   attention and through the modules' caches
 //   (which hold every h_p): such a flip explains nothing by itself, but a block flip (with any gap)
 //   over a block holding an earlier position whose main-model row flipped first at a near-tie (or
 //   was such a consequence itself), at a layer before the block's (a module row: any layer), is
