@@ -47,7 +47,11 @@
 //   over a block holding an earlier position whose main-model row flipped first at a near-tie (or
 //   was such a consequence itself), at a layer before the block's (a module row: any layer), is
 //   that flip's consequence, since a block's index score follows the keys the flip moved (counted
-//   as rounds_main_tie; needs ties.BLK).
+//   as rounds_main_tie; needs ties.BLK). And where no decision of the round differs but the
+//   main model's first differing decision on an earlier position (before the round's feed rows)
+//   was explained, the round's rows carry that flip through attention: the logit noise rule then
+//   holds for rows up to 0.3 apart (mtp_compare.cpp kDraftRowRelL2AfterFlip; counted as
+//   rounds_main_tie).
 // What drafts cannot show: a module defect whose effect on the draft rows is within the engines'
 // rounding. Measured (tiny seeded, 30 seeds, per run the median over rounds of draft 0's row
 // rel-L2 against the bf16 reference): bf16 on weights nudged by 2^-12 0.013 (0.008-0.014 typical),

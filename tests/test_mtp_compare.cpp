@@ -784,3 +784,50 @@ TEST(MtpCompare, FeedRouterAndSelectionsThatDoNotFitAreRefused) {
   bad.st.feed_router.clear();
   EXPECT_NO_THROW(m3::cmp::compare_mtp_runs(ref.tokens, ref.st, bad.tokens, bad.st, kTie, 0.0, modules_only));
 }
+
+// After an earlier near-tie flip of the main model (a prompt row, before the round's feed rows) the
+// draft rows carry it through attention: a parting with no flip of its own whose rows are 0.15 apart
+// (over the flip-free cap 0.1) passes within the rows' noise only then, and only up to 0.3 apart; a
+// clear earlier flip explains nothing.
+TEST(MtpCompare, APartingAfterAnEarlierNearTieFlipMayCarryItThroughAttention) {
+  auto g = m3::test::test_rng();
+  SCOPED_TRACE(m3::test::seed_note());
+  const auto prompt = m3::test::random_tokens(23, 512, g);
+  MtpRun ref = run_tiny(g(), true, prompt, 21, 4);  // rounds start at outputs 0, 5, 10, 15; 4 drafts each
+  ASSERT_GE(ref.st.rounds, 3);
+  ASSERT_GE(ref.st.feed_router[0].size(), 4u) << "round 0 feeds the prompt's rows";
+  set_margins(ref.st, 0.5);
+  set_msa_rows(ref.st);
+  const auto ties = synthetic_msa_ties(true);
+  // Round 1 parts at draft 2 (7 on the test engine) with a clear margin and no flip in the round;
+  // its rows: N(0, 1) logits, the two candidates 5 and 5 - 0.03, the test's row off by N(0, noise)
+  // (rel-L2 ~noise) with the candidates swapped.
+  auto make = [&](double noise) {
+    const std::int32_t a_ref = ref.st.drafts[1][2], a_test = 7;
+    m3::MatF row = m3::test::randn<float>(1, 512, g);  // [1, V]
+    row(0, a_ref) = 5.f;
+    row(0, a_test) = 4.97f;
+    ref.st.draft_router[1][2].draft_logits = row;
+    MtpRun test = ref;
+    test.st.drafts[1][2] = a_test;
+    test.st.feed_router[2].resize(3);  // round 1 accepts 2 drafts: round 2 feeds x_n and those
+    m3::MatF trow = row + m3::test::randn<float>(1, 512, g, noise);  // [1, V]
+    trow(0, a_test) = 5.f;
+    trow(0, a_ref) = 4.97f;
+    test.st.draft_router[1][2].draft_logits = trow;
+    return test;
+  };
+  auto run = [&](const MtpRun& test) { return m3::cmp::compare_mtp_runs(ref.tokens, ref.st, test.tokens, test.st, kTie, 0.0, ties); };
+  MtpRun test = make(0.15);
+  EXPECT_FALSE(run(test).pass()) << "rows 0.15 apart with no flip anywhere";
+  flip_experts(test.st.feed_router[0][3], 0.01f);  // a near-tie flip on prompt row 3
+  auto c = run(test);
+  EXPECT_TRUE(c.pass()) << (c.failures.empty() ? "" : c.failures[0]);
+  EXPECT_EQ(c.rounds_main_tie, 1);
+  test = make(0.15);
+  flip_experts(test.st.feed_router[0][3], 1.5f);  // a clear flip first
+  EXPECT_FALSE(run(test).pass());
+  test = make(0.45);
+  flip_experts(test.st.feed_router[0][3], 0.01f);
+  EXPECT_FALSE(run(test).pass()) << "rows 0.45 apart: more than a flip's consequence is allowed";
+}
