@@ -249,7 +249,20 @@ TEST(Mtp, DraftAndCheckKeepsTheGreedyTokens) {
       const auto got = m3::generate_mtp(main, std::span<m3::Model* const>(mods, count), prompt, kSteps, k, &st);
       EXPECT_EQ(got, want);
       EXPECT_LE(st.accepted, st.drafted);
-      EXPECT_EQ(1 + st.rounds + st.accepted, kSteps) << "a round yields its accepted drafts + one token";
+      // Every round follows one main-model token; the output ends with such a token (1 + rounds +
+      // accepted), or with the last round's drafts when all of them were accepted and they filled it
+      // (rounds + accepted: that round drafted exactly what remained). The second is rare with seeded
+      // modules (an fp64 draft is right by chance) and once failed the first identity alone
+      // (M3_TEST_SEED=11504517264666386324: 41 vs 40).
+      const bool ends_with_drafts = st.rounds + st.accepted == kSteps;
+      if (ends_with_drafts) {
+        ASSERT_FALSE(st.drafts.empty());
+        const auto& last = st.drafts.back();
+        EXPECT_TRUE(std::equal(last.begin(), last.end(), got.end() - static_cast<std::ptrdiff_t>(last.size())))
+            << "the output ends with the last round's drafts, all accepted";
+      } else {
+        EXPECT_EQ(1 + st.rounds + st.accepted, kSteps) << "a round yields its accepted drafts + one token";
+      }
       EXPECT_LE(st.rounds, kSteps - 1);
       ASSERT_EQ(st.accepted_at.size(), static_cast<std::size_t>(k));
       for (int j = 0; j + 1 < k; ++j) EXPECT_GE(st.accepted_at[j], st.accepted_at[j + 1]) << "draft j+1 needs draft j";
