@@ -49,7 +49,7 @@
 //   that flip's consequence, since a block's index score follows the keys the flip moved (counted
 //   as rounds_main_tie; needs ties.BLK). And where no decision of the round differs but the
 //   main model's first differing decision on an earlier position (before the round's feed rows)
-//   was explained, the round's rows carry that flip through attention: the logit noise rule then
+//   was a near-tie, the round's rows carry that flip through attention: the logit noise rule then
 //   holds for rows up to 0.3 apart (mtp_compare.cpp kDraftRowRelL2AfterFlip; counted as
 //   rounds_main_tie).
 // What drafts cannot show: a module defect whose effect on the draft rows is within the engines'
