@@ -392,17 +392,20 @@ std::vector<double> softmax_row(const MatD& m, Eigen::Index r) {
 // RMS of d over the whole row set the margin at 2.8 sigma of the gap, beyond which 145 of those
 // rows moved: one draw in about 3000 of a 6-step greedy decode then failed at a rounding near-tie
 // of the bf16 reference, with the fp32 engine choosing as the fp64 truth does: M3_TEST_SEED=628380.)
+double std_dev(const std::vector<double>& d) {
+  if (d.size() < 2) return std::numeric_limits<double>::quiet_NaN();
+  const double mean = std::accumulate(d.begin(), d.end(), 0.0) / static_cast<double>(d.size());
+  double var = 0;
+  for (double x : d) var += (x - mean) * (x - mean);
+  return std::sqrt(var / static_cast<double>(d.size()));
+}
+
 bool argmax_near_tie(const MatD& test, const MatD& ref, Eigen::Index r, std::int32_t a_test, std::int32_t a_ref) {
   std::vector<double> d;  // [V - 2] the engines' differences at the other tokens
   d.reserve(static_cast<std::size_t>(ref.cols()));
   for (Eigen::Index j = 0; j < ref.cols(); ++j)
     if (j != a_test && j != a_ref) d.push_back(test(r, j) - ref(r, j));
-  if (d.size() < 2) return false;  // no noise to measure: only an exact choice passes
-  const double mean = std::accumulate(d.begin(), d.end(), 0.0) / static_cast<double>(d.size());
-  double var = 0;
-  for (double x : d) var += (x - mean) * (x - mean);
-  var /= static_cast<double>(d.size());
-  const double gap_noise = std::sqrt(2.0 * var);  // a non-finite d makes it NaN: never a near-tie
+  const double gap_noise = std::sqrt(2.0) * std_dev(d);  // NaN (never a near-tie): < 2 values or a non-finite d
   return ref(r, a_ref) - ref(r, a_test) <= kNoiseMargin * gap_noise;
 }
 

@@ -22,6 +22,8 @@ bool add_nonfinite_failure(const FloatMetrics& m, std::vector<std::string>& fail
 MatD expert_scores(const MatF& logits, const Vec<float>& bias, bool use_bias);
 // Top-K per row with the router's tie rule, in the router's arithmetic: [T, K] ids as floats.
 MatF router_choice(const MatF& logits, const Vec<float>& bias, bool use_bias, int K);
+// The population standard deviation of d (NaN where d holds fewer than 2 values, or a non-finite one).
+double std_dev(const std::vector<double>& d);
 // A differing argmax of logits row r (a_test on the test engine, a_ref on the reference) is a
 // near-tie: the reference's two logits are within kNoiseMargin x the noise of a two-logit gap,
 // measured from the engines' differences at the row's other tokens (model_compare.cpp).

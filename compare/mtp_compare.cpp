@@ -11,7 +11,6 @@
 #include <functional>
 #include <iterator>
 #include <limits>
-#include <numeric>
 #include <set>
 #include <stdexcept>
 #include <string>
@@ -193,11 +192,7 @@ double score_noise(const Flip& f, const MatF& st, const MatF& sr, Eigen::Index r
       const double a = st(i, e), b = sr(i, e);
       if (std::isfinite(a) && std::isfinite(b)) d.push_back(a - b);
     }
-  if (d.size() < 2) return std::numeric_limits<double>::quiet_NaN();
-  const double mean = std::accumulate(d.begin(), d.end(), 0.0) / static_cast<double>(d.size());
-  double var = 0;
-  for (double x : d) var += (x - mean) * (x - mean);
-  return std::sqrt(var / static_cast<double>(d.size()));
+  return detail::std_dev(d);
 }
 
 // Judges row `row` of the ids (experts or selection) given both runs' score rows; score(m, e) maps a
@@ -313,18 +308,16 @@ std::vector<int> main_flips(const MtpStats& test, const MtpStats& ref, std::size
 }
 
 // Whether the main model's first differing decision on the positions before round i's feed rows
-// (the feed rows of rounds 0..i-1, in position order) was explained: a near-tie, or a block flip
-// over a block holding an earlier explained flip. False where those rows agree or the first
-// differing one is not explained.
+// (the feed rows of rounds 0..i-1, in position order) was a near-tie. False where those rows agree
+// or the first differing one is clear. (The block-consequence link of main_flips cannot apply to
+// the first differing row: no earlier row flipped.)
 bool history_flip(const MtpStats& test, const MtpStats& ref, std::size_t i, const MtpRouterTies& ties) {
   if (!ties.main_enabled()) return false;
   const auto order = order_of(ties.main_order, ties.main_bias.size());
-  std::vector<int> tainted;
   for (std::size_t r = 0; r < i; ++r)
     for (std::size_t p = 0; p < ref.feed_router[r].size() && p < test.feed_router[r].size(); ++p) {
       const Flip f = first_flip_in_row(test.feed_router[r][p], ref.feed_router[r][p], ties.main_bias, order, ties);
-      if (f.draft >= 0) return f.near_tie || block_holds_flip(f, tainted, f.index, tainted.size(), ties);
-      tainted.push_back(std::numeric_limits<int>::max());
+      if (f.draft >= 0) return f.near_tie;
     }
   return false;
 }
