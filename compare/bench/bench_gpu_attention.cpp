@@ -7,7 +7,8 @@
 //   BM_MsaAttention     block-sparse attention over the selected blocks
 //   BM_MsaTotal[Fp8]    index + select + sparse attention, back to back
 // Time: CUDA events around the op alone (manual time), the L2 flushed before each iteration (a
-// decode step reads every layer's caches from HBM); medians over repetitions.
+// decode step reads every layer's caches from HBM); medians over repetitions. M3_BENCH_L2=warm
+// skips the flush (a diagnostic: what of a small op's time is DRAM and TLB latency rather than work).
 // Counters: GB/s of the necessary bytes (each K/V/index-K element read once: dense K+V of n keys
 // a group; MSA index-K n*Di*B_elem + the selected K/V; select the scores), TFLOP/s (dense 4*Hq*D*n;
 // MSA 2*Hi*Di*n + 4*Hq*D*keys attended), frac_copy = GB/s over the device-to-device copy rate
@@ -24,6 +25,8 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
+#include <string_view>
 #include <vector>
 
 namespace {
@@ -179,8 +182,11 @@ void bench(benchmark::State& state, Op op) {
   run_op(Op::Total, w, n, b, s);
   w.stream.sync();
   m3::gpu::Event e0, e1;
+  const char* l2 = std::getenv("M3_BENCH_L2");
+  const bool flush = l2 == nullptr || std::string_view(l2) != "warm";
+  if (!flush) state.SetLabel("L2 warm (M3_BENCH_L2=warm)");
   for (auto _ : state) {
-    M3_CUDA_CHECK(cudaMemsetAsync(w.flush.data(), 0, w.flush.bytes(), s));  // evict the caches from L2
+    if (flush) M3_CUDA_CHECK(cudaMemsetAsync(w.flush.data(), 0, w.flush.bytes(), s));  // evict the caches from L2
     e0.record(s);
     run_op(op, w, n, b, s);
     e1.record(s);
