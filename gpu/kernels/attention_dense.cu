@@ -14,7 +14,9 @@
 //    order, so the two paths differ in the last bits): no merge kernel, no partials in global memory.
 //    Sparse launches are also programmatic dependents of msa_select (PDL, attention_dense.h).
 //    Measured (H200, M3 decode at 1M, 16 blocks): b 1 18.7 -> 16.2 us; the whole index + select
-//    + sparse chain 107.5 -> 103 us with PDL (2026-11-29).
+//    + sparse chain 107.5 -> 103 us with PDL (2026-11-29). Cluster CTAs have 8 warps (one tile of
+//    128 keys) where the whole grid's clusters are resident at once: b 1 16.0 -> 14.0 us, chain
+//    102.8 -> 100.2 us (same day, fifth session; launch_clusters says why).
 //  - Paged caches (kv_cache.h) are a separate instantiation (the contiguous one is unchanged): a
 //    dense tile (64 keys aligned to 64) lies in one page, whose id is loaded one pipeline step
 //    ahead, so the cp.async addresses never wait on it; a sparse CTA translates its selected blocks
@@ -37,21 +39,28 @@ namespace {
 constexpr int kWarps = 4;
 constexpr int kThreads = kWarps * 32;
 constexpr int kTileKeys = 16 * kWarps;  // 64: each warp scores 16 keys of a tile
-constexpr int kStages = 3;              // tiles in flight: 2 loading while 1 is computed
 constexpr int kRowsM = 16;              // MMA M: head rows of one m-tile
 constexpr int kMaxSlots = 64;           // selection slots one sparse CTA may take
 constexpr int kMinChunk = 2 * kTileKeys;  // shortest dense split: two tiles (both loads in flight)
 constexpr int kMaxCluster = 16;         // sparse splits merged in a cluster (Hopper's largest, non-portable)
 constexpr float kLog2e = 1.4426950408889634f;
 
-template <int D>
+// W warps a CTA; each scores 16 keys of a tile of 16*W keys. W = 4 everywhere but the sparse
+// cluster path (W = 8, below).
+template <int D, int W = kWarps>
 struct Cfg {
   static_assert(D % 16 == 0 && D <= 128, "D must be a multiple of 16 and at most 128");
+  static constexpr int kWarps = W;
+  static constexpr int kThreads = W * 32;
+  static constexpr int kTileKeys = 16 * W;
+  // 4 warps: 3 tiles in flight (2 loading while 1 is computed). 8 warps (sparse clusters, one
+  // 128-key block a CTA at M3's shape): 2, which keeps the pipeline at 136 KiB of the 227.
+  static constexpr int kStages = W == 4 ? 3 : 2;
   static constexpr int kStride = D + 8;  // bf16 elements a smem row: +16 B shifts rows 4 banks
   static constexpr int kTileElems = kTileKeys * kStride;
   static constexpr int kPipeBytes = kStages * 2 * kTileElems * 2;  // K and V tiles
   static constexpr int kRedStride = D + 4;  // floats a row of the cross-warp merge buffer
-  static constexpr int kRedBytes = kWarps * kRowsM * kRedStride * 4;
+  static constexpr int kRedBytes = W * kRowsM * kRedStride * 4;
   static constexpr int kSmemBytes = kPipeBytes > kRedBytes ? kPipeBytes : kRedBytes;
 };
 
@@ -72,9 +81,10 @@ struct KeyMap {
 
 // kCluster (sparse only): the splits of one (query, group, m-tile) are one thread-block cluster
 // (rank = split) and merge through distributed shared memory; no workspace, no merge kernel.
-template <int D, bool kSparse, bool kPaged, bool kCluster = false>
-__global__ void __launch_bounds__(kThreads, 2) attn_partial_kernel(const AttnLaunch a) {
-  using C = Cfg<D>;
+template <int D, bool kSparse, bool kPaged, bool kCluster = false, int kW = kWarps>
+__global__ void __launch_bounds__(kW * 32, kW == kWarps ? 2 : 1) attn_partial_kernel(const AttnLaunch a) {
+  using C = Cfg<D, kW>;
+  constexpr int kWarps = C::kWarps, kThreads = C::kThreads, kTileKeys = C::kTileKeys, kStages = C::kStages;
   if constexpr (kSparse) pdl_wait();  // the selection comes from the kernel before (msa_select)
   extern __shared__ __align__(16) unsigned char smem[];
   bf16* sk = reinterpret_cast<bf16*>(smem);  // [kStages][kTileKeys][kStride]
@@ -87,6 +97,7 @@ __global__ void __launch_bounds__(kThreads, 2) attn_partial_kernel(const AttnLau
   __shared__ std::int32_t s_page[kSparse && kPaged ? kMaxSlots : 1];
   __shared__ int s_nids;
   __shared__ float s_m[kWarps][kRowsM], s_l[kWarps][kRowsM];
+  __shared__ float s_M[kRowsM], s_L[kRowsM];  // each row's max and sum over the warps
 
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const int G = a.Hq / a.Hkv, MT = (G + kRowsM - 1) / kRowsM;
@@ -342,21 +353,37 @@ __global__ void __launch_bounds__(kThreads, 2) attn_partial_kernel(const AttnLau
   // Cluster merge: this CTA's merged rows go to shared memory past the warps' buffer.
   float* cl_o = red + kWarps * kRowsM * C::kRedStride;  // [kRowsM, D]
   float2* cl_ml = reinterpret_cast<float2*>(cl_o + kRowsM * D);  // [kRowsM] (max, sum)
-  for (int idx = tid; idx < nrows * D; idx += kThreads) {
-    const int r = idx / D, d = idx % D;
+  // Each row's warp weights 2^(m_w - M) and its (M, L), once a row rather than once an element
+  // (the per-element form, 4 exp2f an element, was by count ~900 of the ~4,250 instructions a warp
+  // that ncu measured in a b1 decode CTA, H200, 2026-11-29).
+  // s_m[w][r] becomes warp w's weight; 0 for a warp that saw no key (it holds o = 0, l = 0, and
+  // adds +0: the sums are the same bits as skipping it).
+  if (tid < nrows) {
+    const int r = tid;
     float M = -INFINITY;
 #pragma unroll
     for (int w = 0; w < kWarps; ++w) M = fmaxf(M, s_m[w][r]);
-    float acc = 0.f, L = 0.f;
+    float L = 0.f;
 #pragma unroll
     for (int w = 0; w < kWarps; ++w) {
       const float mw = s_m[w][r];
-      if (mw != -INFINITY) {  // a warp that saw no key holds o = 0, l = 0 and adds nothing
-        const float sw = exp2f(mw - M);
-        acc += sw * red[(w * kRowsM + r) * C::kRedStride + d];
+      float sw = 0.f;
+      if (mw != -INFINITY) {
+        sw = exp2f(mw - M);
         L += sw * s_l[w][r];
       }
+      s_m[w][r] = sw;
     }
+    s_M[r] = M;
+    s_L[r] = L;
+  }
+  __syncthreads();
+  for (int idx = tid; idx < nrows * D; idx += kThreads) {
+    const int r = idx / D, d = idx % D;
+    const float M = s_M[r], L = s_L[r];
+    float acc = 0.f;
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) acc += s_m[w][r] * red[(w * kRowsM + r) * C::kRedStride + d];
     if constexpr (kCluster) {
       cl_o[r * D + d] = acc;
       if (d == 0) cl_ml[r] = make_float2(M, L);
@@ -393,10 +420,16 @@ __global__ void __launch_bounds__(kThreads, 2) attn_partial_kernel(const AttnLau
       __syncthreads();
       for (int c = 0; c < a.splits; ++c) L += s_wl[c];
       for (int d = tid; d < D; d += kThreads) {
+        // Every remote load issued before the first is used (one distributed-shared-memory
+        // latency, not splits / 4 of them); summed in split order.
+        float v[kMaxCluster];
+#pragma unroll
+        for (int c = 0; c < kMaxCluster; ++c)
+          v[c] = c < a.splits ? static_cast<const float*>(__cluster_map_shared_rank(cl_o, c))[r * D + d] : 0.f;
         float acc = 0.f;
-        // Independent remote loads, issued back to back; summed in split order.
-#pragma unroll 4
-        for (int c = 0; c < a.splits; ++c) acc += s_w[c] * static_cast<const float*>(__cluster_map_shared_rank(cl_o, c))[r * D + d];
+#pragma unroll
+        for (int c = 0; c < kMaxCluster; ++c)
+          if (c < a.splits) acc += s_w[c] * v[c];
         const int h = g * G + mt * kRowsM + r;
         // No key at all (an empty selection, a position outside [0, N)): 0/0 -> NaN, on purpose.
         a.out[(static_cast<std::int64_t>(qrow) * a.Hq + h) * D + d] = __float2bfloat16_rn(L > 0.f ? acc / L : NAN);
@@ -502,20 +535,21 @@ void launch_partial(const AttnLaunch& a, long ctas, cudaStream_t s) {
 }
 
 // Sparse, splits <= kMaxCluster: clusters of `splits` CTAs (16 is past the portable 8: allowed
-// explicitly; Hopper schedules it).
-// Returns false (nothing launched) where the device cannot hold one such cluster: the caller then
-// takes the workspace path. The answer is cached per (device, kernel, cluster size).
-template <int D, bool kPaged>
-bool launch_cluster(const AttnLaunch& a, long ctas, cudaStream_t s) {
-  void (*kernel)(const AttnLaunch) = attn_partial_kernel<D, true, kPaged, true>;
-  static_assert(Cfg<D>::kRedBytes + kRowsM * (D + 2) * 4 <= Cfg<D>::kSmemBytes, "cluster rows fit the pipeline's smem");
-  resident_ctas(reinterpret_cast<const void*>(kernel), kThreads, Cfg<D>::kSmemBytes);
+// explicitly; Hopper schedules it) of W warps each. Returns false (nothing launched) where the
+// device cannot hold `need` such clusters at once: the caller then tries another W or takes the
+// workspace path. The device's answer is cached per (device, kernel, cluster size).
+template <int D, bool kPaged, int W>
+bool launch_cluster(const AttnLaunch& a, long ctas, long need, cudaStream_t s) {
+  using C = Cfg<D, W>;
+  void (*kernel)(const AttnLaunch) = attn_partial_kernel<D, true, kPaged, true, W>;
+  static_assert(C::kRedBytes + kRowsM * (D + 2) * 4 <= C::kSmemBytes, "cluster rows fit the pipeline's smem");
+  resident_ctas(reinterpret_cast<const void*>(kernel), C::kThreads, C::kSmemBytes);
   static std::mutex mu;
-  static std::map<std::pair<int, int>, bool> fits;  // (device, cluster size) -> schedulable
+  static std::map<std::pair<int, int>, int> fits;  // (device, cluster size) -> clusters resident at once
   int dev = 0;
   M3_CUDA_CHECK(cudaGetDevice(&dev));
   // Overlaps msa_select's tail (PDL).
-  const LaunchConfig lc(ctas, kThreads, Cfg<D>::kSmemBytes, s, /*pdl=*/true, static_cast<unsigned>(a.splits));
+  const LaunchConfig lc(ctas, C::kThreads, C::kSmemBytes, s, /*pdl=*/true, static_cast<unsigned>(a.splits));
   {
     std::lock_guard<std::mutex> lock(mu);
     auto it = fits.find({dev, a.splits});
@@ -524,14 +558,27 @@ bool launch_cluster(const AttnLaunch& a, long ctas, cudaStream_t s) {
       if (a.splits > 8)
         ok = cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1) == cudaSuccess;
       int clusters = 0;
-      ok = ok && cudaOccupancyMaxActiveClusters(&clusters, kernel, &lc.cfg) == cudaSuccess && clusters > 0;
+      ok = ok && cudaOccupancyMaxActiveClusters(&clusters, kernel, &lc.cfg) == cudaSuccess;
       (void)cudaGetLastError();  // a refused query leaves no sticky error; clear the last one
-      it = fits.emplace(std::make_pair(dev, a.splits), ok).first;
+      it = fits.emplace(std::make_pair(dev, a.splits), ok ? clusters : 0).first;
     }
-    if (!it->second) return false;
+    if (it->second < std::max(need, 1L)) return false;
   }
   M3_CUDA_CHECK(cudaLaunchKernelEx(&lc.cfg, kernel, a));
   return true;
+}
+
+// Cluster CTAs of 8 warps (one 128-key tile each, one CTA an SM) where every cluster of the grid
+// is resident at once, else of 4 warps (two 64-key tiles, two CTAs an SM) where one is. A b1
+// decode CTA is a chain of dependent instructions, not a bandwidth problem: at M3's shape (16 blocks
+// of 128 keys, 4 groups: 64 CTAs) the 4-warp CTA ran ~4,250 instructions a warp at ~6 cycles each
+// (ncu, H200, 2026-11-29: 15.5 us, SMs 94% idle); 8 warps halve each warp's tiles and loads.
+// Forced modes (tests): Cluster takes 8 warps whenever one cluster fits, Cluster4 never.
+template <int D, bool kPaged>
+bool launch_clusters(const AttnLaunch& a, long ctas, SparseMerge mode, cudaStream_t s) {
+  const long need8 = mode == SparseMerge::Cluster ? 1 : ctas / a.splits;
+  return (mode != SparseMerge::Cluster4 && launch_cluster<D, kPaged, 2 * kWarps>(a, ctas, need8, s)) ||
+         launch_cluster<D, kPaged, kWarps>(a, ctas, 1, s);
 }
 
 template <int D>
@@ -543,9 +590,10 @@ void launch(const AttnLaunch& a, cudaStream_t s) {
   // so a grid near a full wave of single CTAs would spill into a second wave (measured, H200,
   // b 8 at 1M: 256 CTAs in clusters of 8 took 45.6 us against 28.8 us with the merge kernel).
   const SparseMerge mode = g_sparse_merge.load(std::memory_order_relaxed);
-  const bool small_grid = mode == SparseMerge::Cluster || (mode == SparseMerge::Auto && ctas * 2 <= partial_slots(D, true));
+  const bool small_grid = mode == SparseMerge::Cluster || mode == SparseMerge::Cluster4 ||
+                          (mode == SparseMerge::Auto && ctas * 2 <= partial_slots(D, true));
   if (a.sel && a.splits <= kMaxCluster && small_grid &&
-      (paged ? launch_cluster<D, true>(a, ctas, s) : launch_cluster<D, false>(a, ctas, s))) {
+      (paged ? launch_clusters<D, true>(a, ctas, mode, s) : launch_clusters<D, false>(a, ctas, mode, s))) {
     M3_CUDA_CHECK_LAUNCH();
     return;
   }

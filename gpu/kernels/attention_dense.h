@@ -109,9 +109,11 @@ SplitPlan plan_dense_splits(int B, int T, int N, const AttnDims& dims);
 SplitPlan plan_sparse_splits(int B, int T, int k_blk, const AttnDims& dims);
 
 // How sparse launches merge their splits: Auto (a thread-block cluster where the grid is under half
-// a wave and splits <= 16, else the merge kernel), or forced, for tests that must run both paths
-// (Cluster still falls back where the device cannot hold the cluster). Process-wide.
-enum class SparseMerge { Auto, Cluster, Kernel };
+// a wave and splits <= 16, else the merge kernel; the cluster's CTAs have 8 warps where every
+// cluster of the grid is resident at once, else 4), or forced, for tests that must run every path:
+// Cluster (8-warp CTAs whenever one cluster fits), Cluster4 (4-warp CTAs), Kernel. A forced
+// cluster still falls back where the device cannot hold one. Process-wide.
+enum class SparseMerge { Auto, Cluster, Cluster4, Kernel };
 void set_sparse_merge(SparseMerge m);
 std::size_t attention_workspace_bytes(int B, int T, const AttnDims& dims, int splits);
 // Throws GpuError unless the dims, sizes, q / k / v pointers and page table suit the kernels (op

@@ -195,20 +195,26 @@ TEST(MsaAttention_bf16, Decode_M3_AwkwardN) {
   for (int N : kAwkwardN) run_case({1, 1, N, 64, 4, 128, 128, 16, true});
 }
 
-// The split merge both ways (attention_dense.h's SparseMerge): the thread-block cluster and the
-// merge kernel, each against the reference, at decode and prefill shapes (Auto picks the cluster
-// at most test sizes, so the merge-kernel path needs forcing to be covered).
-TEST(MsaAttention_bf16, BothSplitMergePaths) {
+// Every split merge (attention_dense.h's SparseMerge): the thread-block cluster of 8-warp CTAs
+// and of 4-warp CTAs, and the merge kernel, each against the reference, at decode and prefill
+// shapes (Auto picks one cluster form by the grid, so the others need forcing to be covered).
+// The last two shapes give clusters whose CTAs hold several tiles (wide budgets: BLK 16 x 64
+// slots, BLK 64 x 40; on an H200 ~7 splits of 10 and 6 slots), D 64 with two m-tiles, and D 128
+// paged with uneven lengths.
+TEST(MsaAttention_bf16, EverySplitMergePath) {
   M3_REQUIRE_GPU();
   struct Reset {
     ~Reset() { gpu::detail::set_sparse_merge(gpu::detail::SparseMerge::Auto); }
   } reset;
-  for (auto m : {gpu::detail::SparseMerge::Kernel, gpu::detail::SparseMerge::Cluster}) {
-    SCOPED_TRACE(m == gpu::detail::SparseMerge::Kernel ? "merge kernel" : "cluster");
+  using M = gpu::detail::SparseMerge;
+  for (auto m : {M::Kernel, M::Cluster, M::Cluster4}) {
+    SCOPED_TRACE(m == M::Kernel ? "merge kernel" : m == M::Cluster ? "cluster, 8 warps" : "cluster, 4 warps");
     gpu::detail::set_sparse_merge(m);
     for (int N : {2049, 5000}) run_case({1, 1, N, 64, 4, 128, 128, 16, true});
     run_case({3, 1, 5000, 16, 1, 128, 128, 16, true});
     run_case({1, 37, 5000, 64, 4, 128, 128, 16, false});
+    run_case({2, 9, 300, 48, 2, 64, 16, 64, false});
+    run_case({2, 9, 3000, 16, 2, 128, 64, 40, false, {3000, 129}, true});
   }
 }
 
