@@ -22,7 +22,10 @@
 // kAbortGrace by ncclCommAbort on every communicator, which stops the NCCL kernels it waits
 // behind (NCCL's fault-tolerance path; PyTorch's watchdog does the same). After any failure the
 // communicators are aborted (a peer may hold an unmatched collective) and the Team refuses
-// further runs: build a new one. What it cannot free: a rank spinning in its own code. A rank
+// further runs: build a new one. "Blocked anywhere else" includes unwinding: a rank that stops in
+// sync() and then frees a DeviceBuffer waits in cudaFree (it synchronizes the device) behind its
+// unmatched collective, so a failed run whose ranks own buffers inside f reports after ~kAbortGrace
+// (2.5 s measured on 2 H200s), not at once. What it cannot free: a rank spinning in its own code. A rank
 // blocked on the host inside an NCCL call (the first call between two ranks connects them there,
 // and needs both) relies on NCCL polling the abort flag in its connection waits: NCCL's path,
 // untested here; the tests connect their ranks before they inject a failure.
