@@ -43,4 +43,14 @@ void msa_index_fp8(const bf16* idx_q, const __nv_fp8_e4m3* idx_k, const std::int
                    int N, int NB, const MsaDims& dims, float* scores, cudaStream_t s, int B = 1,
                    CachePages pages = {});
 
+namespace detail {
+// How the fp8 path reads a key's bytes into MMA fragments (process-wide; for tests and the
+// benchmark's A/B): Vector (default) assigns each thread a contiguous quarter of the key row by
+// permuting the dot product's dimensions alike in q and k (a sum's order is free), so that one
+// 16-byte load fetches what Pairs gathers with eight 2-byte loads. The scores differ in the
+// fp32 summation order only.
+enum class IndexFp8Loads { Vector, Pairs };
+void set_index_fp8_loads(IndexFp8Loads l);
+}  // namespace detail
+
 }  // namespace m3::gpu

@@ -226,6 +226,25 @@ TEST(MsaIndex_fp8, Decode_And_Scattered) {
   run_case({1, 1, 300000, 4, 128, 128, true}, true);
 }
 
+// Both fp8 fragment load forms (msa_index.h's IndexFp8Loads): the default's permuted dimensions
+// and vector loads, and the natural order's 2-byte loads, each against the reference, at every
+// compiled Di (one to eight words a thread), decode and scattered, contiguous and paged.
+TEST(MsaIndex_fp8, BothLoadForms_EveryDi) {
+  M3_REQUIRE_GPU();
+  struct Reset {
+    ~Reset() { gpu::detail::set_index_fp8_loads(gpu::detail::IndexFp8Loads::Vector); }
+  } reset;
+  for (auto f : {gpu::detail::IndexFp8Loads::Pairs, gpu::detail::IndexFp8Loads::Vector}) {
+    SCOPED_TRACE(f == gpu::detail::IndexFp8Loads::Pairs ? "pairs" : "vector");
+    gpu::detail::set_index_fp8_loads(f);
+    for (int Di : {16, 32, 64, 128}) {
+      run_case({1, 1, 2049, 4, Di, 128, true}, true);
+      run_case({2, 9, 1000, 3, Di, 16, false}, true);
+    }
+    run_case({3, 1, 5000, 4, 128, 128, true, 2, {5000, 2048, 129}, true}, true);
+  }
+}
+
 // Sequences of 5000, 2048 (a page multiple) and 129 (a page + 1) keys, N = 5000 the capacity.
 TEST(MsaIndex_bf16, Paged_UnevenLengths_BitIdentical) {
   M3_REQUIRE_GPU();
