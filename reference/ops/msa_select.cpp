@@ -24,11 +24,11 @@ struct Candidate {
   std::int32_t id;
 };
 
-// Tie rule: score descending, then block id ascending. Ids are distinct, so this is a total order.
+// Tie rule (msa_select.h): score descending, then block id ascending. Ids are distinct, so this
+// is a total order.
 template <class T>
 bool ranks_before(const Candidate<T>& a, const Candidate<T>& b) {
-  if (a.score != b.score) return a.score > b.score;
-  return a.id < b.id;
+  return select_ranks_before(a.score, a.id, b.score, b.id);
 }
 
 void check_args(Eigen::Index s_rows, Eigen::Index s_cols, std::span<const std::int64_t> q_pos,

@@ -13,9 +13,22 @@
 #include "reference/tensor.h"
 
 #include <cstdint>
+#include <limits>
 #include <span>
 
 namespace m3::ref {
+
+// The tie rule as a strict total order on (score, block id): score descending with NaN as -inf,
+// then id ascending. True when (sa, ia) ranks before (sb, ib). Shared with msa_attention_cp,
+// whose shards' candidates must merge in exactly this order.
+template <class T>
+inline bool select_ranks_before(T sa, std::int32_t ia, T sb, std::int32_t ib) {
+  const T lo = -std::numeric_limits<T>::infinity();
+  if (sa != sa) sa = lo;
+  if (sb != sb) sb = lo;
+  if (sa != sb) return sa > sb;
+  return ia < ib;
+}
 
 // scores [Hi*T, NB] (msa_index's layout; NB >= floor(max(q_pos)/BLK)+1), q_pos [T]
 // -> sel [Hi*T, K_blk] int32. counter (optional) gains select_candidates: per (query, head) the
