@@ -144,7 +144,7 @@ bool launch_cluster(const AttnLaunch& a, long ctas, long need, cudaStream_t s) {
   return true;
 }
 
-// Cluster CTAs of 8 warps (one 128-key tile each, one CTA an SM) where every cluster of the grid
+// Cluster CTAs of 8 warps (one 128-key tile each; one CTA an SM at D 128) where every cluster of the grid
 // is resident at once, else of 4 warps (two 64-key tiles, two CTAs an SM) where one is. A b1
 // decode CTA is a chain of dependent instructions, not a bandwidth problem: at M3's shape (16 blocks
 // of 128 keys, 4 groups: 64 CTAs) the 4-warp CTA ran ~4,250 instructions a warp at ~6 cycles each

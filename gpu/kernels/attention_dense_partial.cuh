@@ -1,12 +1,13 @@
 // Split-K (flash-decoding) attention kernels shared by attention_dense and msa_attention; see
 // attention_dense.h. One CTA = (query row, KV group, m-tile of 16 heads, split of the keys).
-//  - K/V tiles of 64 keys stream through a 3-stage cp.async pipeline (16-byte loads, rows padded
-//    by 16 bytes so that ldmatrix is free of bank conflicts). Masked rows are zero-filled.
-//  - Each of the 4 warps scores 16 keys of a tile for the 16 head rows with mma.m16n8k16
+//  - K/V tiles of 16 x W keys (W warps: 4, or 8 in sparse clusters) stream through a cp.async
+//    pipeline of 3 stages (2 at W = 8): 16-byte loads, rows padded by 16 bytes so that ldmatrix is
+//    free of bank conflicts. Masked rows are zero-filled.
+//  - Each warp scores 16 keys of a tile for the 16 head rows with mma.m16n8k16
 //    (bf16 in, fp32 accumulate: q.k products are exact, sums fp32), keeps an fp32 online softmax
 //    in base 2, and accumulates P.V with P split into bf16 hi + lo parts (two MMAs), so that P
 //    carries ~16 significant bits instead of bf16's 8: the P.V sum is fp32-accurate.
-//  - At the end the 4 warps merge through shared memory and write one partial (o, m, l) per head.
+//  - At the end the warps merge through shared memory and write one partial (o, m, l) per head.
 //  - A merge kernel combines the splits of each (query, head) and rounds once to bf16. Sparse
 //    launches whose grid is well under one wave and whose splits are <= 16 instead run the splits
 //    of a (query, group, m-tile) as one thread-block cluster that merges through distributed
@@ -29,6 +30,7 @@
 
 #include "gpu/kernels/attention_dense.h"
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 
@@ -97,7 +99,6 @@ __global__ void __launch_bounds__(kW * 32, kW == kWarps ? 2 : 1) attn_partial_ke
   __shared__ std::int32_t s_page[kSparse && kPaged ? kMaxSlots : 1];
   __shared__ int s_nids;
   __shared__ float s_m[kWarps][kRowsM], s_l[kWarps][kRowsM];
-  __shared__ float s_M[kRowsM], s_L[kRowsM];  // each row's max and sum over the warps
 
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const int G = a.Hq / a.Hkv, MT = (G + kRowsM - 1) / kRowsM;
@@ -356,8 +357,10 @@ __global__ void __launch_bounds__(kW * 32, kW == kWarps ? 2 : 1) attn_partial_ke
   // Each row's warp weights 2^(m_w - M) and its (M, L), once a row rather than once an element
   // (the per-element form, 4 exp2f an element, was by count ~900 of the ~4,250 instructions a warp
   // that ncu measured in a b1 decode CTA, H200, 2026-11-29).
-  // s_m[w][r] becomes warp w's weight; 0 for a warp that saw no key (it holds o = 0, l = 0, and
-  // adds +0: the sums are the same bits as skipping it).
+  // s_m[w][r] becomes warp w's weight, 0 for a warp that saw no key: its keys were all masked,
+  // their V rows zero-filled, so it holds o = 0 and adds +0 (the same bits as skipping it). The
+  // row's (M, L) go to s_l[0][r], s_l[1][r], whose sums are no longer needed: no extra shared
+  // memory (at D 64 four 4-warp CTAs an SM leave none to spare).
   if (tid < nrows) {
     const int r = tid;
     float M = -INFINITY;
@@ -374,13 +377,13 @@ __global__ void __launch_bounds__(kW * 32, kW == kWarps ? 2 : 1) attn_partial_ke
       }
       s_m[w][r] = sw;
     }
-    s_M[r] = M;
-    s_L[r] = L;
+    s_l[0][r] = M;
+    s_l[1][r] = L;
   }
   __syncthreads();
   for (int idx = tid; idx < nrows * D; idx += kThreads) {
     const int r = idx / D, d = idx % D;
-    const float M = s_M[r], L = s_L[r];
+    const float M = s_l[0][r], L = s_l[1][r];
     float acc = 0.f;
 #pragma unroll
     for (int w = 0; w < kWarps; ++w) acc += s_m[w][r] * red[(w * kRowsM + r) * C::kRedStride + d];

@@ -56,7 +56,8 @@ struct Cfg {
   static constexpr int kSlices = kFp8 ? 2 : 1;
   static constexpr int kTileKeys = 16 * kWarps * kSlices;
   static constexpr int kElemBytes = kFp8 ? 1 : 2;
-  // +16 B a row: consecutive rows start 4 banks apart (ldmatrix / the fp8 pair loads conflict-free)
+  // +16 B a row: consecutive rows start 4 banks apart (ldmatrix and the fp8 vector loads at Di 128
+  // conflict-free; the vector loads at Di <= 64 are 2-way conflicted: M3 has Di 128)
   static constexpr int kRowBytes = Di * kElemBytes + 16;
   static constexpr int kPipeBytes = kStages * kTileKeys * kRowBytes;
   static constexpr int kMaxSmem = kPipeBytes + kRows * kMaxBpc * 4;
@@ -95,7 +96,6 @@ __device__ __forceinline__ void mma_f16(float (&c)[4], const std::uint32_t (&a)[
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
-// kPairs (fp8 only): the natural dimension order, 2-byte fragment loads (IndexFp8Loads::Pairs).
 // N words (4 bytes each) from shared memory at p, in the widest loads p's alignment allows:
 // 16 bytes for N % 4 == 0 (p 16-byte aligned), 8 for N == 2, 4 for N == 1.
 template <int N>
@@ -115,6 +115,7 @@ __device__ __forceinline__ void load_words(const unsigned char* p, std::uint32_t
   }
 }
 
+// kPairs (fp8 only): the natural dimension order, 2-byte fragment loads (IndexFp8Loads::Pairs).
 template <int Di, bool kFp8, bool kPaged, bool kPairs = false>
 __global__ void __launch_bounds__(kThreads, 3) msa_index_kernel(const IndexLaunch a) {
   static_assert(kFp8 || !kPairs, "kPairs is an fp8 load form");

@@ -228,7 +228,7 @@ TEST(MsaIndex_fp8, Decode_And_Scattered) {
 
 // Both fp8 fragment load forms (msa_index.h's IndexFp8Loads): the default's permuted dimensions
 // and vector loads, and the natural order's 2-byte loads, each against the reference, at every
-// compiled Di (one to eight words a thread), decode and scattered, contiguous and paged.
+// compiled Di (one to eight words a thread), decode and scattered, contiguous and paged (every Di).
 TEST(MsaIndex_fp8, BothLoadForms_EveryDi) {
   M3_REQUIRE_GPU();
   struct Reset {
@@ -240,6 +240,7 @@ TEST(MsaIndex_fp8, BothLoadForms_EveryDi) {
     for (int Di : {16, 32, 64, 128}) {
       run_case({1, 1, 2049, 4, Di, 128, true}, true);
       run_case({2, 9, 1000, 3, Di, 16, false}, true);
+      run_case({3, 5, 1000, 2, Di, 16, false, 2, {1000, 129, 64}, true}, true);  // paged
     }
     run_case({3, 1, 5000, 4, 128, 128, true, 2, {5000, 2048, 129}, true}, true);
   }
