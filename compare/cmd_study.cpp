@@ -182,7 +182,8 @@ int study(const StudyArgs& a) {
         j["gpu"]["decode"].push_back({{"context", r.context}, {"batch", r.batch}, {"dense_us", r.dense_us},
                                       {"index_us", r.index_us}, {"index_fp8_us", r.index_fp8_us},
                                       {"select_us", r.select_us}, {"sparse_us", r.sparse_us}, {"msa_us", r.msa_us},
-                                      {"msa_fp8_us", r.msa_fp8_us}, {"dense_bytes", r.dense_bytes},
+                                      {"msa_fp8_us", r.msa_fp8_us}, {"read_us", r.read_us},
+                                      {"read_fp8_us", r.read_fp8_us}, {"dense_bytes", r.dense_bytes},
                                       {"msa_bytes", r.msa_bytes}, {"msa_fp8_bytes", r.msa_fp8_bytes},
                                       {"dense_flops", r.dense_flops}, {"msa_flops", r.msa_flops},
                                       {"rest_us", r.rest_us}});

@@ -32,6 +32,10 @@ struct GpuDecodePoint {
   double dense_us = 0;
   double index_us = 0, index_fp8_us = 0, select_us = 0, sparse_us = 0;
   double msa_us = 0, msa_fp8_us = 0;  // the three MSA kernels back to back
+  // A plain read of the index-K bytes (gpu::stream_read, L2 flushed, same events): the index
+  // scan's own roofline, which a 1 GiB copy overstates at one sequence (a 256 MiB read reached
+  // 3.76 TB/s against the copy's 4.21 on an H200, 2026-11-29).
+  double read_us = 0, read_fp8_us = 0;
   double dense_bytes = 0, msa_bytes = 0, msa_fp8_bytes = 0;  // necessary bytes
   double dense_flops = 0, msa_flops = 0;
   double rest_us = 0;  // the rest of the layer for `batch` tokens (norms, projections, MoE)

@@ -163,9 +163,13 @@ def decode_section(g, figs):
             # Which kernel holds MSA back, against the step's bandwidth roofline (GB/s * 1e3 = bytes/us).
             roof = r["msa_bytes"] / (copy * 1e3)
             idx_roof = b * r["context"] * 128 * 2 / (copy * 1e3)  # the index-K read alone (Di 128, bf16)
+            # Studies from 2026-11-30 on also time a plain read of the index-K bytes (stream_read): the
+            # scan's own roofline, which the 1 GiB copy overstates at one sequence.
+            read = (f"; a plain read of those bytes, measured: {r['read_us']:.1f} us, so the scan takes "
+                    f"{r['index_us'] / r['read_us']:.2f}x the read it needs" if r.get("read_us") else "")
             lines.append(f"  Of the MSA step's {r['msa_us']:.1f} us (its necessary bytes at the copy bandwidth: "
                          f"{roof:.1f} us), index scoring takes {r['index_us']:.1f} us (its index-K read at the "
-                         f"copy bandwidth: {idx_roof:.1f} us), selection {r['select_us']:.1f} us and the sparse "
+                         f"copy bandwidth: {idx_roof:.1f} us{read}), selection {r['select_us']:.1f} us and the sparse "
                          f"attention {r['sparse_us']:.1f} us; the last two hardly grow with n: "
                          f"{r['select_us'] + r['sparse_us']:.1f} us of latency that no bandwidth hides, "
                          f"{100 * (r['select_us'] + r['sparse_us']) / r['msa_us']:.0f}% of the step.")
