@@ -46,7 +46,6 @@ void check_supported(const ModelConfig& c) {
   if (!c.use_qk_norm) bad("use_qk_norm = false (M3 always normalizes q and k)");
 }
 
-
 }  // namespace
 
 Sequence::Sequence() = default;

@@ -50,13 +50,7 @@ std::vector<std::int64_t> random_shards(int R, int N, int BLK, std::mt19937_64& 
 template <class T>
 void run(const Shape& s, int R, bool decode, bool ties, int nan_block, std::mt19937_64& g) {
   const AttnDims ad{s.Hkv * s.G, s.Hkv, s.D};
-  MsaDims md;
-  md.Hi = s.Hkv;
-  md.Di = s.Di;
-  md.BLK = s.BLK;
-  md.K_blk = s.K_blk;
-  md.local_blocks = s.local;
-  md.init_blocks = s.init;
+  const MsaDims md{s.Hkv, s.Di, s.BLK, s.K_blk, s.local, s.init};  // Hi = Hkv: one index head a group
   Mat<T> q = m3::test::randn<T>(s.T, ad.Hq * s.D, g), k = m3::test::randn<T>(s.N, s.Hkv * s.D, g);  // [T, Hq*D], [N, Hkv*D]
   Mat<T> v = m3::test::randn<T>(s.N, s.Hkv * s.D, g);                                               // [N, Hkv*D]
   Mat<T> iq = m3::test::randn<T>(s.T, md.Hi * s.Di, g), ik = m3::test::randn<T>(s.N, s.Di, g);     // [T, Hi*Di], [N, Di]
@@ -146,12 +140,7 @@ TEST(MsaAttentionCp, TiesAcrossShardsAndNaNBlocks) {
 TEST(MsaAttentionCp, RejectsBadShardsAndShapes) {
   auto g = m3::test::test_rng();
   const AttnDims ad{8, 2, 16};
-  MsaDims md;
-  md.Hi = 2;
-  md.Di = 8;
-  md.BLK = 16;
-  md.K_blk = 4;
-  md.local_blocks = 1;
+  const MsaDims md{2, 8, 16, 4, 1, 0};  // Hi, Di, BLK, K_blk, local_blocks, init_blocks
   const Mat<double> q = m3::test::randn<double>(1, 8 * 16, g), iq = m3::test::randn<double>(1, 16, g);
   const Mat<double> k = m3::test::randn<double>(100, 32, g), v = m3::test::randn<double>(100, 32, g);
   const Mat<double> ik = m3::test::randn<double>(100, 8, g);

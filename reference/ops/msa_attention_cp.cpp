@@ -98,12 +98,9 @@ void msa_attention_cp(const Mat<T>& q, const Mat<T>& idx_q, const Mat<T>& k, con
   std::vector<Cand> shard_best, merged;  // one shard's candidates; all shards' candidates
   std::vector<Partial> parts(static_cast<std::size_t>(R));
   for (Eigen::Index t = 0; t < n_tok; ++t) {
-    const std::int64_t p = q_pos[static_cast<std::size_t>(t)], L = p / BLK;
-    // The forced blocks and the budget, as msa_select.h defines them.
-    const std::int64_t init_end = std::min<std::int64_t>(msa.init_blocks, L + 1);
-    const std::int64_t tail_begin = std::max(std::max<std::int64_t>(L - msa.local_blocks + 1, 0), init_end);
-    const std::int64_t n_valid = std::min<std::int64_t>(msa.K_blk, L + 1);
-    const std::int64_t n_free = n_valid - (init_end + (L + 1 - tail_begin));
+    const std::int64_t p = q_pos[static_cast<std::size_t>(t)];
+    // The forced blocks and the budget, as msa_select defines them.
+    const auto [L, init_end, tail_begin, n_valid, n_free] = select_row(p, msa);
     for (int g = 0; g < attn.Hkv; ++g) {
       const Eigen::Index row = g * n_tok + t;  // index head g = KV group g
       // Steps 1-2: each shard's best n_free non-forced visible blocks, merged under the tie rule.

@@ -83,16 +83,8 @@ void msa_select(const Mat<T>& scores, std::span<const std::int64_t> q_pos, const
   std::uint64_t examined = 0;
 
   for (Eigen::Index t = 0; t < n_tok; ++t) {
-    const std::int64_t L = q_pos[static_cast<std::size_t>(t)] / dims.BLK;  // own (local) block
-    // Forced F = [0, init_end) u [local_begin, L], both clipped to [0, L]; they may overlap.
-    const std::int64_t init_end = std::min<std::int64_t>(dims.init_blocks, L + 1);
-    const std::int64_t local_begin = std::max<std::int64_t>(L - dims.local_blocks + 1, 0);
-    const std::int64_t tail_begin = std::max(local_begin, init_end);  // forced tail, no overlap
-    const std::int64_t n_forced = init_end + (L + 1 - tail_begin);
-    // K_blk >= local + init >= |F|, so the budget left for non-forced blocks is >= 0; when
-    // L + 1 <= K_blk it equals the number of non-forced blocks and every visible block is chosen.
-    const std::int64_t n_valid = std::min<std::int64_t>(k_blk, L + 1);
-    const std::int64_t n_free = n_valid - n_forced;
+    // Forced F = [0, init_end) u [tail_begin, L]; n_free of the blocks between are chosen.
+    const auto [L, init_end, tail_begin, n_valid, n_free] = select_row(q_pos[static_cast<std::size_t>(t)], dims);
 
     for (int i = 0; i < dims.Hi; ++i) {
       const Eigen::Index row = i * n_tok + t;

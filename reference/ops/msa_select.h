@@ -12,11 +12,30 @@
 #include "reference/dims.h"
 #include "reference/tensor.h"
 
+#include <algorithm>
 #include <cstdint>
 #include <limits>
 #include <span>
 
 namespace m3::ref {
+
+// The layout of one selection row for a query at position p, by the rule above: its own block L,
+// the forced blocks [0, init_end) and [tail_begin, L] (F without overlap), the non-forced visible
+// blocks [init_end, tail_begin) of which n_free are chosen, n_valid = min(K_blk, L+1) entries.
+// K_blk >= local + init >= |F|, so n_free >= 0; when L + 1 <= K_blk it equals the number of
+// non-forced blocks and every visible block is chosen. Shared with msa_attention_cp.
+struct SelectRow {
+  std::int64_t L, init_end, tail_begin, n_valid, n_free;
+};
+inline SelectRow select_row(std::int64_t p, const MsaDims& d) {
+  SelectRow r;
+  r.L = p / d.BLK;
+  r.init_end = std::min<std::int64_t>(d.init_blocks, r.L + 1);
+  r.tail_begin = std::max(std::max<std::int64_t>(r.L - d.local_blocks + 1, 0), r.init_end);
+  r.n_valid = std::min<std::int64_t>(d.K_blk, r.L + 1);
+  r.n_free = r.n_valid - (r.init_end + (r.L + 1 - r.tail_begin));
+  return r;
+}
 
 // The tie rule as a strict total order on (score, block id): score descending with NaN as -inf,
 // then id ascending. True when (sa, ia) ranks before (sb, ib). Shared with msa_attention_cp,
