@@ -653,8 +653,10 @@ TEST(MtpCompare, DraftsPartingAfterAnMsaOrMainModelFlipPassOnlyAtANearTie) {
     auto c = run(test, ties);
     EXPECT_EQ(c.pass(), near) << (c.failures.empty() ? "" : c.failures[0]);
     EXPECT_EQ(c.rounds_main_tie, near ? 1 : 0);
-    if (!near) EXPECT_NE(c.failures[0].find("MSA blocks first differ at the main model's feed row 4"), std::string::npos)
-        << c.failures[0];
+    if (!near) {
+      EXPECT_NE(c.failures[0].find("MSA blocks first differ at the main model's feed row 4"), std::string::npos)
+          << c.failures[0];
+    }
     test = base;  // a main-model expert flip
     flip_experts(test.st.feed_router[1][0], gap < 1 ? 0.01f : 1.5f);
     c = run(test, ties);
@@ -666,7 +668,9 @@ TEST(MtpCompare, DraftsPartingAfterAnMsaOrMainModelFlipPassOnlyAtANearTie) {
     EXPECT_EQ(c.pass(), near) << (c.failures.empty() ? "" : c.failures[0]);
     EXPECT_EQ(c.rounds_selection_tie, near ? 1 : 0);
     EXPECT_EQ(c.rounds_main_tie + c.rounds_expert_tie, 0);
-    if (!near) EXPECT_NE(c.failures[0].find("MSA blocks first differ at draft 1"), std::string::npos) << c.failures[0];
+    if (!near) {
+      EXPECT_NE(c.failures[0].find("MSA blocks first differ at draft 1"), std::string::npos) << c.failures[0];
+    }
   }
   // The first flip decides: a clear main-model flip is not excused by a near-tie module flip after it,
   // and a near-tie one explains the clear module flip that follows it.
