@@ -3,7 +3,7 @@
 // with its own caches), contexts 4K..1M in powers of 4:
 //   BM_AttentionDense   dense GQA split-K attention
 //   BM_MsaIndex[Fp8]    block-max index scores (bf16 / E4M3 index-K cache)
-//   BM_MsaIndexFp8Pairs the E4M3 path with its former 2-byte fragment loads (msa_index.h's IndexFp8Loads)
+//   BM_MsaIndex[Fp8]Rows16  the same on 16-row tiles (msa_index.h's IndexRowTile; decode takes 8)
 //   BM_MsaSelect        exact top-16 block selection
 //   BM_MsaAttention     block-sparse attention over the selected blocks
 //   BM_MsaTotal[Fp8]    index + select + sparse attention, back to back
@@ -135,7 +135,7 @@ World& world() {
   return w;
 }
 
-enum class Op { Dense, Index, IndexFp8, IndexFp8Pairs, Select, Sparse, Total, TotalFp8 };
+enum class Op { Dense, Index, IndexFp8, IndexRows16, IndexFp8Rows16, Select, Sparse, Total, TotalFp8 };
 
 // Keys the sparse branch attends for a decode query at p = ctx - 1: 15 full blocks + the local
 // block's p % BLK + 1 keys, or every key below K_blk blocks.
@@ -163,7 +163,8 @@ void run_op(Op op, World& w, int n, int b, cudaStream_t s) {
       break;
     case Op::Index: index(false); break;
     case Op::IndexFp8: index(true); break;
-    case Op::IndexFp8Pairs: index(true); break;  // the load form is set by bench()
+    case Op::IndexRows16: index(false); break;  // the row tile is set by bench()
+    case Op::IndexFp8Rows16: index(true); break;
     case Op::Select: select(); break;
     case Op::Sparse: sparse(); break;
     case Op::Total: index(false); select(); sparse(); break;
@@ -184,10 +185,11 @@ void bench(benchmark::State& state, Op op) {
   run_op(Op::Total, w, n, b, s);
   w.stream.sync();
   m3::gpu::Event e0, e1;
-  struct FormReset {  // BM_MsaIndexFp8Pairs sets the fp8 load form for its own iterations only
-    ~FormReset() { m3::gpu::detail::set_index_fp8_loads(m3::gpu::detail::IndexFp8Loads::Vector); }
-  } form_reset;
-  if (op == Op::IndexFp8Pairs) m3::gpu::detail::set_index_fp8_loads(m3::gpu::detail::IndexFp8Loads::Pairs);
+  struct TileReset {  // BM_MsaIndex[Fp8]Rows16 set the row tile for their own iterations only
+    ~TileReset() { m3::gpu::detail::set_index_row_tile(m3::gpu::detail::IndexRowTile::Auto); }
+  } tile_reset;
+  if (op == Op::IndexRows16 || op == Op::IndexFp8Rows16)
+    m3::gpu::detail::set_index_row_tile(m3::gpu::detail::IndexRowTile::Rows16);
   const char* l2 = std::getenv("M3_BENCH_L2");
   const bool flush = l2 == nullptr || std::string_view(l2) != "warm";
   if (!flush) state.SetLabel("L2 warm (M3_BENCH_L2=warm)");
@@ -208,9 +210,10 @@ void bench(benchmark::State& state, Op op) {
   double bytes = 0, flops = 0;
   switch (op) {
     case Op::Dense: bytes = dense_bytes; flops = dense_flops; break;
-    case Op::Index: bytes = bb * nn * kM.Di * 2.0; flops = index_flops; break;
+    case Op::Index:
+    case Op::IndexRows16: bytes = bb * nn * kM.Di * 2.0; flops = index_flops; break;
     case Op::IndexFp8:
-    case Op::IndexFp8Pairs: bytes = bb * nn * kM.Di * 1.0; flops = index_flops; break;
+    case Op::IndexFp8Rows16: bytes = bb * nn * kM.Di * 1.0; flops = index_flops; break;
     case Op::Select: bytes = select_bytes; break;
     case Op::Sparse: bytes = sparse_bytes; flops = sparse_flops; break;
     case Op::Total: bytes = bb * nn * kM.Di * 2.0 + sparse_bytes; flops = index_flops + sparse_flops; break;
@@ -227,7 +230,8 @@ void bench(benchmark::State& state, Op op) {
 void BM_AttentionDense(benchmark::State& s) { bench(s, Op::Dense); }
 void BM_MsaIndex(benchmark::State& s) { bench(s, Op::Index); }
 void BM_MsaIndexFp8(benchmark::State& s) { bench(s, Op::IndexFp8); }
-void BM_MsaIndexFp8Pairs(benchmark::State& s) { bench(s, Op::IndexFp8Pairs); }
+void BM_MsaIndexRows16(benchmark::State& s) { bench(s, Op::IndexRows16); }
+void BM_MsaIndexFp8Rows16(benchmark::State& s) { bench(s, Op::IndexFp8Rows16); }
 void BM_MsaSelect(benchmark::State& s) { bench(s, Op::Select); }
 void BM_MsaAttention(benchmark::State& s) { bench(s, Op::Sparse); }
 void BM_MsaTotal(benchmark::State& s) { bench(s, Op::Total); }
@@ -245,7 +249,8 @@ void decode_args(benchmark::internal::Benchmark* b) {
 BENCHMARK(BM_AttentionDense)->Apply(decode_args);
 BENCHMARK(BM_MsaIndex)->Apply(decode_args);
 BENCHMARK(BM_MsaIndexFp8)->Apply(decode_args);
-BENCHMARK(BM_MsaIndexFp8Pairs)->Apply(decode_args);
+BENCHMARK(BM_MsaIndexRows16)->Apply(decode_args);
+BENCHMARK(BM_MsaIndexFp8Rows16)->Apply(decode_args);
 BENCHMARK(BM_MsaSelect)->Apply(decode_args);
 BENCHMARK(BM_MsaAttention)->Apply(decode_args);
 BENCHMARK(BM_MsaTotal)->Apply(decode_args);

@@ -2,7 +2,7 @@
 //   s_i(t, j) = qI_i(t) . kI(j)   (no scale; fp32 accumulation of exact bf16 products)
 //   S_i(t, b) = max over j in block b with j <= p_t of s_i(t, j);  -inf for blocks b > p_t/BLK.
 // A NaN dot product makes its block score NaN (the reference's PropagateNaN); msa_select ranks it
-// as -inf. One CTA scores a chunk of blocks for 16 (query, index head) rows at once with bf16
+// as -inf. One CTA scores a chunk of blocks for 8 or 16 (query, index head) rows at once with bf16
 // tensor-core MMAs, reading each index-K row of the chunk once for all of them (the index-K cache
 // [N, Di] is shared by the Hi heads): decode is bound by the n*Di*2 bytes of that read.
 //
@@ -44,13 +44,12 @@ void msa_index_fp8(const bf16* idx_q, const __nv_fp8_e4m3* idx_k, const std::int
                    CachePages pages = {});
 
 namespace detail {
-// How the fp8 path reads a key's bytes into MMA fragments (process-wide; for tests and the
-// benchmark's A/B): Vector (default) assigns each thread a contiguous quarter of the key row by
-// permuting the dot product's dimensions alike in q and k (a sum's order is free), so that one
-// 16-byte load fetches what Pairs gathers with eight 2-byte loads. The scores differ in the
-// fp32 summation order only.
-enum class IndexFp8Loads { Vector, Pairs };
-void set_index_fp8_loads(IndexFp8Loads l);
+// The row tile msa_index runs (process-wide; for tests and the benchmark's A/B): Auto takes 8-row
+// tiles where a sequence has <= 8 (query, head) rows (decode) and 16-row tiles otherwise; Rows16
+// takes 16-row tiles always (the form before 8-row tiles existed). The scores are bit-identical:
+// rows 0-7 of a 16-row tile run the very MMAs of an 8-row tile.
+enum class IndexRowTile { Auto, Rows16 };
+void set_index_row_tile(IndexRowTile t);
 }  // namespace detail
 
 }  // namespace m3::gpu

@@ -226,24 +226,58 @@ TEST(MsaIndex_fp8, Decode_And_Scattered) {
   run_case({1, 1, 300000, 4, 128, 128, true}, true);
 }
 
-// Both fp8 fragment load forms (msa_index.h's IndexFp8Loads): the default's permuted dimensions
-// and vector loads, and the natural order's 2-byte loads, each against the reference, at every
-// compiled Di (one to eight words a thread), decode and scattered, contiguous and paged (every Di).
-TEST(MsaIndex_fp8, BothLoadForms_EveryDi) {
+// Both row tiles (msa_index.h's IndexRowTile): decode rows (<= 8 a sequence) take 8-row tiles
+// unless forced to 16; each against the reference at every compiled Di, bf16 and fp8, contiguous
+// and paged, and the two bit for bit (rows 0-7 of a 16-row tile run the 8-row tile's MMAs).
+TEST(MsaIndex_bf16, BothRowTiles_EveryDi_BitIdentical) {
   M3_REQUIRE_GPU();
   struct Reset {
-    ~Reset() { gpu::detail::set_index_fp8_loads(gpu::detail::IndexFp8Loads::Vector); }
+    ~Reset() { gpu::detail::set_index_row_tile(gpu::detail::IndexRowTile::Auto); }
   } reset;
-  for (auto f : {gpu::detail::IndexFp8Loads::Pairs, gpu::detail::IndexFp8Loads::Vector}) {
-    SCOPED_TRACE(f == gpu::detail::IndexFp8Loads::Pairs ? "pairs" : "vector");
-    gpu::detail::set_index_fp8_loads(f);
+  auto g = test::test_rng();
+  SCOPED_TRACE(test::seed_note());
+  for (bool fp8 : {false, true})
     for (int Di : {16, 32, 64, 128}) {
-      run_case({1, 1, 2049, 4, Di, 128, true}, true);
-      run_case({2, 9, 1000, 3, Di, 16, false}, true);
-      run_case({3, 5, 1000, 2, Di, 16, false, 2, {1000, 129, 64}, true}, true);  // paged
+      SCOPED_TRACE(std::string(fp8 ? "fp8" : "bf16") + " Di " + std::to_string(Di));
+      for (auto f : {gpu::detail::IndexRowTile::Rows16, gpu::detail::IndexRowTile::Auto}) {
+        SCOPED_TRACE(f == gpu::detail::IndexRowTile::Rows16 ? "rows16" : "auto");
+        gpu::detail::set_index_row_tile(f);
+        run_case({1, 1, 2049, 4, Di, 128, true}, fp8);
+        run_case({2, 2, 1000, 3, Di, 16, false}, fp8);  // 6 rows a sequence
+        run_case({3, 1, 1000, 2, Di, 16, true, 2, {1000, 129, 64}, true}, fp8);  // paged
+      }
+      // Bit for bit: B = 3 sequences of 5 (query, head) rows (T 5, Hi 1), scattered positions.
+      const int B = 3, T = 5, N = 777, NB = (N + 15) / 16;
+      const MsaDims dims{1, Di, 16, 16, 1, 0};
+      MatF q = bf16_exact(test::randn<float>(B * T, Di, g));
+      MatF k = test::randn<float>(B * N, Di, g);
+      for (Eigen::Index i = 0; i < k.size(); ++i) k.data()[i] = fp8 ? e4m3(k.data()[i]) : round_bf16(k.data()[i]);
+      std::vector<std::int64_t> pos;
+      for (int b = 0; b < B; ++b) {
+        const auto p = scattered_positions(T, N, g);
+        pos.insert(pos.end(), p.begin(), p.end());
+      }
+      auto dq = test::upload_bf16(q);
+      gpu::DeviceBuffer<gpu::bf16> dk16 = test::upload_bf16(k);
+      std::vector<__nv_fp8_e4m3> h8(static_cast<std::size_t>(k.size()));
+      for (std::size_t i = 0; i < h8.size(); ++i) h8[i] = __nv_fp8_e4m3(k.data()[i]);
+      gpu::DeviceBuffer<__nv_fp8_e4m3> dk8(h8.size());
+      dk8.upload(h8);
+      gpu::DeviceBuffer<std::int64_t> dpos(pos.size());
+      dpos.upload(pos);
+      gpu::DeviceBuffer<float> dsc(static_cast<std::size_t>(B) * T * NB);
+      std::vector<float> runs[2];
+      int i = 0;
+      for (auto f : {gpu::detail::IndexRowTile::Rows16, gpu::detail::IndexRowTile::Auto}) {
+        gpu::detail::set_index_row_tile(f);
+        dsc.fill_bytes(0xFF);
+        if (fp8) gpu::msa_index_fp8(dq.data(), dk8.data(), dpos.data(), T, N, NB, dims, dsc.data(), nullptr, B);
+        else gpu::msa_index(dq.data(), dk16.data(), dpos.data(), T, N, NB, dims, dsc.data(), nullptr, B);
+        runs[i++] = dsc.download();
+      }
+      EXPECT_EQ(std::memcmp(runs[0].data(), runs[1].data(), runs[0].size() * sizeof(float)), 0)
+          << "8-row and 16-row tiles give different score bits";
     }
-    run_case({3, 1, 5000, 4, 128, 128, true, 2, {5000, 2048, 129}, true}, true);
-  }
 }
 
 // Sequences of 5000, 2048 (a page multiple) and 129 (a page + 1) keys, N = 5000 the capacity.

@@ -179,36 +179,58 @@ TEST(GpuMtp, DraftsAreTheReferenceDraftsAndTokensTheGreedyOnes) {
   auto g = m3::test::test_rng();
   SCOPED_TRACE(m3::test::seed_note());
   Tiny t(g());
-  const auto prompt = m3::test::random_tokens(67, t.cfg.vocab_size, g);
   const int steps = 24, k = 3;
-  MatD glog;
-  std::vector<std::int32_t> ggreedy;
-  const MtpRuns runs = run_mtp(t, prompt, steps, k, &ggreedy, &glog);
-  const auto& [gtok, gst, rtok, rst] = runs;
-  ASSERT_EQ(gtok.size(), static_cast<std::size_t>(steps));
-  int agree = 0;
-  while (agree < steps && gtok[static_cast<std::size_t>(agree)] == ggreedy[static_cast<std::size_t>(agree)]) ++agree;
-  if (agree < steps) {  // only at a near-tie: the two best logits within the bf16 tie tolerance
-    const Eigen::Index row = static_cast<Eigen::Index>(prompt.size()) - 1 + agree;
-    std::vector<double> v(glog.row(row).data(), glog.row(row).data() + glog.cols());
-    std::partial_sort(v.begin(), v.begin() + 2, v.end(), std::greater<>());
-    EXPECT_LE(v[0] - v[1], m3::cmp::kBf16.tie_rtol * std::max(1.0, std::abs(v[0])))
-        << "MTP token " << agree << " differs from plain greedy decoding away from a near-tie";
-  }
-  std::printf("[gpu mtp] %d of %d tokens as plain greedy; %d rounds, %lld of %lld drafts accepted\n", agree, steps,
-              gst.rounds, static_cast<long long>(gst.accepted), static_cast<long long>(gst.drafted));
+  const int kMinRounds = 10;  // rounds compared for the check to mean anything
+  // A main-model near-tie in the first rounds parts the GPU's and the reference's tokens early and
+  // leaves too few rounds to compare (M3_TEST_SEED=12973657031212563759 parted at token 1 of 24):
+  // such a prompt says nothing of the module, so a fresh one is drawn, at most kPrompts times, and
+  // only where the parting token's GPU logits are a near-tie (anywhere else it fails below).
+  const int kPrompts = 4;
+  MtpRuns runs;
+  m3::cmp::MtpComparison c;
+  for (int attempt = 0; attempt < kPrompts; ++attempt) {
+    const auto prompt = m3::test::random_tokens(67, t.cfg.vocab_size, g);
+    MatD glog;
+    std::vector<std::int32_t> ggreedy;
+    runs = run_mtp(t, prompt, steps, k, &ggreedy, &glog);
+    const auto& [gtok, gst, rtok, rst] = runs;
+    ASSERT_EQ(gtok.size(), static_cast<std::size_t>(steps));
+    // The top-2 gap of the GPU's greedy logits behind token i, against the bf16 tie tolerance.
+    auto near_tie = [&](int i, double* gap = nullptr, double* tol = nullptr) {
+      const Eigen::Index row = static_cast<Eigen::Index>(prompt.size()) - 1 + i;
+      std::vector<double> v(glog.row(row).data(), glog.row(row).data() + glog.cols());
+      std::partial_sort(v.begin(), v.begin() + 2, v.end(), std::greater<>());
+      const double d = v[0] - v[1], tl = m3::cmp::kBf16.tie_rtol * std::max(1.0, std::abs(v[0]));
+      if (gap) *gap = d;
+      if (tol) *tol = tl;
+      return d <= tl;
+    };
+    int agree = 0;
+    while (agree < steps && gtok[static_cast<std::size_t>(agree)] == ggreedy[static_cast<std::size_t>(agree)]) ++agree;
+    if (agree < steps) {  // only at a near-tie: the two best logits within the bf16 tie tolerance
+      double gap = 0, tol = 0;
+      EXPECT_TRUE(near_tie(agree, &gap, &tol)) << "MTP token " << agree
+                                              << " differs from plain greedy decoding away from a near-tie (gap "
+                                              << gap << ", tolerance " << tol << ")";
+    }
+    std::printf("[gpu mtp] %d of %d tokens as plain greedy; %d rounds, %lld of %lld drafts accepted\n", agree, steps,
+                gst.rounds, static_cast<long long>(gst.accepted), static_cast<long long>(gst.drafted));
 
-  // Round by round, the GPU's drafts are the reference's (or part at a module near-tie, or after
-  // the module's router flipped experts at a near-tie: seeded routers have some on ~1-5% of rows),
-  // so the reference's check accepts them as its own (compare/mtp_compare.h, m3h compare --mtp's rule).
-  const auto ties = m3::cmp::mtp_router_ties(t.cfg, std::span<const m3::ModelWeights<float>>(&t.mod, 1), &t.main);
-  const auto c = m3::cmp::compare_mtp_runs(rtok, rst, gtok, gst, m3::cmp::kBf16.tie_rtol, 0.0, ties);
-  std::printf("[gpu mtp] tokens agree on %d of %d; %d rounds compared: %d equal, %d near-tie, %d module expert, %d "
-              "module MSA block, %d main-model near-tie flips; "
-              "reference accepted %lld of its drafts, %lld of the gpu's\n",
-              c.tokens_agree, c.steps, c.rounds_compared, c.drafts_equal, c.rounds_near_tie, c.rounds_expert_tie,
-              c.rounds_selection_tie, c.rounds_main_tie,
-              static_cast<long long>(c.accepted_ref), static_cast<long long>(c.accepted_by_ref));
+    // Round by round, the GPU's drafts are the reference's (or part at a module near-tie, or after
+    // the module's router flipped experts at a near-tie: seeded routers have some on ~1-5% of rows),
+    // so the reference's check accepts them as its own (compare/mtp_compare.h, m3h compare --mtp's rule).
+    const auto ties = m3::cmp::mtp_router_ties(t.cfg, std::span<const m3::ModelWeights<float>>(&t.mod, 1), &t.main);
+    c = m3::cmp::compare_mtp_runs(rtok, rst, gtok, gst, m3::cmp::kBf16.tie_rtol, 0.0, ties);
+    std::printf("[gpu mtp] tokens agree on %d of %d; %d rounds compared: %d equal, %d near-tie, %d module expert, %d "
+                "module MSA block, %d main-model near-tie flips; "
+                "reference accepted %lld of its drafts, %lld of the gpu's\n",
+                c.tokens_agree, c.steps, c.rounds_compared, c.drafts_equal, c.rounds_near_tie, c.rounds_expert_tie,
+                c.rounds_selection_tie, c.rounds_main_tie,
+                static_cast<long long>(c.accepted_ref), static_cast<long long>(c.accepted_by_ref));
+    if (c.rounds_compared >= kMinRounds || c.tokens_agree >= steps || !near_tie(c.tokens_agree)) break;
+    std::printf("[gpu mtp] the runs' tokens part at token %d, a near-tie of the main model: a fresh prompt\n",
+                c.tokens_agree);
+  }
   // Every round compared is equal or explained by a recorded near-tie (module logits; module expert
   // or MSA block flips on the draft rows; main-model flips on the round's feed rows, or block flips
   // over an earlier position's near-tie flip: compare/mtp_compare.h). Between two correct CPU
@@ -219,7 +241,8 @@ TEST(GpuMtp, DraftsAreTheReferenceDraftsAndTokensTheGreedyOnes) {
   for (const auto& f : c.failures) std::printf("  %s\n", f.c_str());
   EXPECT_EQ(unexplained, 0) << "rounds parting beyond every near-tie rule";
   EXPECT_GE(c.drafts_equal, (4 * c.rounds_compared) / 5) << "fewer than 80% of the rounds drafted alike";
-  EXPECT_GE(c.rounds_compared, 10) << "too few rounds compared to mean anything";
+  EXPECT_GE(c.rounds_compared, kMinRounds) << "too few rounds compared to mean anything (after " << kPrompts
+                                           << " prompts if the runs parted at main-model near-ties)";
   EXPECT_EQ(c.accepted_by_ref, c.accepted_ref) << "over the rounds with equal drafts";
 }
 
