@@ -20,6 +20,9 @@
 // a plain read of 256 MiB 71.7 us), b 8 526 us (4.08 TB/s, a 1 GiB read 4.40); fp8 b 1 55.0 us
 // (2.44 TB/s), b 8 341 us (3.15 TB/s): the fp8 path slower per byte by 1.3x, its MMA and
 // conversion work per byte twice the bf16 path's.
+// After it (H200, 1M): fp8 b 1 50.8 us, b 8 278 us (3.87 TB/s); bf16 unchanged, at its read.
+// A contiguous cache's first tiles go out before the positions and q arrive (two cold DRAM round
+// trips off the front of every CTA): bf16 b 1 78.9 -> 77.8 us, b 8 525 -> 516 us.
 // Pipeline depth: 4, 6 and 8 stages measured no better than 3 (H200, decode at 1M: b 1 80.6 /
 // 82.4 / 108 / 108 us, b 8 540 / 528 / 822 / 816 us; deeper pipelines cost resident CTAs). At b 1
 // the ~12 us over the streaming time is launch, ramp and tail, which PDL partly hides (msa_select).
@@ -155,6 +158,57 @@ __global__ void __launch_bounds__(kThreads, 3) msa_index_kernel(const IndexLaunc
   const int nrows = rows_seq - r0 < kRowsCta ? rows_seq - r0 : kRowsCta;
   const int bpc = a.bpc;
 
+  const int cb0 = chunk * bpc, cb1 = min(a.NB, cb0 + bpc);
+  const std::int64_t c0 = static_cast<std::int64_t>(cb0) * a.BLK;
+  constexpr int kTileKeys = C::kTileKeys;
+
+  // Contiguous caches: this thread's 16-byte column of the chunk's first key row it copies; a
+  // tile's rows follow at fixed strides. Paged: through the page ids.
+  constexpr int kChunks = Di * C::kElemBytes / 16;
+  constexpr int kRowsPerPass = kThreads / kChunks;
+  constexpr std::int64_t kRowG = Di * C::kElemBytes;  // bytes of a key row in global memory
+  const unsigned char* kcol = static_cast<const unsigned char*>(a.k) +
+                              (static_cast<std::int64_t>(b) * a.N + c0 + tid / kChunks) * kRowG + (tid % kChunks) * 16;
+  // pg: the tile's page ids from tile_pages (paged only); nk: keys of the chunk that may be read.
+  auto load_tile = [&](int tile, int st, int2 pg, int nk) {
+    const int c = tid % kChunks;
+    const int left = nk - tile * kTileKeys;  // keys of this tile below that bound
+    const std::int64_t t0 = c0 + static_cast<std::int64_t>(tile) * kTileKeys;
+    const unsigned char* src_t = kcol + static_cast<std::int64_t>(tile) * kTileKeys * kRowG;
+#pragma unroll
+    for (int pass = 0; pass < kTileKeys / kRowsPerPass; ++pass) {
+      const int r = tid / kChunks + pass * kRowsPerPass;
+      bool ok = r < left;
+      const unsigned char* src = static_cast<const unsigned char*>(a.k);
+      if constexpr (kPaged) {
+        const std::int64_t j = t0 + r;
+        const std::int32_t page = j / kPageRows == t0 / kPageRows ? pg.x : pg.y;
+        const bool bad = ok && page < 0;
+        ok = ok && !bad;
+        if (ok) src = reinterpret_cast<const unsigned char*>(cache_row_in_page(static_cast<const unsigned char*>(a.k), page, j, kRowG)) + c * 16;
+        if (c == 0 && r % 16 == 0) s_bad[st][r / 16] = bad;  // a slice's 16 keys share one page
+      } else {
+        if (ok) src = src_t + static_cast<std::int64_t>(pass) * kRowsPerPass * kRowG;
+      }
+      cp_async16(smem_u32(tiles + (st * kTileKeys + r) * C::kRowBytes + c * 16), src, ok);
+    }
+  };
+
+  // Contiguous caches: the first kStages - 1 tiles are issued now, bounded by the chunk and the
+  // cache (keys < N are valid memory), before the positions and q arrive: their DRAM round trips
+  // (~1 us each with L2 cold) no longer precede the first tile's. Keys past the rows' positions
+  // are masked below like any other. Paged caches wait for the positions: a page past a sequence
+  // may hold a stale id.
+  if constexpr (!kPaged) {
+    const std::int64_t end = min(static_cast<std::int64_t>(cb1) * a.BLK, static_cast<std::int64_t>(a.N));
+    const int nk = end > c0 ? static_cast<int>(end - c0) : 0;
+#pragma unroll
+    for (int s = 0; s < C::kStages - 1; ++s) {
+      load_tile(s, s, make_int2(0, 0), nk);
+      cp_async_commit();
+    }
+  }
+
   if (tid < kRowsCta) {
     long long p = -1;
     if (tid < nrows) {
@@ -164,9 +218,6 @@ __global__ void __launch_bounds__(kThreads, 3) msa_index_kernel(const IndexLaunc
     s_p[tid] = p;
   }
   for (int i = tid; i < kRowsCta * bpc; i += kThreads) bmax[i] = ord_key(-INFINITY);
-  const int cb0 = chunk * bpc, cb1 = min(a.NB, cb0 + bpc);
-  const std::int64_t c0 = static_cast<std::int64_t>(cb0) * a.BLK;
-  constexpr int kTileKeys = C::kTileKeys;
 
   // Paged: the ids of the (at most two) pages of tile `tile`: its first key's page and the next
   // one. They depend on the chunk alone, so the first kStages tiles' ids are loaded here, in the
@@ -207,38 +258,6 @@ __global__ void __launch_bounds__(kThreads, 3) msa_index_kernel(const IndexLaunc
     pc[nt][1] = s_p[8 * nt + 2 * t4 + 1];
   }
 
-  // Contiguous caches: this thread's 16-byte column of the chunk's first key row it copies; a
-  // tile's rows follow at fixed strides. Paged: through the page ids.
-  constexpr int kChunks = Di * C::kElemBytes / 16;
-  constexpr int kRowsPerPass = kThreads / kChunks;
-  constexpr std::int64_t kRowG = Di * C::kElemBytes;  // bytes of a key row in global memory
-  const unsigned char* kcol = static_cast<const unsigned char*>(a.k) +
-                              (static_cast<std::int64_t>(b) * a.N + c0 + tid / kChunks) * kRowG + (tid % kChunks) * 16;
-  // pg: the tile's page ids from tile_pages (paged only).
-  auto load_tile = [&](int tile, int st, int2 pg) {
-    const int c = tid % kChunks;
-    const int left = n_keys - tile * kTileKeys;  // keys of this tile below kv_end
-    const std::int64_t t0 = c0 + static_cast<std::int64_t>(tile) * kTileKeys;
-    const unsigned char* src_t = kcol + static_cast<std::int64_t>(tile) * kTileKeys * kRowG;
-#pragma unroll
-    for (int pass = 0; pass < kTileKeys / kRowsPerPass; ++pass) {
-      const int r = tid / kChunks + pass * kRowsPerPass;
-      bool ok = r < left;
-      const unsigned char* src = static_cast<const unsigned char*>(a.k);
-      if constexpr (kPaged) {
-        const std::int64_t j = t0 + r;
-        const std::int32_t page = j / kPageRows == t0 / kPageRows ? pg.x : pg.y;
-        const bool bad = ok && page < 0;
-        ok = ok && !bad;
-        if (ok) src = reinterpret_cast<const unsigned char*>(cache_row_in_page(static_cast<const unsigned char*>(a.k), page, j, kRowG)) + c * 16;
-        if (c == 0 && r % 16 == 0) s_bad[st][r / 16] = bad;  // a slice's 16 keys share one page
-      } else {
-        if (ok) src = src_t + static_cast<std::int64_t>(pass) * kRowsPerPass * kRowG;
-      }
-      cp_async16(smem_u32(tiles + (st * kTileKeys + r) * C::kRowBytes + c * 16), src, ok);
-    }
-  };
-
   // q is the MMA's B operand (keys are A: M = 16 keys, N = 8 rows): thread (g, t4) holds row
   // 8 nt + g at the k indices 16 kk + 2 t4 (+ 8) + {0, 1}, i.e. dimensions 16 kk + 2 t4 (+ 8), or
   // with the fp8 path's permutation t4 Di/4 + 4 kk (+ 2) (the header).
@@ -266,17 +285,20 @@ __global__ void __launch_bounds__(kThreads, 3) msa_index_kernel(const IndexLaunc
     }
   }
 
+  if constexpr (kPaged) {
 #pragma unroll
-  for (int s = 0; s < C::kStages - 1; ++s) {
-    if (s < ntiles) load_tile(s, s, first_pages[s]);
-    cp_async_commit();
+    for (int s = 0; s < C::kStages - 1; ++s) {
+      if (s < ntiles) load_tile(s, s, first_pages[s], n_keys);
+      cp_async_commit();
+    }
   }
   // Paged: the page ids of the next tile to load, fetched one step before their use.
   int2 next_pages = first_pages[C::kStages - 1];
   for (int it = 0; it < ntiles; ++it) {
     cp_async_wait<C::kStages - 2>();
     __syncthreads();
-    if (it + C::kStages - 1 < ntiles) load_tile(it + C::kStages - 1, (it + C::kStages - 1) % C::kStages, next_pages);
+    if (it + C::kStages - 1 < ntiles)
+      load_tile(it + C::kStages - 1, (it + C::kStages - 1) % C::kStages, next_pages, n_keys);
     if constexpr (kPaged)
       if (it + C::kStages < ntiles) next_pages = tile_pages(it + C::kStages);
     cp_async_commit();
