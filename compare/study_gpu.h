@@ -1,6 +1,7 @@
 // The GPU side of the cost study (issue 5, part 1; DESIGN §5, §10): one real-dimension layer's
 // attention on the GPU, dense GQA vs MSA (index scoring + top-k selection + block-sparse attention),
-// measured with CUDA events (medians, L2 flushed before every decode repetition), for
+// measured with CUDA events (medians, L2 flushed before every decode repetition; a decode point's
+// nine quantities are timed in interleaved rounds, so a drift of the card's state moves them alike), for
 //   decode: batch 1 and 8, one query per sequence at the end of a context n (bf16 and fp8 index-K);
 //   prefill: one sequence of N tokens in chunks of `chunk` queries (the chunk at p0 attends keys
 //            0..p0+chunk-1); dense with the fastest prefill kernel available (sm90 wgmma, else the
