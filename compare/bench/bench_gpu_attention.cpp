@@ -7,6 +7,8 @@
 //   BM_MsaSelect        exact top-16 block selection
 //   BM_MsaAttention     block-sparse attention over the selected blocks
 //   BM_MsaTotal[Fp8]    index + select + sparse attention, back to back
+//   BM_MsaIndexSelect / BM_MsaIndexSparse  the chain without its sparse attention / its selection
+//                       (the selection from a full pass): what each stage adds after the scan
 // Time: CUDA events around the op alone (manual time), the L2 flushed before each iteration (a
 // decode step reads every layer's caches from HBM); medians over repetitions. M3_BENCH_L2=warm
 // skips the flush (a diagnostic: what of a small op's time is DRAM and TLB latency rather than work).
@@ -135,7 +137,7 @@ World& world() {
   return w;
 }
 
-enum class Op { Dense, Index, IndexFp8, IndexRows16, IndexFp8Rows16, Select, Sparse, Total, TotalFp8 };
+enum class Op { Dense, Index, IndexFp8, IndexRows16, IndexFp8Rows16, Select, Sparse, Total, TotalFp8, IndexSelect, IndexSparse };
 
 // Keys the sparse branch attends for a decode query at p = ctx - 1: 15 full blocks + the local
 // block's p % BLK + 1 keys, or every key below K_blk blocks.
@@ -169,6 +171,8 @@ void run_op(Op op, World& w, int n, int b, cudaStream_t s) {
     case Op::Sparse: sparse(); break;
     case Op::Total: index(false); select(); sparse(); break;
     case Op::TotalFp8: index(true); select(); sparse(); break;
+    case Op::IndexSelect: index(false); select(); break;
+    case Op::IndexSparse: index(false); sparse(); break;
   }
 }
 
@@ -218,6 +222,8 @@ void bench(benchmark::State& state, Op op) {
     case Op::Sparse: bytes = sparse_bytes; flops = sparse_flops; break;
     case Op::Total: bytes = bb * nn * kM.Di * 2.0 + sparse_bytes; flops = index_flops + sparse_flops; break;
     case Op::TotalFp8: bytes = bb * nn * kM.Di * 1.0 + sparse_bytes; flops = index_flops + sparse_flops; break;
+    case Op::IndexSelect: bytes = bb * nn * kM.Di * 2.0; flops = index_flops; break;
+    case Op::IndexSparse: bytes = bb * nn * kM.Di * 2.0 + sparse_bytes; flops = index_flops + sparse_flops; break;
   }
   state.counters["GB/s"] = benchmark::Counter(bytes * 1e-9, benchmark::Counter::kIsIterationInvariantRate);
   if (flops > 0)
@@ -236,6 +242,8 @@ void BM_MsaSelect(benchmark::State& s) { bench(s, Op::Select); }
 void BM_MsaAttention(benchmark::State& s) { bench(s, Op::Sparse); }
 void BM_MsaTotal(benchmark::State& s) { bench(s, Op::Total); }
 void BM_MsaTotalFp8(benchmark::State& s) { bench(s, Op::TotalFp8); }
+void BM_MsaIndexSelect(benchmark::State& s) { bench(s, Op::IndexSelect); }
+void BM_MsaIndexSparse(benchmark::State& s) { bench(s, Op::IndexSparse); }
 
 void decode_args(benchmark::internal::Benchmark* b) {
   b->ArgNames({"ctx", "b"});
@@ -255,3 +263,5 @@ BENCHMARK(BM_MsaSelect)->Apply(decode_args);
 BENCHMARK(BM_MsaAttention)->Apply(decode_args);
 BENCHMARK(BM_MsaTotal)->Apply(decode_args);
 BENCHMARK(BM_MsaTotalFp8)->Apply(decode_args);
+BENCHMARK(BM_MsaIndexSelect)->Apply(decode_args);
+BENCHMARK(BM_MsaIndexSparse)->Apply(decode_args);
