@@ -14,7 +14,7 @@
 // t = lane % 4 (k-step kk, h, e in {0, 1}) takes the key's (and q's) dimension t Di/4 + 4 kk + 2 h
 // + e, a bijection on [0, Di) applied to both operands, so thread t's bytes of a key are the
 // contiguous quarter [t Di/4, (t+1) Di/4): two 16-byte loads a key at Di 128 where the natural
-// order needs eight 2-byte loads (which measured the same: H200, 1M, 54.7 / 55.0 us at b 1,
+// order needs sixteen 2-byte loads (which measured the same: H200, 1M, 54.7 / 55.0 us at b 1,
 // 335 / 341 us at b 8, 2026-11-29).
 // Measured before keys-as-M (H200, 1M, 2026-11-29): bf16 b 1 80.1 us (3.35 TB/s of its 256 MiB,
 // a plain read of 256 MiB 71.7 us), b 8 526 us (4.08 TB/s, a 1 GiB read 4.40); fp8 b 1 55.0 us
@@ -35,6 +35,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <climits>
 #include <string>
 
 namespace m3::gpu {
@@ -197,8 +198,10 @@ __global__ void __launch_bounds__(kThreads, 3) msa_index_kernel(const IndexLaunc
   // Contiguous caches: the first kStages - 1 tiles are issued now, bounded by the chunk and the
   // cache (keys < N are valid memory), before the positions and q arrive: their DRAM round trips
   // (~1 us each with L2 cold) no longer precede the first tile's. Keys past the rows' positions
-  // are masked below like any other. Paged caches wait for the positions: a page past a sequence
-  // may hold a stale id.
+  // are masked below like any other. The cost: up to two tiles a CTA read for nothing where the
+  // rows' positions end before the chunk (short sequences in a long contiguous cache; decode and
+  // the study's shapes have p = N - 1, the model's caches are paged). Paged caches wait for the
+  // positions: a page past a sequence may hold a stale id.
   if constexpr (!kPaged) {
     const std::int64_t end = min(static_cast<std::int64_t>(cb1) * a.BLK, static_cast<std::int64_t>(a.N));
     const int nk = end > c0 ? static_cast<int>(end - c0) : 0;

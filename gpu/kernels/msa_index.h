@@ -46,8 +46,9 @@ void msa_index_fp8(const bf16* idx_q, const __nv_fp8_e4m3* idx_k, const std::int
 namespace detail {
 // The row tile msa_index runs (process-wide; for tests and the benchmark's A/B): Auto takes 8-row
 // tiles where a sequence has <= 8 (query, head) rows (decode) and 16-row tiles otherwise; Rows16
-// takes 16-row tiles always (the form before 8-row tiles existed). The scores are bit-identical:
-// rows 0-7 of a 16-row tile run the very MMAs of an 8-row tile.
+// takes 16-row tiles (two 8-row MMA N tiles) always: the tile decode used before 8-row tiles, run
+// by today's kernel (not the former one, which had the rows as the MMA's M). The scores are
+// bit-identical: rows 0-7 of a 16-row tile run the very MMAs of an 8-row tile.
 enum class IndexRowTile { Auto, Rows16 };
 void set_index_row_tile(IndexRowTile t);
 }  // namespace detail

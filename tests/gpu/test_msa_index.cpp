@@ -38,6 +38,8 @@ struct Case {
   std::vector<int> lens = {};  // per-sequence lengths; empty: all N
   bool paged = false;          // also run on a paged copy of the cache: bit-identical scores
   int bad_page = -1;           // paged: this logical page of sequence 0 gets id -1
+  bool nan_past = false;       // keys past every row's position of their sequence are NaN: what a
+                               // contiguous CTA reads ahead of its positions must stay masked
 };
 
 std::string name(const Case& c) {
@@ -72,6 +74,11 @@ void run_case(const Case& c, bool fp8 = false, bool special = false) {
     auto p = c.decode ? std::vector<std::int64_t>(c.T, L - 1) : scattered_positions(c.T, L, g);
     pos.insert(pos.end(), p.begin(), p.end());
   }
+  if (c.nan_past)
+    for (int b = 0; b < c.B; ++b) {
+      const std::int64_t pmax = *std::max_element(pos.begin() + b * c.T, pos.begin() + (b + 1) * c.T);
+      for (std::int64_t j = pmax + 1; j < c.N; ++j) k.row(b * c.N + j).setConstant(std::numeric_limits<float>::quiet_NaN());
+    }
   const int NB = (c.N + c.BLK - 1) / c.BLK + c.extra_nb;
 
   auto dq = test::upload_bf16(q);
@@ -218,6 +225,19 @@ TEST(MsaIndex_bf16, NonFiniteKeysPropagate) {
   run_case({1, 37, 5000, 4, 128, 128, false}, false, true);
 }
 
+// NaN keys past every position (in the positions' own blocks and beyond): a contiguous CTA issues
+// its first tiles before it knows the positions, so it reads them; they must stay masked. Short
+// sequences in a long cache (decode at len - 1 < N), scattered rows, both tiles, bf16 and fp8, and
+// a paged copy (which never reads them) bit for bit.
+TEST(MsaIndex, KeysPastThePositionsAreNeverScored) {
+  M3_REQUIRE_GPU();
+  for (bool fp8 : {false, true}) {
+    run_case({2, 1, 3000, 4, 128, 128, true, 2, {1000, 77}, true, -1, true}, fp8);   // 8-row tiles
+    run_case({2, 5, 3000, 4, 128, 128, false, 2, {2999, 300}, true, -1, true}, fp8);  // 16-row tiles
+    run_case({1, 3, 700, 2, 32, 16, false, 2, {}, false, -1, true}, fp8);
+  }
+}
+
 TEST(MsaIndex_fp8, Decode_And_Scattered) {
   M3_REQUIRE_GPU();
   for (int N : {1, 129, 2049}) run_case({1, 1, N, 4, 128, 128, true}, true);
@@ -228,8 +248,9 @@ TEST(MsaIndex_fp8, Decode_And_Scattered) {
 
 // Both row tiles (msa_index.h's IndexRowTile): decode rows (<= 8 a sequence) take 8-row tiles
 // unless forced to 16; each against the reference at every compiled Di, bf16 and fp8, contiguous
-// and paged, and the two bit for bit (rows 0-7 of a 16-row tile run the 8-row tile's MMAs).
-TEST(MsaIndex_bf16, BothRowTiles_EveryDi_BitIdentical) {
+// and paged (each paged run bit for bit against its contiguous one), and the two tiles bit for bit
+// on one contiguous shape (rows 0-7 of a 16-row tile run the 8-row tile's MMAs).
+TEST(MsaIndex, BothRowTiles_EveryDi_BitIdentical) {
   M3_REQUIRE_GPU();
   struct Reset {
     ~Reset() { gpu::detail::set_index_row_tile(gpu::detail::IndexRowTile::Auto); }
