@@ -48,8 +48,12 @@ void check_sizes(std::size_t a, std::size_t b, const Dims& dims, const char* wha
 }  // namespace
 
 FloatMetrics compare_float(std::span<const double> a, std::span<const double> b, const Dims& dims,
-                           double atol, double rtol, const std::vector<bool>* row_mask) {
+                           double atol, double rtol, const std::vector<bool>* row_mask,
+                           std::span<const double> atol_extra) {
   check_sizes(a.size(), b.size(), dims, "compare_float");
+  if (!atol_extra.empty() && atol_extra.size() != a.size())
+    throw std::invalid_argument(fmt::format("compare_float: {} per-element atol terms for {} elements", atol_extra.size(),
+                                            a.size()));
   FloatMetrics m;
   m.count = static_cast<std::int64_t>(a.size());
   const std::int64_t per_row = std::max<std::int64_t>(row_size(dims), 1);
@@ -80,7 +84,7 @@ FloatMetrics compare_float(std::span<const double> a, std::span<const double> b,
       m.max_at = {unravel(i, dims), x, y};
       have_max = true;
     }
-    if (d <= atol + rtol * std::abs(y)) {
+    if (d <= atol + (atol_extra.empty() ? 0.0 : atol_extra[i]) + rtol * std::abs(y)) {
       ++m.passed;
     } else {
       ++m.violations;

@@ -52,8 +52,11 @@ struct FloatMetrics {
 };
 
 // row_mask (optional, one flag per leading-dimension row): true rows are not compared.
+// atol_extra (optional, one value per element): added to element i's atol (a data-dependent part of
+// the bound, e.g. the bf16 rounding of an op's intermediates: compare/tolerance.h).
 FloatMetrics compare_float(std::span<const double> a, std::span<const double> b, const Dims& dims,
-                           double atol, double rtol, const std::vector<bool>* row_mask = nullptr);
+                           double atol, double rtol, const std::vector<bool>* row_mask = nullptr,
+                           std::span<const double> atol_extra = {});
 
 // Scores deciding an index output: scores(r, id) is the score id had in row r (the same rows as
 // the ids). Empty = no near-tie test: every difference is a mismatch.

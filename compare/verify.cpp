@@ -6,6 +6,7 @@
 #include <cmath>
 #include <map>
 #include <optional>
+#include <span>
 #include <stdexcept>
 
 #if M3_HAVE_GPU
@@ -88,8 +89,10 @@ void check_index(OutputCheck& o, const cases::Tensor& a, const cases::Tensor& b,
   }
 }
 
-void check_float(OutputCheck& o, const cases::Tensor& a, const cases::Tensor& b, const std::vector<bool>* mask) {
-  o.f = compare_float(a.f, b.f, o.dims, o.tol.atol, o.tol.rtol, mask);
+// extra: per-element atol terms (empty: none).
+void check_float(OutputCheck& o, const cases::Tensor& a, const cases::Tensor& b, const std::vector<bool>* mask,
+                 std::span<const double> extra = {}) {
+  o.f = compare_float(a.f, b.f, o.dims, o.tol.atol, o.tol.rtol, mask, extra);
   const FloatMetrics& m = o.f;
   if (m.unexpected_nan)
     o.failures.push_back(fmt::format("unexpected NaN at {} (reference {:.7g})", coord_str(m.first_nonfinite.at),
@@ -128,6 +131,13 @@ std::vector<OutputCheck> verify_outputs(const cases::Case& c, Device device) {
   const cases::Tensors& a = device == Device::GPU ? gpu_out : c.outputs;
   const cases::Tensors& b = device == Device::GPU ? c.outputs : ref;
   const auto specs = op.outputs(c.params);
+  // bf16 outputs of ops with large rounded intermediates: their per-element allowance (tolerance.h).
+  std::map<std::string, std::vector<double>> extra;
+  if (c.precision == Precision::BF16)
+    for (auto& [name, t] : op.rounding_scale(c.params, c.inputs)) {
+      std::vector<double>& e = extra[name];
+      for (double v : t.f) e.push_back(kBf16RoundingFactor * v);
+    }
 
   std::vector<OutputCheck> out;
   std::map<std::string, std::vector<bool>> differing_rows;  // index check -> rows to skip in followers
@@ -156,7 +166,9 @@ std::vector<OutputCheck> verify_outputs(const cases::Case& c, Device device) {
           const std::string suffix = name.substr(s.name.size());
           auto it = differing_rows.find(o.follows + suffix);
           if (it == differing_rows.end()) it = differing_rows.find(o.follows);
-          check_float(o, got, b.at(s.name), !o.follows.empty() && it != differing_rows.end() ? &it->second : nullptr);
+          const auto ex = extra.find(s.name);
+          check_float(o, got, b.at(s.name), !o.follows.empty() && it != differing_rows.end() ? &it->second : nullptr,
+                      ex == extra.end() || o.tier != Precision::BF16 ? std::span<const double>{} : std::span<const double>(ex->second));
         }
         out.push_back(std::move(o));
       }

@@ -14,6 +14,7 @@
 #include <unistd.h>
 
 #include <cmath>
+#include <cstdio>
 #include <filesystem>
 #include <limits>
 #include <random>
@@ -273,6 +274,67 @@ std::vector<Param> non_fp64_params() {
   return v;
 }
 INSTANTIATE_TEST_SUITE_P(AllOps, Fp64EvalTest, ::testing::ValuesIn(non_fp64_params()), label);
+
+// --- the bf16 MLPs' per-element rounding allowance (compare/tolerance.h kBf16RoundingFactor) ---
+
+// moe_experts and swiglu_oai (mlp = 1) give one; no other op (nor swiglu_oai's mlp = 0) does. It is
+// a fraction of the output, not a blanket: over 40 seeds the mean allowance stays under 15% of the
+// output's rms. And it does not hide a wrong expert: routing one token to another expert fails
+// (rel-L2 or elementwise), on every seed.
+TEST(CaseRoundingScale, MlpsOnlyBoundedAndAWrongExpertStillFails) {
+  SCOPED_TRACE(m3::test::seed_note());
+  const std::uint64_t seed0 = m3::test::test_seed();
+  for (const auto& o : all_ops()) {
+    const Params p = resolve_params(*o, {});
+    const Case c = make_case(*o, p, Precision::BF16, seed0, "rounding_scale");
+    const Tensors s = o->rounding_scale(c.params, c.inputs);
+    const bool mlp = o->op() == "moe_experts" || o->op() == "swiglu_oai";
+    EXPECT_EQ(!s.empty(), mlp) << o->op();
+  }
+  const Params p0 = resolve_params(find_op("swiglu_oai"), {"mlp=0"});
+  EXPECT_TRUE(find_op("swiglu_oai").rounding_scale(p0, make_case(find_op("swiglu_oai"), p0, Precision::BF16, seed0, "rs").inputs).empty());
+
+  for (const char* name : {"moe_experts", "swiglu_oai"}) {
+    SCOPED_TRACE(name);
+    const OpCase& op = find_op(name);
+    const Params p = resolve_params(op, {});
+    double worst = 0;
+    for (std::uint64_t k = 0; k < 40; ++k) {
+      const Case c = make_case(op, p, Precision::BF16, seed0 + k, "rounding_scale");
+      const Tensor& y = c.outputs.at("y");
+      const Tensors scale = op.rounding_scale(c.params, c.inputs);
+      const Tensor& s = scale.at("y");
+      ASSERT_EQ(s.dims, y.dims);
+      double ss = 0, yy = 0;
+      for (std::size_t i = 0; i < y.f.size(); ++i) {
+        ASSERT_TRUE(std::isfinite(s.f[i]) && s.f[i] > 0) << "element " << i;
+        ss += kBf16RoundingFactor * s.f[i];
+        yy += y.f[i] * y.f[i];
+      }
+      worst = std::max(worst, (ss / y.f.size()) / std::sqrt(yy / y.f.size()));
+    }
+    std::printf("[rounding scale] %s: the largest mean allowance over 40 seeds, %.3f of the output's rms\n", name, worst);
+    EXPECT_LT(worst, 0.15) << "mean allowance over the output's rms";
+  }
+
+  const OpCase& moe = find_op("moe_experts");
+  const Params p = resolve_params(moe, {});
+  for (std::uint64_t k = 0; k < 20; ++k) {
+    Case c = make_case(moe, p, Precision::BF16, seed0 + k, "rounding_scale");
+    Tensor& ex = c.inputs.at("experts");  // token 0's first expert -> one it does not use
+    const std::int64_t E = pint(c.params, "E"), K = pint(c.params, "K_e");
+    std::int64_t e = (ex.i[0] + 1) % E;
+    for (bool used = true; used;) {
+      used = false;
+      for (std::int64_t j = 0; j < K; ++j) used |= ex.i[static_cast<std::size_t>(j)] == e;
+      if (used) e = (e + 1) % E;
+    }
+    ex.i[0] = e;  // c.outputs stay those of the right routing
+    bool failed = false;
+    for (const OutputCheck& o : verify_outputs(c, Device::CPU)) failed |= !o.pass();
+    EXPECT_TRUE(failed) << "seed " << seed0 + k << ": a token routed to expert " << e << " passed";
+  }
+}
 
 // --- the index rule on hand-made scores ---
 

@@ -111,6 +111,12 @@ class OpCase {
   // For a float output whose rows follow an index output's rows (router weights follow the
   // chosen experts): that output's name, else "". Its rows are skipped where the ids near-tie.
   virtual std::string follows(const std::string& /*output*/) const { return ""; }
+  // For ops whose bf16 outputs sum bf16-rounded intermediates of any size (the SwiGLU MLPs: gate,
+  // up and act stored in bf16, act up to ~56): per output, per element, sum over the intermediates
+  // v the element depends on of |d out / d v| * |v| (first order, fp64, from the inputs); the bf16
+  // tier adds kBf16RoundingFactor times it to the element's atol (compare/tolerance.h). Outputs
+  // absent from the map (every output of most ops) get no such term.
+  virtual Tensors rounding_scale(const Params&, const Tensors& /*in*/) const { return {}; }
   // The GPU twin on `in` (see the file comment): every output of outputs(p), plus
   // "<output>@<kernel>" for extra kernels. Throws CaseError where the op or these parameters have
   // no GPU path (the message says which and why), m3::gpu::GpuError for what a kernel rejects.
@@ -189,6 +195,14 @@ std::vector<std::int32_t> ids_vec(const Tensor& t);
 template <class T>
 Tensor from_mat(const Mat<T>& m);
 Tensor from_ids(const MatI& m);
+
+// OpCase::rounding_scale of one SwiGLU-OAI MLP y = W_down act(W_gate x, W_up x) whose gate, up,
+// act and output are rounded to bf16 (mlp_swiglu, Rounding::BF16): per element of y [T, H],
+// sum_j |W_down[h, j]| m_j + |y[h]|, with m_j = |act_j| + |d act_j / d gate_j * gate_j| +
+// |d act_j / d up_j * up_j| (zero where the clamp holds the input), in fp64.
+// x [T, H], w_gate, w_up [I, H], w_down [H, I].
+MatD swiglu_rounding_scale(const MatD& x, const MatD& w_gate, const MatD& w_up, const MatD& w_down, double alpha,
+                           double limit, double beta);
 
 }  // namespace m3::cases
 

@@ -6,6 +6,7 @@
 #include <fmt/format.h>
 
 #include <algorithm>
+#include <cmath>
 #include <set>
 #include <stdexcept>
 
@@ -107,5 +108,22 @@ template Vec<float> vec<float>(const Tensor&);
 template Vec<double> vec<double>(const Tensor&);
 template Tensor from_mat<float>(const Mat<float>&);
 template Tensor from_mat<double>(const Mat<double>&);
+
+MatD swiglu_rounding_scale(const MatD& x, const MatD& w_gate, const MatD& w_up, const MatD& w_down, double alpha,
+                           double limit, double beta) {
+  const MatD gate = x * w_gate.transpose(), up = x * w_up.transpose();  // [T, I]
+  MatD m(gate.rows(), gate.cols()), act(gate.rows(), gate.cols());      // [T, I]
+  for (Eigen::Index t = 0; t < gate.rows(); ++t)
+    for (Eigen::Index j = 0; j < gate.cols(); ++j) {
+      const double gt = gate(t, j), ut = up(t, j);
+      const double g = std::min(gt, limit), u = std::clamp(ut, -limit, limit);
+      const double s = 1.0 / (1.0 + std::exp(-alpha * g));
+      act(t, j) = (u + beta) * g * s;
+      const double d_gate = gt < limit ? (u + beta) * g * (s + alpha * g * s * (1.0 - s)) : 0.0;  // d act/d gate * gate
+      const double d_up = std::abs(ut) < limit ? g * s * u : 0.0;                                // d act/d up * up
+      m(t, j) = std::abs(act(t, j)) + std::abs(d_gate) + std::abs(d_up);
+    }
+  return m * w_down.cwiseAbs().transpose() + (act * w_down.transpose()).cwiseAbs();
+}
 
 }  // namespace m3::cases

@@ -91,6 +91,24 @@ class MoeExpertsCase final : public OpCase {
     in["weights"] = std::move(w);
     return in;
   }
+  // Each chosen expert's MLP and the shared one, through the routed weights and scale.
+  Tensors rounding_scale(const Params& p, const Tensors& in) const override {
+    const double alpha = preal(p, "alpha"), limit = preal(p, "limit"), beta = preal(p, "beta");
+    const MatD x = mat<double>(in.at("x")), w = mat<double>(in.at("weights"));  // [T, H], [T, K_e]
+    const MatI ex = ids(in.at("experts"));                                      // [T, K_e]
+    MatD s = MatD::Zero(x.rows(), x.cols());                                    // [T, H]
+    for (Eigen::Index t = 0; t < x.rows(); ++t)
+      for (Eigen::Index k = 0; k < ex.cols(); ++k) {
+        const std::int64_t e = ex(t, k);
+        s.row(t) += preal(p, "routed_scale") * std::abs(w(t, k)) *
+                    swiglu_rounding_scale(x.row(t), slice<double>(in.at("gate"), e), slice<double>(in.at("up"), e),
+                                          slice<double>(in.at("down"), e), alpha, limit, beta);
+      }
+    if (pint(p, "shared") == 1)
+      s += swiglu_rounding_scale(x, mat<double>(in.at("shared_gate")), mat<double>(in.at("shared_up")),
+                                 mat<double>(in.at("shared_down")), alpha, limit, beta);
+    return {{"y", from_mat(s)}};
+  }
   Tensors run(const Params& p, const Tensors& in, Precision prec) const override {
     const auto r = prec == Precision::BF16 ? ref::Rounding::BF16 : ref::Rounding::NONE;
     return prec == Precision::FP64 ? run_t<double>(p, in, r) : run_t<float>(p, in, r);

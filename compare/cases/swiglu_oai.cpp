@@ -60,6 +60,13 @@ class SwigluOaiCase final : public OpCase {
             {"w_up", randn(s[2].dims, seed, "swiglu_oai.w_up", kGateUpStd / std::sqrt(h))},
             {"w_down", randn(s[3].dims, seed, "swiglu_oai.w_down", 0.1 / std::sqrt(i))}};
   }
+  // mlp = 1: its gate, up and act are rounded to bf16 between the steps; mlp = 0 has one rounding.
+  Tensors rounding_scale(const Params& p, const Tensors& in) const override {
+    if (pint(p, "mlp") == 0) return {};
+    return {{"y", from_mat(swiglu_rounding_scale(mat<double>(in.at("x")), mat<double>(in.at("w_gate")),
+                                                 mat<double>(in.at("w_up")), mat<double>(in.at("w_down")),
+                                                 preal(p, "alpha"), preal(p, "limit"), preal(p, "beta")))}};
+  }
   Tensors run(const Params& p, const Tensors& in, Precision prec) const override {
     const auto r = prec == Precision::BF16 ? ref::Rounding::BF16 : ref::Rounding::NONE;
     return prec == Precision::FP64 ? run_t<double>(p, in, r) : run_t<float>(p, in, r);
