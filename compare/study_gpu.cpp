@@ -28,6 +28,7 @@
 #include <cmath>
 #include <functional>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 namespace m3::study {
@@ -72,41 +73,32 @@ struct Timer {
   gpu::Event e0, e1;
   DeviceBuffer<unsigned char> flush;
   Timer() : flush(std::max<std::size_t>(2 * gpu::device_info().l2_bytes, 1 << 20)) {}
-  // Median microseconds of f over reps runs; with flush, L2 is evicted before each (decode reads
-  // every layer's caches from HBM).
-  template <class F>
-  double us(F&& f, int reps, bool do_flush) {
-    std::vector<double> t;
-    for (int i = 0; i < reps; ++i) {
-      if (do_flush) M3_CUDA_CHECK(cudaMemsetAsync(flush.data(), 0, flush.bytes(), stream.get()));
-      e0.record(stream.get());
-      f(stream.get());
-      e1.record(stream.get());
-      t.push_back(1e3 * e1.since(e0));
-    }
-    std::sort(t.begin(), t.end());
-    return t[t.size() / 2];
-  }
-  // Median microseconds of each of fs over reps rounds, the functions taken in turn within a round
-  // (each after its own flush): a drift of the card's state during the point (clocks, power; one
-  // run measured dense decode 12% slower than another) then moves all of them alike, not the one
-  // measured in that stretch, and their ratios keep.
-  std::vector<double> us_interleaved(const std::vector<std::function<void(cudaStream_t)>>& fs, int reps) {
-    std::vector<std::vector<double>> t(fs.size());
+  using Fn = std::function<void(cudaStream_t)>;
+  // For each (out, f) of jobs, *out = the median microseconds of f over reps rounds, the functions
+  // taken in turn within a round; with flush, L2 is evicted before each run (decode reads every
+  // layer's caches from HBM). Taken in turn, a drift of the card's state during a decode point
+  // (clocks, power; one run measured dense decode 12% slower than another) moves all its
+  // quantities alike, not the one measured in that stretch, and their ratios keep.
+  void time_into(const std::vector<std::pair<double*, Fn>>& jobs, int reps, bool do_flush) {
+    std::vector<std::vector<double>> t(jobs.size());
     for (int i = 0; i < reps; ++i)
-      for (std::size_t k = 0; k < fs.size(); ++k) {
-        M3_CUDA_CHECK(cudaMemsetAsync(flush.data(), 0, flush.bytes(), stream.get()));
+      for (std::size_t k = 0; k < jobs.size(); ++k) {
+        if (do_flush) M3_CUDA_CHECK(cudaMemsetAsync(flush.data(), 0, flush.bytes(), stream.get()));
         e0.record(stream.get());
-        fs[k](stream.get());
+        jobs[k].second(stream.get());
         e1.record(stream.get());
         t[k].push_back(1e3 * e1.since(e0));
       }
-    std::vector<double> med;
-    for (auto& v : t) {
-      std::sort(v.begin(), v.end());
-      med.push_back(v[v.size() / 2]);
+    for (std::size_t k = 0; k < jobs.size(); ++k) {
+      std::sort(t[k].begin(), t[k].end());
+      *jobs[k].first = t[k][t[k].size() / 2];
     }
-    return med;
+  }
+  // Median microseconds of f over reps runs (time_into with one job).
+  double us(const Fn& f, int reps, bool do_flush) {
+    double r = 0;
+    time_into({{&r, f}}, reps, do_flush);
+    return r;
   }
 };
 
@@ -263,32 +255,26 @@ GpuStudy run_gpu_study(const ModelConfig& cfg, const GpuStudyOptions& o,
         const std::size_t ik_bytes = static_cast<std::size_t>(b) * static_cast<std::size_t>(n) * Di * 2;
         M3_CUDA_CHECK(cudaMemsetAsync(fold.data(), 0, sizeof(unsigned), S));
         // One warm pass (the scores and selection the lone select and sparse runs read; lazy module
-        // loads), then every quantity of the point in interleaved rounds (Timer::us_interleaved).
+        // loads), then every quantity of the point in interleaved rounds (Timer::time_into).
         index(S, false);
         select(S);
         sparse(S);
-        const auto t = tm.us_interleaved(
-            {[&](cudaStream_t s) {
-               gpu::attention_dense(q.data(), k.data(), v.data(), pos.data(), 1, ni, ad, out.data(), s, ws.data(),
-                                    ws.size(), b);
-             },
-             [&](cudaStream_t s) { index(s, true); },
-             [&](cudaStream_t s) { index(s, true); select(s); sparse(s); },
-             [&](cudaStream_t s) { index(s, false); },  // leaves the bf16 scores for the two below
-             select, sparse,
-             [&](cudaStream_t s) { index(s, false); select(s); sparse(s); },
-             [&](cudaStream_t s) { gpu::stream_read(ik.data(), ik_bytes, fold.data(), s, false); },
-             [&](cudaStream_t s) { gpu::stream_read(ik8.data(), ik_bytes / 2, fold.data(), s, false); }},
-            o.decode_reps);
-        r.dense_us = t[0];
-        r.index_fp8_us = t[1];
-        r.msa_fp8_us = t[2];
-        r.index_us = t[3];
-        r.select_us = t[4];
-        r.sparse_us = t[5];
-        r.msa_us = t[6];
-        r.read_us = t[7];
-        r.read_fp8_us = t[8];
+        tm.time_into(
+            {{&r.dense_us,
+              [&](cudaStream_t s) {
+                gpu::attention_dense(q.data(), k.data(), v.data(), pos.data(), 1, ni, ad, out.data(), s, ws.data(),
+                                     ws.size(), b);
+              }},
+             {&r.index_fp8_us, [&](cudaStream_t s) { index(s, true); }},
+             {&r.msa_fp8_us, [&](cudaStream_t s) { index(s, true); select(s); sparse(s); }},
+             {&r.index_us, [&](cudaStream_t s) { index(s, false); }},  // leaves the bf16 scores for the two below
+             {&r.select_us, select},
+             {&r.sparse_us, sparse},
+             {&r.msa_us, [&](cudaStream_t s) { index(s, false); select(s); sparse(s); }},
+             {&r.read_us, [&](cudaStream_t s) { gpu::stream_read(ik.data(), ik_bytes, fold.data(), s, false); }},
+             {&r.read_fp8_us,
+              [&](cudaStream_t s) { gpu::stream_read(ik8.data(), ik_bytes / 2, fold.data(), s, false); }}},
+            o.decode_reps, true);
         const AttnKeys keys = attn_keys_at(cfg, AttnType::MSA, n - 1);
         r.dense_bytes = b * static_cast<double>(n) * Hkv * D * 2 * 2;
         const double kv_sel = b * static_cast<double>(keys.attended) * Hkv * D * 2 * 2;
