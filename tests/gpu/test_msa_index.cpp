@@ -54,6 +54,19 @@ std::vector<int> lens_of(const Case& c) { return c.lens.empty() ? std::vector<in
 // Rounds to E4M3 (round to nearest even, saturating to +-448 as the cache writer would).
 float e4m3(float x) { return static_cast<float>(__nv_fp8_e4m3(x)); }
 
+// The E4M3 cache holding k's values (k already E4M3-valued: exact), row-major as k.
+std::vector<__nv_fp8_e4m3> to_e4m3(const MatF& k) {
+  std::vector<__nv_fp8_e4m3> h(static_cast<std::size_t>(k.size()));
+  for (std::size_t i = 0; i < h.size(); ++i) h[i] = __nv_fp8_e4m3(k.data()[i]);
+  return h;
+}
+gpu::DeviceBuffer<__nv_fp8_e4m3> upload_e4m3(const MatF& k) {
+  const auto h = to_e4m3(k);
+  gpu::DeviceBuffer<__nv_fp8_e4m3> d(h.size());
+  d.upload(h);
+  return d;
+}
+
 // special: put +inf / NaN into a few index-K rows (the NaN-propagation contract).
 void run_case(const Case& c, bool fp8 = false, bool special = false) {
   SCOPED_TRACE(name(c) + (fp8 ? " fp8" : "") + (special ? " non-finite" : ""));
@@ -84,14 +97,8 @@ void run_case(const Case& c, bool fp8 = false, bool special = false) {
   auto dq = test::upload_bf16(q);
   gpu::DeviceBuffer<gpu::bf16> dk16;
   gpu::DeviceBuffer<__nv_fp8_e4m3> dk8;
-  if (fp8) {
-    std::vector<__nv_fp8_e4m3> h(static_cast<std::size_t>(k.size()));
-    for (std::size_t i = 0; i < h.size(); ++i) h[i] = __nv_fp8_e4m3(k.data()[i]);
-    dk8 = gpu::DeviceBuffer<__nv_fp8_e4m3>(h.size());
-    dk8.upload(h);
-  } else {
-    dk16 = test::upload_bf16(k);
-  }
+  if (fp8) dk8 = upload_e4m3(k);
+  else dk16 = test::upload_bf16(k);
   gpu::DeviceBuffer<std::int64_t> dpos(pos.size());
   dpos.upload(pos);
   const Eigen::Index rows = static_cast<Eigen::Index>(c.B) * c.Hi * c.T;
@@ -111,10 +118,8 @@ void run_case(const Case& c, bool fp8 = false, bool special = false) {
     gpu::DeviceBuffer<gpu::bf16> pk16;
     gpu::DeviceBuffer<__nv_fp8_e4m3> pk8;
     if (fp8) {
-      std::vector<__nv_fp8_e4m3> h(static_cast<std::size_t>(k.size()));
-      for (std::size_t i = 0; i < h.size(); ++i) h[i] = __nv_fp8_e4m3(k.data()[i]);
       pk8 = gpu::DeviceBuffer<__nv_fp8_e4m3>(static_cast<std::size_t>(t.n_pages) * gpu::kPageRows * c.Di);
-      pk8.upload(scatter_pages(h, c.N, c.Di, lens_of(c), t));
+      pk8.upload(scatter_pages(to_e4m3(k), c.N, c.Di, lens_of(c), t));
       gpu::msa_index_fp8(dq.data(), pk8.data(), dpos.data(), c.T, c.N, NB, dims, dsc.data(), nullptr, c.B, cp);
     } else {
       pk16 = gpu::DeviceBuffer<gpu::bf16>(static_cast<std::size_t>(t.n_pages) * gpu::kPageRows * c.Di);
@@ -280,10 +285,7 @@ TEST(MsaIndex, BothRowTiles_EveryDi_BitIdentical) {
       }
       auto dq = test::upload_bf16(q);
       gpu::DeviceBuffer<gpu::bf16> dk16 = test::upload_bf16(k);
-      std::vector<__nv_fp8_e4m3> h8(static_cast<std::size_t>(k.size()));
-      for (std::size_t i = 0; i < h8.size(); ++i) h8[i] = __nv_fp8_e4m3(k.data()[i]);
-      gpu::DeviceBuffer<__nv_fp8_e4m3> dk8(h8.size());
-      dk8.upload(h8);
+      gpu::DeviceBuffer<__nv_fp8_e4m3> dk8 = upload_e4m3(k);
       gpu::DeviceBuffer<std::int64_t> dpos(pos.size());
       dpos.upload(pos);
       gpu::DeviceBuffer<float> dsc(static_cast<std::size_t>(B) * T * NB);
