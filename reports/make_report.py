@@ -164,7 +164,7 @@ def decode_section(g, figs):
             # Which kernel holds MSA back, against the step's bandwidth roofline (GB/s * 1e3 = bytes/us).
             roof = r["msa_bytes"] / (copy * 1e3)
             idx_roof = b * r["context"] * 128 * 2 / (copy * 1e3)  # the index-K read alone (Di 128, bf16)
-            # Studies from 2026-11-30 on also time a plain read of the index-K bytes (stream_read): the
+            # Studies from 2026-11-29 (sixth H200 session) on also time a plain read of the index-K bytes (stream_read): the
             # scan's own roofline, which the 1 GiB copy overstates at one sequence.
             read = (f"; a plain read of those bytes, measured: {r['read_us']:.1f} us, so the scan takes "
                     f"{r['index_us'] / r['read_us']:.2f}x the read it needs; a bf16 index-K scan as fast as that read, with free "

@@ -16,6 +16,8 @@
 #include <cmath>
 #include <numeric>
 #include <stdexcept>
+#include <utility>
+#include <vector>
 
 namespace m3::cases {
 
@@ -94,16 +96,24 @@ class MoeExpertsCase final : public OpCase {
   // Each chosen expert's MLP and the shared one, through the routed weights and scale.
   Tensors rounding_scale(const Params& p, const Tensors& in) const override {
     const double alpha = preal(p, "alpha"), limit = preal(p, "limit"), beta = preal(p, "beta");
+    const double scale = preal(p, "routed_scale");
     const MatD x = mat<double>(in.at("x")), w = mat<double>(in.at("weights"));  // [T, H], [T, K_e]
     const MatI ex = ids(in.at("experts"));                                      // [T, K_e]
     MatD s = MatD::Zero(x.rows(), x.cols());                                    // [T, H]
-    for (Eigen::Index t = 0; t < x.rows(); ++t)
-      for (Eigen::Index k = 0; k < ex.cols(); ++k) {
-        const std::int64_t e = ex(t, k);
-        s.row(t) += preal(p, "routed_scale") * std::abs(w(t, k)) *
-                    swiglu_rounding_scale(x.row(t), slice<double>(in.at("gate"), e), slice<double>(in.at("up"), e),
-                                          slice<double>(in.at("down"), e), alpha, limit, beta);
-      }
+    // Expert by expert (each expert's weights sliced once), over the tokens routed to it.
+    for (std::int64_t e = 0; e < pint(p, "E"); ++e) {
+      std::vector<std::pair<Eigen::Index, double>> rows;  // (token, its weight for e)
+      for (Eigen::Index t = 0; t < x.rows(); ++t)
+        for (Eigen::Index k = 0; k < ex.cols(); ++k)
+          if (ex(t, k) == e) rows.emplace_back(t, std::abs(w(t, k)));
+      if (rows.empty()) continue;
+      MatD xe(static_cast<Eigen::Index>(rows.size()), x.cols());  // [n_e, H]
+      for (std::size_t i = 0; i < rows.size(); ++i) xe.row(static_cast<Eigen::Index>(i)) = x.row(rows[i].first);
+      const MatD se = swiglu_rounding_scale(xe, slice<double>(in.at("gate"), e), slice<double>(in.at("up"), e),
+                                            slice<double>(in.at("down"), e), alpha, limit, beta);  // [n_e, H]
+      for (std::size_t i = 0; i < rows.size(); ++i)
+        s.row(rows[i].first) += scale * rows[i].second * se.row(static_cast<Eigen::Index>(i));
+    }
     if (pint(p, "shared") == 1)
       s += swiglu_rounding_scale(x, mat<double>(in.at("shared_gate")), mat<double>(in.at("shared_up")),
                                  mat<double>(in.at("shared_down")), alpha, limit, beta);
