@@ -186,6 +186,8 @@ TEST(GpuMtp, DraftsAreTheReferenceDraftsAndTokensTheGreedyOnes) {
   // such a prompt says nothing of the module, so a fresh one is drawn, at most kPrompts times, and
   // only where the parting token's GPU logits are a near-tie (anywhere else it fails below).
   const int kPrompts = 4;
+  // The module's router near-ties depend on the weights alone: one set for every prompt.
+  const auto ties = m3::cmp::mtp_router_ties(t.cfg, std::span<const m3::ModelWeights<float>>(&t.mod, 1), &t.main);
   MtpRuns runs;
   m3::cmp::MtpComparison c;
   for (int attempt = 0; attempt < kPrompts; ++attempt) {
@@ -219,7 +221,6 @@ TEST(GpuMtp, DraftsAreTheReferenceDraftsAndTokensTheGreedyOnes) {
     // Round by round, the GPU's drafts are the reference's (or part at a module near-tie, or after
     // the module's router flipped experts at a near-tie: seeded routers have some on ~1-5% of rows),
     // so the reference's check accepts them as its own (compare/mtp_compare.h, m3h compare --mtp's rule).
-    const auto ties = m3::cmp::mtp_router_ties(t.cfg, std::span<const m3::ModelWeights<float>>(&t.mod, 1), &t.main);
     c = m3::cmp::compare_mtp_runs(rtok, rst, gtok, gst, m3::cmp::kBf16.tie_rtol, 0.0, ties);
     std::printf("[gpu mtp] tokens agree on %d of %d; %d rounds compared: %d equal, %d near-tie, %d module expert, %d "
                 "module MSA block, %d main-model near-tie flips; "
