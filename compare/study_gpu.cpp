@@ -248,6 +248,11 @@ GpuStudy run_gpu_study(const ModelConfig& cfg, const GpuStudyOptions& o,
           gpu::msa_attention(q.data(), k.data(), v.data(), pos.data(), sel.data(), 1, ni, BLK, Kb, ad, out.data(), s,
                              ws.data(), ws.size(), b);
         };
+        // The chain as the model runs it: the selection and sparse attention fused where they can be.
+        auto select_sparse = [&](cudaStream_t s) {
+          gpu::msa_select_attention(scores.data(), nb, md, q.data(), k.data(), v.data(), pos.data(), 1, ni, ad,
+                                    sel.data(), out.data(), s, ws.data(), ws.size(), b);
+        };
         GpuDecodePoint r;
         r.context = n;
         r.batch = b;
@@ -266,11 +271,11 @@ GpuStudy run_gpu_study(const ModelConfig& cfg, const GpuStudyOptions& o,
                                      ws.size(), b);
               }},
              {&r.index_fp8_us, [&](cudaStream_t s) { index(s, true); }},
-             {&r.msa_fp8_us, [&](cudaStream_t s) { index(s, true); select(s); sparse(s); }},
+             {&r.msa_fp8_us, [&](cudaStream_t s) { index(s, true); select_sparse(s); }},
              {&r.index_us, [&](cudaStream_t s) { index(s, false); }},  // leaves the bf16 scores for the two below
              {&r.select_us, select},
              {&r.sparse_us, sparse},
-             {&r.msa_us, [&](cudaStream_t s) { index(s, false); select(s); sparse(s); }},
+             {&r.msa_us, [&](cudaStream_t s) { index(s, false); select_sparse(s); }},
              {&r.read_us, [&](cudaStream_t s) { gpu::stream_read(ik.data(), ik_bytes, fold.data(), s, false); }},
              {&r.read_fp8_us,
               [&](cudaStream_t s) { gpu::stream_read(ik8.data(), ik_bytes / 2, fold.data(), s, false); }}},

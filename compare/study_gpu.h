@@ -31,8 +31,10 @@ struct GpuDecodePoint {
   std::int64_t context = 0;
   int batch = 0;
   double dense_us = 0;
-  double index_us = 0, index_fp8_us = 0, select_us = 0, sparse_us = 0;
-  double msa_us = 0, msa_fp8_us = 0;  // the three MSA kernels back to back
+  double index_us = 0, index_fp8_us = 0, select_us = 0, sparse_us = 0;  // each kernel alone, unfused
+  // The MSA step as the model runs it: the index scan, then msa_select_attention (the selection and
+  // the sparse attention one fused kernel at decode-sized grids), back to back.
+  double msa_us = 0, msa_fp8_us = 0;
   // A plain read of the index-K bytes (gpu::stream_read, L2 flushed, same events): the index
   // scan's own roofline, which a 1 GiB copy overstates at one sequence (a 256 MiB read reached
   // 3.76 TB/s against the copy's 4.21 on an H200, 2026-11-29).

@@ -241,7 +241,10 @@ std::vector<MatD> Model::forward_impl(std::span<Sequence* const> seqs,
           msa_index_fp8(iq, L.ik_cache8.data(), qp, Tq, Ns, NBs, md, P.scores.data(), S, B, pages);
         else
           msa_index(iq, L.ik_cache.data(), qp, Tq, Ns, NBs, md, P.scores.data(), S, B, pages);
-        msa_select(P.scores.data(), qp, Tq, NBs, md, P.sel.data(), S, B);
+        // Selection and sparse attention: one fused kernel at decode-sized grids (msa_attention.h).
+        P.ensure_attn_ws(msa_attention_workspace_bytes(Tq, Kb, ad, B));
+        msa_select_attention(P.scores.data(), NBs, md, q, L.k_cache.data(), L.v_cache.data(), qp, Tq, Ns, ad,
+                             P.sel.data(), out, S, P.attn_ws.data(), P.attn_ws.size(), B, pages);
         if (trace) {
           // Per sequence, [Hi*T_s, NB_s] and [Hi*T_s, K_blk] as the reference traces them.
           const std::vector<float> sc = download_vec(P.scores.data(), static_cast<std::size_t>(B) * Hi * Tq * NBs, S);
@@ -256,9 +259,6 @@ std::vector<MatD> Model::forward_impl(std::span<Sequence* const> seqs,
                             static_cast<std::int64_t>(Hi) * Tq, Kb, Kb});
           }
         }
-        P.ensure_attn_ws(msa_attention_workspace_bytes(Tq, Kb, ad, B));
-        msa_attention(q, L.k_cache.data(), L.v_cache.data(), qp, P.sel.data(), Tq, Ns, BLK, Kb, ad, out, S,
-                      P.attn_ws.data(), P.attn_ws.size(), B, pages);
       }
     }
     emit(blk + "attn_out", P.attn.data(), static_cast<std::int64_t>(Hq) * D, static_cast<std::int64_t>(Hq) * D);

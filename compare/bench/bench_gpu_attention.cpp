@@ -6,9 +6,11 @@
 //   BM_MsaIndex[Fp8]Rows16  the same on 16-row tiles (msa_index.h's IndexRowTile; decode takes 8)
 //   BM_MsaSelect        exact top-16 block selection
 //   BM_MsaAttention     block-sparse attention over the selected blocks
-//   BM_MsaTotal[Fp8]    index + select + sparse attention, back to back
-//   BM_MsaIndexSelect / BM_MsaIndexSparse  the chain without its sparse attention / its selection
-//                       (the selection from a full pass): what each stage adds after the scan
+//   BM_MsaTotal[Fp8]    the chain as the model runs it: index, then msa_select_attention (selection
+//                       and sparse attention fused into one kernel where the grid is decode-sized)
+//   BM_MsaTotalSeparate index + select + sparse attention as three launches (the unfused chain)
+//   BM_MsaIndexSelect / BM_MsaIndexSparse  the unfused chain without its sparse attention / its
+//                       selection (the selection from a full pass): what each stage adds after the scan
 // Time: CUDA events around the op alone (manual time), the L2 flushed before each iteration (a
 // decode step reads every layer's caches from HBM); medians over repetitions. M3_BENCH_L2=warm
 // skips the flush (a diagnostic: what of a small op's time is DRAM and TLB latency rather than work).
@@ -137,7 +139,8 @@ World& world() {
   return w;
 }
 
-enum class Op { Dense, Index, IndexFp8, IndexRows16, IndexFp8Rows16, Select, Sparse, Total, TotalFp8, IndexSelect, IndexSparse };
+enum class Op { Dense, Index, IndexFp8, IndexRows16, IndexFp8Rows16, Select, Sparse, Total, TotalFp8, TotalSeparate,
+                IndexSelect, IndexSparse };
 
 // Keys the sparse branch attends for a decode query at p = ctx - 1: 15 full blocks + the local
 // block's p % BLK + 1 keys, or every key below K_blk blocks.
@@ -147,7 +150,8 @@ std::int64_t sparse_keys(std::int64_t ctx) {
   return static_cast<std::int64_t>(kM.K_blk - 1) * kM.BLK + (ctx - 1) % kM.BLK + 1;
 }
 
-void run_op(Op op, World& w, int n, int b, cudaStream_t s) {
+// Returns whether msa_select_attention fused (Total, TotalFp8), else false.
+bool run_op(Op op, World& w, int n, int b, cudaStream_t s) {
   const int nb = n / kM.BLK;
   const auto index = [&](bool fp8) {
     if (fp8) m3::gpu::msa_index_fp8(w.iq.data(), w.ik8.data(), w.pos.data(), 1, n, nb, kM, w.scores.data(), s, b);
@@ -157,6 +161,11 @@ void run_op(Op op, World& w, int n, int b, cudaStream_t s) {
   const auto sparse = [&] {
     m3::gpu::msa_attention(w.q.data(), w.k.data(), w.v.data(), w.pos.data(), w.sel.data(), 1, n, kM.BLK, kM.K_blk, kA,
                            w.out.data(), s, w.ws.data(), w.ws.size(), b);
+  };
+  bool fused = false;
+  const auto select_sparse = [&] {
+    fused = m3::gpu::msa_select_attention(w.scores.data(), nb, kM, w.q.data(), w.k.data(), w.v.data(), w.pos.data(), 1,
+                                          n, kA, w.sel.data(), w.out.data(), s, w.ws.data(), w.ws.size(), b);
   };
   switch (op) {
     case Op::Dense:
@@ -169,11 +178,13 @@ void run_op(Op op, World& w, int n, int b, cudaStream_t s) {
     case Op::IndexFp8Rows16: index(true); break;
     case Op::Select: select(); break;
     case Op::Sparse: sparse(); break;
-    case Op::Total: index(false); select(); sparse(); break;
-    case Op::TotalFp8: index(true); select(); sparse(); break;
+    case Op::Total: index(false); select_sparse(); break;
+    case Op::TotalFp8: index(true); select_sparse(); break;
+    case Op::TotalSeparate: index(false); select(); sparse(); break;
     case Op::IndexSelect: index(false); select(); break;
     case Op::IndexSparse: index(false); sparse(); break;
   }
+  return fused;
 }
 
 void bench(benchmark::State& state, Op op) {
@@ -186,7 +197,8 @@ void bench(benchmark::State& state, Op op) {
   cudaStream_t s = w.stream.get();
   w.set_positions(n, b);
   // Inputs of the later stages (scores, selection) from one full pass.
-  run_op(Op::Total, w, n, b, s);
+  const bool fused = run_op(Op::Total, w, n, b, s);
+  if (op == Op::Total || op == Op::TotalFp8) state.counters["fused"] = fused ? 1 : 0;
   w.stream.sync();
   m3::gpu::Event e0, e1;
   struct TileReset {  // BM_MsaIndex[Fp8]Rows16 set the row tile for their own iterations only
@@ -222,6 +234,7 @@ void bench(benchmark::State& state, Op op) {
     case Op::Sparse: bytes = sparse_bytes; flops = sparse_flops; break;
     case Op::Total: bytes = bb * nn * kM.Di * 2.0 + sparse_bytes; flops = index_flops + sparse_flops; break;
     case Op::TotalFp8: bytes = bb * nn * kM.Di * 1.0 + sparse_bytes; flops = index_flops + sparse_flops; break;
+    case Op::TotalSeparate: bytes = bb * nn * kM.Di * 2.0 + sparse_bytes; flops = index_flops + sparse_flops; break;
     case Op::IndexSelect: bytes = bb * nn * kM.Di * 2.0; flops = index_flops; break;
     case Op::IndexSparse: bytes = bb * nn * kM.Di * 2.0 + sparse_bytes; flops = index_flops + sparse_flops; break;
   }
@@ -242,6 +255,7 @@ void BM_MsaSelect(benchmark::State& s) { bench(s, Op::Select); }
 void BM_MsaAttention(benchmark::State& s) { bench(s, Op::Sparse); }
 void BM_MsaTotal(benchmark::State& s) { bench(s, Op::Total); }
 void BM_MsaTotalFp8(benchmark::State& s) { bench(s, Op::TotalFp8); }
+void BM_MsaTotalSeparate(benchmark::State& s) { bench(s, Op::TotalSeparate); }
 void BM_MsaIndexSelect(benchmark::State& s) { bench(s, Op::IndexSelect); }
 void BM_MsaIndexSparse(benchmark::State& s) { bench(s, Op::IndexSparse); }
 
@@ -263,5 +277,6 @@ BENCHMARK(BM_MsaSelect)->Apply(decode_args);
 BENCHMARK(BM_MsaAttention)->Apply(decode_args);
 BENCHMARK(BM_MsaTotal)->Apply(decode_args);
 BENCHMARK(BM_MsaTotalFp8)->Apply(decode_args);
+BENCHMARK(BM_MsaTotalSeparate)->Apply(decode_args);
 BENCHMARK(BM_MsaIndexSelect)->Apply(decode_args);
 BENCHMARK(BM_MsaIndexSparse)->Apply(decode_args);

@@ -114,10 +114,10 @@ void launch_partial(const AttnLaunch& a, long ctas, cudaStream_t s) {
 // explicitly; Hopper schedules it) of W warps each. Returns false (nothing launched) where the
 // device cannot hold `need` such clusters at once: the caller then tries another W or takes the
 // workspace path. The device's answer is cached per (device, kernel, cluster size).
-template <int D, bool kPaged, int W>
+template <int D, bool kPaged, int W, bool kSelect = false>
 bool launch_cluster(const AttnLaunch& a, long ctas, long need, cudaStream_t s) {
   using C = Cfg<D, W>;
-  void (*kernel)(const AttnLaunch) = attn_partial_kernel<D, true, kPaged, true, W>;
+  void (*kernel)(const AttnLaunch) = attn_partial_kernel<D, true, kPaged, true, W, kSelect>;
   static_assert(C::kRedBytes + kRowsM * (D + 2) * 4 <= C::kSmemBytes, "cluster rows fit the pipeline's smem");
   resident_ctas(reinterpret_cast<const void*>(kernel), C::kThreads, C::kSmemBytes);
   static std::mutex mu;
@@ -190,7 +190,29 @@ std::string dims_str(const AttnDims& d) {
   return "Hq = " + std::to_string(d.Hq) + ", Hkv = " + std::to_string(d.Hkv) + ", D = " + std::to_string(d.D);
 }
 
+template <int D>
+bool select_attention(const AttnLaunch& a, cudaStream_t s) {
+  const int G = a.Hq / a.Hkv, MT = (G + kRowsM - 1) / kRowsM;
+  const long ctas = static_cast<long>(a.B) * a.T * a.Hkv * MT * a.splits;
+  // The conditions under which launch<D> takes 8-warp clusters: the fused kernel is that kernel
+  // with the selection in front, so its outputs are the unfused chain's bit for bit.
+  const SparseMerge mode = g_sparse_merge.load(std::memory_order_relaxed);
+  if (mode == SparseMerge::Kernel || mode == SparseMerge::Cluster4) return false;
+  if (mode == SparseMerge::Auto && ctas * 2 > partial_slots(D, true)) return false;
+  if (a.splits > kMaxCluster || a.k_blk > kSelMaxK || ceil_div(a.NB, a.splits) > 4 * kSelThreads) return false;
+  const long need = mode == SparseMerge::Cluster ? 1 : ctas / a.splits;
+  const bool launched = a.pages.table ? launch_cluster<D, true, 2 * kWarps, true>(a, ctas, need, s)
+                                      : launch_cluster<D, false, 2 * kWarps, true>(a, ctas, need, s);
+  if (launched) M3_CUDA_CHECK_LAUNCH();
+  return launched;
+}
+
 }  // namespace
+
+bool select_attention_run(AttnLaunch a, cudaStream_t s) {
+  if (a.scores == nullptr || a.sel_out == nullptr || a.T == 0) return false;
+  return with_compiled_dim(a.D, [&](auto d) { return select_attention<decltype(d)::value>(a, s); });
+}
 
 void set_sparse_merge(SparseMerge m) { g_sparse_merge.store(m, std::memory_order_relaxed); }
 

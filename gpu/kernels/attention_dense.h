@@ -54,6 +54,11 @@ struct AttnLaunch {
   int B = 1, T = 0, N = 0, Hq = 0, Hkv = 0, D = 0;
   CachePages pages;        // k / v layout (table == nullptr: contiguous)
   int blk = 0, k_blk = 0;  // sparse only
+  // Fused selection (select_attention_run): the index scores [B*Hkv*T, NB] (index head = KV
+  // group), the selection's output [B*Hkv*T, k_blk], and msa_select's forced-block counts.
+  const float* scores = nullptr;
+  std::int32_t* sel_out = nullptr;
+  int NB = 0, local = 0, init = 0;
   int splits = 1;          // CTAs per (query, group, m-tile)
   int chunk = 0;           // keys (dense) or selection slots (sparse) per split
   float* part_o = nullptr;   // [B*T*Hq, splits, D] unnormalized partial outputs
@@ -122,6 +127,14 @@ void check_attn_args(const char* op, const bf16* q, const bf16* k, const bf16* v
                      const AttnDims& dims, int B, CachePages pages = {});
 // Carves part_o / part_ml out of the workspace, launches the partial and merge kernels.
 void attention_run(AttnLaunch a, void* workspace, std::size_t workspace_bytes, cudaStream_t s);
+// The MSA selection and sparse attention as one launch (a.scores, a.sel_out, a.NB, a.local,
+// a.init set; a.sel unused): where attention_run would take the cluster path with 8-warp CTAs
+// (a small grid, splits <= 16, every cluster resident; SparseMerge Auto or Cluster), each cluster
+// also selects its (query, group)'s blocks from the scores, exactly as msa_select, writes that row
+// to a.sel_out and attends it: sel_out and out bit-identical to msa_select + attention_run. Needs
+// k_blk <= 64 and ceil(NB / splits) <= 1024. Returns false, launching nothing, where any of this
+// does not hold. A programmatic dependent (PDL) of the kernel before it, like the sparse kernels.
+bool select_attention_run(AttnLaunch a, cudaStream_t s);
 
 }  // namespace detail
 

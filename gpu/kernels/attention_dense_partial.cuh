@@ -23,12 +23,17 @@
 //    ahead, so the cp.async addresses never wait on it; a sparse CTA translates its selected blocks
 //    to physical rows once, when it compacts the ids (blocks that divide a page), or looks each
 //    row's page up (other BLK). Only the addresses change: the outputs are bit-identical.
+//  - Fused selection (kSelect, msa_select_attention): the 8-warp cluster kernel with msa_select's
+//    split path in front, so the decode chain is index -> one kernel instead of index -> select ->
+//    attention. Measured (H200, M3 decode at 1M, b 1, 2026-11-30): chain 97.7 -> 92.5 us (70.2% of
+//    the copy bandwidth); the first form, which ranked every candidate in every CTA, 94.1 us.
 //
 // This header holds the partial kernel (one CTA's keys -> its (o, m, l), and the cluster merge);
 // attention_dense.cu, its only includer, holds the merge kernel, the split plans and the launchers.
 #pragma once
 
 #include "gpu/kernels/attention_dense.h"
+#include "gpu/kernels/msa_select_chunk.cuh"
 
 #include <algorithm>
 #include <cmath>
@@ -83,11 +88,16 @@ struct KeyMap {
 
 // kCluster (sparse only): the splits of one (query, group, m-tile) are one thread-block cluster
 // (rank = split) and merge through distributed shared memory; no workspace, no merge kernel.
-template <int D, bool kSparse, bool kPaged, bool kCluster = false, int kW = kWarps>
+// kSelect (fused selection, cluster path of 8 warps only): the cluster also selects the blocks
+// from the index scores (a.scores) before attending; see the selection block below.
+template <int D, bool kSparse, bool kPaged, bool kCluster = false, int kW = kWarps, bool kSelect = false>
 __global__ void __launch_bounds__(kW * 32, kW == kWarps ? 2 : 1) attn_partial_kernel(const AttnLaunch a) {
   using C = Cfg<D, kW>;
   constexpr int kWarps = C::kWarps, kThreads = C::kThreads, kTileKeys = C::kTileKeys, kStages = C::kStages;
-  if constexpr (kSparse) pdl_wait();  // the selection comes from the kernel before (msa_select)
+  static_assert(!kSelect || (kSparse && kCluster && kThreads == kSelThreads), "fused selection: 8-warp sparse clusters");
+  // The selection (or with kSelect the scores) comes from the kernel before: wait before reading
+  // anything, so that any producer order is safe.
+  if constexpr (kSparse) pdl_wait();
   extern __shared__ __align__(16) unsigned char smem[];
   bf16* sk = reinterpret_cast<bf16*>(smem);  // [kStages][kTileKeys][kStride]
   bf16* sv = sk + kStages * C::kTileElems;   // [kStages][kTileKeys][kStride]
@@ -98,6 +108,11 @@ __global__ void __launch_bounds__(kW * 32, kW == kWarps ? 2 : 1) attn_partial_ke
   // offset: at D = 64 four CTAs an SM leave only 64 bytes of shared memory to spare).
   __shared__ std::int32_t s_page[kSparse && kPaged ? kMaxSlots : 1];
   __shared__ int s_nids;
+  // Fused selection: every chunk's candidates, packed in chunk order (pushed by the cluster's
+  // CTAs), sel_chunk_best's scratch, and the selection row.
+  __shared__ unsigned long long s_cand[kSelect ? kMaxCluster * kSelMaxK : 1];
+  __shared__ std::conditional_t<kSelect, SelScratch, char> s_scr;
+  __shared__ std::int32_t s_sel[kSelect ? kSelMaxK : 1];
   __shared__ float s_m[kWarps][kRowsM], s_l[kWarps][kRowsM];
 
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
@@ -118,6 +133,84 @@ __global__ void __launch_bounds__(kW * 32, kW == kWarps ? 2 : 1) attn_partial_ke
   const bool pos_ok = p >= 0 && p < a.N;
   const std::int64_t W = static_cast<std::int64_t>(a.Hkv) * D;  // cache row elements
 
+  // Q fragments (A operand, rows = heads of this m-tile), straight from global memory.
+  constexpr int kK = D / 16;  // k-steps of q.k
+  std::uint32_t qa[kK][4];
+  {
+    const int r0 = mt * kRowsM + lane / 4, r1 = r0 + 8;  // rows within the group
+    const bf16* qg = a.q + static_cast<std::int64_t>(qrow) * a.Hq * D + static_cast<std::int64_t>(g) * G * D;
+#pragma unroll
+    for (int kk = 0; kk < kK; ++kk) {
+      const int col = kk * 16 + (lane % 4) * 2;
+      auto ld = [&](int r, int cc) -> std::uint32_t {
+        return r < G ? *reinterpret_cast<const std::uint32_t*>(qg + r * D + cc) : 0u;
+      };
+      qa[kk][0] = ld(r0, col);
+      qa[kk][1] = ld(r1, col);
+      qa[kk][2] = ld(r0, col + 8);
+      qa[kk][3] = ld(r1, col + 8);
+    }
+  }
+
+  if constexpr (kSelect) {
+    // The selection row of (query, group g = index head g), made by the cluster (the splits)
+    // exactly as msa_select's split path: CTA c finds the best k of the c-th chunk of the row's
+    // non-forced blocks and pushes them into every CTA's s_cand (barrier A); each CTA then ranks
+    // its own candidates among all of them, 16 threads a candidate (an all-pairs rank of every
+    // candidate in every CTA was ~1,100 of the kernel's ~4,300 instructions a warp: ncu, H200,
+    // M3 decode at 1M, 2026-11-30), and sends each chosen one to the CTA whose slot it fills
+    // (barrier B). Every branch around a cluster barrier depends on the row alone.
+    const SelRow sr = sel_row(p, a.blk, a.NB, a.k_blk, a.local, a.init);
+    const int P = a.splits, k = sr.ok ? sr.k : 0;
+    const std::int64_t srow = (static_cast<std::int64_t>(b) * a.Hkv + g) * a.T + (qrow - b * a.T);
+    // This CTA's slots that no choice fills: the forced blocks, then -1 (msa_select's row order).
+    const int s0 = split * a.chunk, s1 = min(a.k_blk, s0 + a.chunk);
+    for (int sl = max(s0, k) + tid; sl < s1; sl += kThreads) {
+      const std::int32_t v = sr.ok ? sel_forced_slot(sr, sl) : -1;
+      s_sel[sl] = v;
+      if (mt == 0) a.sel_out[srow * a.k_blk + sl] = v;  // msa_select's output row (the trace, the caller)
+    }
+    if (k > 0) {
+      __cluster_barrier_arrive_relaxed();  // its wait (below) proves every CTA running
+      const int chunk = (sr.C + P - 1) / P;  // <= 4 kSelThreads (select_attention_run checks)
+      const int beg = min(sr.C, split * chunk), id0 = sr.init_end + beg;
+      // E = 2 keys a thread where the chunk allows (M3 at 1M: 512 blocks a CTA): half the radix
+      // passes' per-key steps of E = 4.
+      const float* src = a.scores + srow * a.NB + id0;
+      const int n = min(sr.C - beg, chunk);
+      const int want = chunk <= 2 * kSelThreads ? sel_chunk_best<2>(src, id0, n, k, s_scr)
+                                                : sel_chunk_best<4>(src, id0, n, k, s_scr);
+      // Candidates packed in chunk order: chunks 0 .. full-1 give min(k, chunk), chunk `full` the rest.
+      const int full = sr.C / chunk, wf = min(k, chunk), wr = min(k, sr.C - full * chunk);
+      const int off = min(split, full) * wf + (split > full ? wr : 0), total = full * wf + wr;
+      __cluster_barrier_wait();
+      for (int i = tid; i < want * P; i += kThreads) {
+        const int c = i / want, j = i - c * want;
+        static_cast<unsigned long long*>(__cluster_map_shared_rank(s_cand, c))[off + j] = s_scr.best[j];
+      }
+      __cluster_barrier_arrive();  // A: releases the pushes; the wait acquires every CTA's
+      __cluster_barrier_wait();
+      // Candidates are distinct (ids differ), so their ranks are a permutation and the best k are
+      // the row's best k. Lane group of 16: candidate i, lane s counts the entries j = s mod 16.
+      for (int i0 = 0; i0 < want; i0 += kThreads / 16) {
+        const int i = i0 + tid / 16, sl = tid % 16;
+        const unsigned long long x = i < want ? s_cand[off + i] : ~0ull;
+        int r = 0;
+        for (int j = sl; j < total; j += 16) r += s_cand[j] < x;
+#pragma unroll
+        for (int o = 8; o > 0; o >>= 1) r += __shfl_xor_sync(0xffffffffu, r, o);
+        if (sl == 0 && i < want && r < k) {
+          const std::int32_t id = static_cast<std::int32_t>(x & 0xffffffffu);
+          static_cast<std::int32_t*>(__cluster_map_shared_rank(s_sel, r / a.chunk))[r] = id;
+          if (mt == 0) a.sel_out[srow * a.k_blk + r] = id;
+        }
+      }
+      __cluster_barrier_arrive();  // B: releases the chosen ids into their CTAs' s_sel
+      __cluster_barrier_wait();
+    }
+    __syncthreads();
+  }
+
   KeyMap km;
   km.p = p;
   // Sparse paged: a selected block lies in one page (s_page holds its id) when BLK divides the page.
@@ -133,7 +226,7 @@ __global__ void __launch_bounds__(kW * 32, kW == kWarps ? 2 : 1) attn_partial_ke
       int n = 0;
       if (pos_ok) {
         const std::int32_t* srow =
-            a.sel + ((static_cast<std::int64_t>(b) * a.Hkv + g) * a.T + (qrow - b * a.T)) * a.k_blk;
+            kSelect ? s_sel : a.sel + ((static_cast<std::int64_t>(b) * a.Hkv + g) * a.T + (qrow - b * a.T)) * a.k_blk;
         const int s0 = split * a.chunk, s1 = std::min(a.k_blk, s0 + a.chunk);
         for (int base = s0; base < s1; base += 32) {
           const int s = base + lane;
@@ -202,25 +295,6 @@ __global__ void __launch_bounds__(kW * 32, kW == kWarps ? 2 : 1) attn_partial_ke
       if (c == 0) s_row[st][r] = j;
     }
   };
-
-  // Q fragments (A operand, rows = heads of this m-tile), straight from global memory.
-  constexpr int kK = D / 16;  // k-steps of q.k
-  std::uint32_t qa[kK][4];
-  {
-    const int r0 = mt * kRowsM + lane / 4, r1 = r0 + 8;  // rows within the group
-    const bf16* qg = a.q + static_cast<std::int64_t>(qrow) * a.Hq * D + static_cast<std::int64_t>(g) * G * D;
-#pragma unroll
-    for (int kk = 0; kk < kK; ++kk) {
-      const int col = kk * 16 + (lane % 4) * 2;
-      auto ld = [&](int r, int cc) -> std::uint32_t {
-        return r < G ? *reinterpret_cast<const std::uint32_t*>(qg + r * D + cc) : 0u;
-      };
-      qa[kk][0] = ld(r0, col);
-      qa[kk][1] = ld(r1, col);
-      qa[kk][2] = ld(r0, col + 8);
-      qa[kk][3] = ld(r1, col + 8);
-    }
-  }
 
   constexpr int kN = D / 8;  // n-tiles of the output
   float o[kN][4];

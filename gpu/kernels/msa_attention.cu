@@ -5,7 +5,9 @@
 #include "gpu/kernels/msa_attention.h"
 
 #include "gpu/kernels/attention_dense.h"
+#include "gpu/kernels/msa_select.h"
 
+#include <atomic>
 #include <string>
 
 namespace m3::gpu {
@@ -37,6 +39,47 @@ void msa_attention(const bf16* q, const bf16* k, const bf16* v, const std::int64
   a.splits = plan.splits;
   a.chunk = plan.chunk;
   detail::attention_run(a, workspace, workspace_bytes, s);
+}
+
+namespace {
+std::atomic<bool> g_fusion{true};
+}  // namespace
+
+void detail::set_select_attention_fusion(bool on) { g_fusion.store(on, std::memory_order_relaxed); }
+
+bool msa_select_attention(const float* scores, int NB, const MsaDims& md, const bf16* q, const bf16* k,
+                          const bf16* v, const std::int64_t* q_pos, int T, int N, const AttnDims& dims,
+                          std::int32_t* sel, bf16* out, cudaStream_t s, void* workspace,
+                          std::size_t workspace_bytes, int B, CachePages pages) {
+  if (dims.Hkv != md.Hi)
+    throw GpuError("msa_select_attention: Hkv = " + std::to_string(dims.Hkv) + ", Hi = " + std::to_string(md.Hi) +
+                   ", expected equal (KV group g attends index head g's selection)");
+  const std::size_t need = msa_attention_workspace_bytes(T, md.K_blk, dims, B);
+  if (workspace_bytes < need || (need > 0 && workspace == nullptr))  // the unfused path's need, whichever runs
+    throw GpuError("msa_select_attention: workspace of " + std::to_string(workspace_bytes) + " bytes, expected >= " +
+                   std::to_string(need) + " (msa_attention_workspace_bytes(T, K_blk, dims, B))");
+  const bool fuse = g_fusion.load(std::memory_order_relaxed) && T > 0 && scores != nullptr && sel != nullptr &&
+                    q_pos != nullptr && out != nullptr;
+  if (fuse) {
+    // Everything msa_select and msa_attention check, before the fused launch.
+    detail::check_attn_args("msa_select_attention", q, k, v, T, N, dims, B, pages);
+    detail::check_select_args("msa_select_attention", scores, q_pos, T, NB, md, sel, B);
+    const auto plan = detail::plan_sparse_splits(B, T, md.K_blk, dims);
+    detail::AttnLaunch a;
+    a.q = q; a.k = k; a.v = v; a.q_pos = q_pos; a.out = out;
+    a.pages = pages;
+    a.B = B; a.T = T; a.N = N; a.Hq = dims.Hq; a.Hkv = dims.Hkv; a.D = dims.D;
+    a.blk = md.BLK;
+    a.k_blk = md.K_blk;
+    a.splits = plan.splits;
+    a.chunk = plan.chunk;
+    a.scores = scores; a.sel_out = sel;
+    a.NB = NB; a.local = md.local_blocks; a.init = md.init_blocks;
+    if (detail::select_attention_run(a, s)) return true;
+  }
+  msa_select(scores, q_pos, T, NB, md, sel, s, B);
+  msa_attention(q, k, v, q_pos, sel, T, N, md.BLK, md.K_blk, dims, out, s, workspace, workspace_bytes, B, pages);
+  return false;
 }
 
 }  // namespace m3::gpu

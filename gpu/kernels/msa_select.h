@@ -42,6 +42,10 @@ void msa_select(const float* scores, const std::int64_t* q_pos, int T, int NB, c
 
 namespace detail {
 
+// Throws GpuError unless the dims, sizes and pointers suit msa_select (op names the caller).
+void check_select_args(const char* op, const float* scores, const std::int64_t* q_pos, int T, int NB,
+                       const MsaDims& d, const std::int32_t* sel, int B);
+
 // Which kernel msa_select runs; Auto is msa_select's own choice. Tests force each path to check
 // that they agree bit for bit. Split throws GpuError unless K_blk <= 64 and NB <= 32768.
 enum class SelectPath { Auto, SingleCta, Split };
