@@ -111,11 +111,12 @@ void launch_partial(const AttnLaunch& a, long ctas, cudaStream_t s) {
 }
 
 // Sparse, splits <= kMaxCluster: clusters of `splits` CTAs (16 is past the portable 8: allowed
-// explicitly; Hopper schedules it) of W warps each. Returns false (nothing launched) where the
-// device cannot hold `need` such clusters at once: the caller then tries another W or takes the
-// workspace path. The device's answer is cached per (device, kernel, cluster size).
+// explicitly; Hopper schedules it) of W warps each. cluster_fits: whether the device holds `need`
+// such clusters at once (the device's answer cached per (device, kernel, cluster size)).
+// launch_cluster launches where it does and returns false (nothing launched) where not: the caller
+// then tries another W or takes the workspace path.
 template <int D, bool kPaged, int W, bool kSelect = false>
-bool launch_cluster(const AttnLaunch& a, long ctas, long need, cudaStream_t s) {
+bool cluster_fits(const AttnLaunch& a, long ctas, long need, cudaStream_t s) {
   using C = Cfg<D, W>;
   void (*kernel)(const AttnLaunch) = attn_partial_kernel<D, true, kPaged, true, W, kSelect>;
   static_assert(C::kRedBytes + kRowsM * (D + 2) * 4 <= C::kSmemBytes, "cluster rows fit the pipeline's smem");
@@ -124,23 +125,27 @@ bool launch_cluster(const AttnLaunch& a, long ctas, long need, cudaStream_t s) {
   static std::map<std::pair<int, int>, int> fits;  // (device, cluster size) -> clusters resident at once
   int dev = 0;
   M3_CUDA_CHECK(cudaGetDevice(&dev));
-  // Overlaps msa_select's tail (PDL).
-  const LaunchConfig lc(ctas, C::kThreads, C::kSmemBytes, s, /*pdl=*/true, static_cast<unsigned>(a.splits));
-  {
-    std::lock_guard<std::mutex> lock(mu);
-    auto it = fits.find({dev, a.splits});
-    if (it == fits.end()) {
-      bool ok = true;
-      if (a.splits > 8)
-        ok = cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1) == cudaSuccess;
-      int clusters = 0;
-      ok = ok && cudaOccupancyMaxActiveClusters(&clusters, kernel, &lc.cfg) == cudaSuccess;
-      (void)cudaGetLastError();  // a refused query leaves no sticky error; clear the last one
-      it = fits.emplace(std::make_pair(dev, a.splits), ok ? clusters : 0).first;
-    }
-    if (it->second < std::max(need, 1L)) return false;
+  std::lock_guard<std::mutex> lock(mu);
+  auto it = fits.find({dev, a.splits});
+  if (it == fits.end()) {
+    const LaunchConfig lc(ctas, C::kThreads, C::kSmemBytes, s, /*pdl=*/true, static_cast<unsigned>(a.splits));
+    bool ok = true;
+    if (a.splits > 8) ok = cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1) == cudaSuccess;
+    int clusters = 0;
+    ok = ok && cudaOccupancyMaxActiveClusters(&clusters, kernel, &lc.cfg) == cudaSuccess;
+    (void)cudaGetLastError();  // a refused query leaves no sticky error; clear the last one
+    it = fits.emplace(std::make_pair(dev, a.splits), ok ? clusters : 0).first;
   }
-  M3_CUDA_CHECK(cudaLaunchKernelEx(&lc.cfg, kernel, a));
+  return it->second >= std::max(need, 1L);
+}
+
+template <int D, bool kPaged, int W, bool kSelect = false>
+bool launch_cluster(const AttnLaunch& a, long ctas, long need, cudaStream_t s) {
+  if (!cluster_fits<D, kPaged, W, kSelect>(a, ctas, need, s)) return false;
+  using C = Cfg<D, W>;
+  // Overlaps the tail of the kernel before it, msa_select or msa_index (PDL).
+  const LaunchConfig lc(ctas, C::kThreads, C::kSmemBytes, s, /*pdl=*/true, static_cast<unsigned>(a.splits));
+  M3_CUDA_CHECK(cudaLaunchKernelEx(&lc.cfg, attn_partial_kernel<D, true, kPaged, true, W, kSelect>, a));
   return true;
 }
 
@@ -201,6 +206,12 @@ bool select_attention(const AttnLaunch& a, cudaStream_t s) {
   if (mode == SparseMerge::Auto && ctas * 2 > partial_slots(D, true)) return false;
   if (a.splits > kMaxCluster || a.k_blk > kSelMaxK || ceil_div(a.NB, a.splits) > 4 * kSelThreads) return false;
   const long need = mode == SparseMerge::Cluster ? 1 : ctas / a.splits;
+  // Only where the unfused 8-warp kernel fits as well (launch_clusters would take it): the fused
+  // kernel's extra shared memory and registers never let it fit where that one does not today,
+  // but bit identity must not rest on the compiler's register allocation.
+  const bool unfused_fits = a.pages.table ? cluster_fits<D, true, 2 * kWarps>(a, ctas, need, s)
+                                          : cluster_fits<D, false, 2 * kWarps>(a, ctas, need, s);
+  if (!unfused_fits) return false;
   const bool launched = a.pages.table ? launch_cluster<D, true, 2 * kWarps, true>(a, ctas, need, s)
                                       : launch_cluster<D, false, 2 * kWarps, true>(a, ctas, need, s);
   if (launched) M3_CUDA_CHECK_LAUNCH();

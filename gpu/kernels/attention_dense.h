@@ -129,8 +129,9 @@ void check_attn_args(const char* op, const bf16* q, const bf16* k, const bf16* v
 void attention_run(AttnLaunch a, void* workspace, std::size_t workspace_bytes, cudaStream_t s);
 // The MSA selection and sparse attention as one launch (a.scores, a.sel_out, a.NB, a.local,
 // a.init set; a.sel unused): where attention_run would take the cluster path with 8-warp CTAs
-// (a small grid, splits <= 16, every cluster resident; SparseMerge Auto or Cluster), each cluster
-// also selects its (query, group)'s blocks from the scores, exactly as msa_select, writes that row
+// (splits <= 16; in Auto mode a small grid with every cluster resident; SparseMerge Auto or
+// Cluster), each cluster also selects its (query, group)'s blocks from the scores by msa_select's
+// exact tie rule (so the same row), writes that row
 // to a.sel_out and attends it: sel_out and out bit-identical to msa_select + attention_run. Needs
 // k_blk <= 64 and ceil(NB / splits) <= 1024. Returns false, launching nothing, where any of this
 // does not hold. A programmatic dependent (PDL) of the kernel before it, like the sparse kernels.

@@ -153,8 +153,9 @@ __global__ void __launch_bounds__(kW * 32, kW == kWarps ? 2 : 1) attn_partial_ke
   }
 
   if constexpr (kSelect) {
-    // The selection row of (query, group g = index head g), made by the cluster (the splits)
-    // exactly as msa_select's split path: CTA c finds the best k of the c-th chunk of the row's
+    // The selection row of (query, group g = index head g), made by the cluster (the splits) with
+    // msa_select's split-path algorithm (exact, so the same row): CTA c finds the best k of the
+    // c-th chunk of the row's
     // non-forced blocks and pushes them into every CTA's s_cand (barrier A); each CTA then ranks
     // its own candidates among all of them, 16 threads a candidate (an all-pairs rank of every
     // candidate in every CTA was ~1,100 of the kernel's ~4,300 instructions a warp: ncu, H200,

@@ -8,6 +8,7 @@
 #include "gpu/kernels/msa_select.h"
 
 #include <atomic>
+#include <cstdint>
 #include <string>
 
 namespace m3::gpu {
@@ -51,19 +52,23 @@ bool msa_select_attention(const float* scores, int NB, const MsaDims& md, const 
                           const bf16* v, const std::int64_t* q_pos, int T, int N, const AttnDims& dims,
                           std::int32_t* sel, bf16* out, cudaStream_t s, void* workspace,
                           std::size_t workspace_bytes, int B, CachePages pages) {
+  // Everything msa_select and msa_attention check, up front and whichever path runs: an argument
+  // is accepted or refused the same way on every device, and nothing launches before a refusal.
+  const std::string o = "msa_select_attention";
   if (dims.Hkv != md.Hi)
-    throw GpuError("msa_select_attention: Hkv = " + std::to_string(dims.Hkv) + ", Hi = " + std::to_string(md.Hi) +
+    throw GpuError(o + ": Hkv = " + std::to_string(dims.Hkv) + ", Hi = " + std::to_string(md.Hi) +
                    ", expected equal (KV group g attends index head g's selection)");
+  detail::check_attn_args(o.c_str(), q, k, v, T, N, dims, B, pages);
+  detail::check_select_args(o.c_str(), scores, q_pos, T, NB, md, sel, B);
+  if (T == 0) return false;
+  if (out == nullptr) throw GpuError(o + ": out is null, expected a device pointer");
   const std::size_t need = msa_attention_workspace_bytes(T, md.K_blk, dims, B);
-  if (workspace_bytes < need || (need > 0 && workspace == nullptr))  // the unfused path's need, whichever runs
-    throw GpuError("msa_select_attention: workspace of " + std::to_string(workspace_bytes) + " bytes, expected >= " +
-                   std::to_string(need) + " (msa_attention_workspace_bytes(T, K_blk, dims, B))");
-  const bool fuse = g_fusion.load(std::memory_order_relaxed) && T > 0 && scores != nullptr && sel != nullptr &&
-                    q_pos != nullptr && out != nullptr;
-  if (fuse) {
-    // Everything msa_select and msa_attention check, before the fused launch.
-    detail::check_attn_args("msa_select_attention", q, k, v, T, N, dims, B, pages);
-    detail::check_select_args("msa_select_attention", scores, q_pos, T, NB, md, sel, B);
+  if (workspace_bytes < need || workspace == nullptr)  // the unfused path's need, whichever runs
+    throw GpuError(o + ": workspace of " + std::to_string(workspace_bytes) + " bytes at " +
+                   std::to_string(reinterpret_cast<std::uintptr_t>(workspace)) + ", expected >= " + std::to_string(need) +
+                   " bytes (msa_attention_workspace_bytes(T, K_blk, dims, B))");
+  if (reinterpret_cast<std::uintptr_t>(workspace) % 16 != 0) throw GpuError(o + ": workspace is not 16-byte aligned");
+  if (g_fusion.load(std::memory_order_relaxed)) {
     const auto plan = detail::plan_sparse_splits(B, T, md.K_blk, dims);
     detail::AttnLaunch a;
     a.q = q; a.k = k; a.v = v; a.q_pos = q_pos; a.out = out;

@@ -48,11 +48,14 @@ void msa_attention(const bf16* q, const bf16* k, const bf16* v, const std::int64
 // The decode chain's last two ops in one call: msa_select(scores -> sel) then msa_attention(sel ->
 // out), with the arguments of those two (dims.Hkv == md.Hi: each KV group attends the blocks its
 // index head chose; md.BLK is the sparse block). Where msa_attention would run its splits as
-// resident 8-warp clusters (decode at small batch) the two are one kernel: each cluster selects
-// its (query, group)'s blocks exactly as msa_select's split path and attends them at once, saving
-// a kernel hand-off and the separate selection grid. sel and out are bit-identical to the two
-// calls either way (the fused kernel is msa_attention's cluster kernel with the selection in
-// front). Workspace as msa_attention's (msa_attention_workspace_bytes(T, md.K_blk, dims, B)).
+// 8-warp clusters (decode at small batch: attention_dense.h's SparseMerge) and md.K_blk <= 64 and
+// ceil(NB / splits) <= 1024, the two are one kernel: each cluster selects its (query, group)'s
+// blocks by the same exact algorithm as msa_select's split path (a radix select a chunk, the
+// candidates ranked; so the same row) and attends them at once, saving a kernel hand-off and the
+// separate selection grid. sel and out are bit-identical to the two calls either way (the fused
+// kernel is msa_attention's cluster kernel with the selection in front). Arguments are checked as
+// by both calls, before anything launches. Workspace as msa_attention's
+// (msa_attention_workspace_bytes(T, md.K_blk, dims, B) bytes, 16-byte aligned).
 // Returns true where the fused kernel ran, false where the two launches did. Measured (H200, M3
 // decode at 1M, index + this, 2026-11-30): b 1 97.7 -> 92.5 us (bf16 index-K), 70.2 -> 64.4 us
 // (fp8); b 8 is unchanged (557 us: its grid takes the merge kernel, which does not fuse).
