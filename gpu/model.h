@@ -95,6 +95,12 @@ class Model {
   // As m3::Model::forward: appends tokens[s] to seqs[s] and returns each sequence's logits
   // [T_s, V] (fp32 values widened). Validates every sequence, token id, position and the page
   // pool before touching a cache. At most options().max_tokens tokens in all.
+  // Repeatable bit for bit for the same calls, but not batch-invariant: a row's bits may depend on
+  // the other rows of its call (an expert GEMM's size, an attention split plan, whether the MSA
+  // selection and attention fuse), so a prompt taken in one call and in two may differ in the last
+  // bits, and through a later near-tie (a routing or selection flip) by more (test_mtp saw 0.01 in
+  // the logits of a 150-token call against a 100-token one, 2026-11-30). Compare such runs within
+  // the tolerance policy, not bit for bit.
   std::vector<MatD> forward(std::span<Sequence* const> seqs,
                             std::span<const std::span<const std::int32_t>> tokens, const TraceFn& trace = {});
   // As m3::Model::forward with MTP inputs and outputs:
