@@ -198,6 +198,7 @@ std::vector<std::int32_t> run_generate_mtp(bool on_gpu, const ModelConfig& cfg, 
     }
     return gpu::generate_mtp(main, ptrs, prompt, steps, k, stats);
 #else
+    (void)max_context;  // only the GPU model takes a cache capacity
     throw std::invalid_argument("--device gpu: this build has no CUDA support (configure with -DM3_WITH_CUDA=ON)");
 #endif
   }
