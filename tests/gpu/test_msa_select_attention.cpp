@@ -227,7 +227,7 @@ TEST(MsaSelectAttention, WideBudgets_SeveralSlotsPerCta) {
   ForceMerge force(gpu::detail::SparseMerge::Cluster);
   for (Dist d : kAllDists) run_case({4, 1, 20000, kM3Attn, {4, 128, 64, 64, 1, 0}}, d);
   for (Dist d : {Dist::Normal, Dist::Narrow, Dist::SignedZeros})
-    run_case({1, 24, 140000, {16, 4, 16}, {4, 16, 16, 64, 2, 1}}, d);
+    run_case({1, 16, 140000, {16, 1, 128}, {1, 16, 16, 64, 2, 1}}, d);  // 16 splits at D 128: 547 scores a CTA
   run_case({1, 1, 5000, {8, 2, 32}, {2, 16, 64, 8, 1, 0}}, Dist::SmallInts);
 }
 
