@@ -272,14 +272,18 @@ std::size_t attention_workspace_bytes(int B, int T, const AttnDims& dims, int sp
   return o_bytes + rows * sizeof(float2);
 }
 
-void attention_run(AttnLaunch a, void* workspace, std::size_t workspace_bytes, cudaStream_t s) {
-  const std::size_t need = attention_workspace_bytes(a.B, a.T, {a.Hq, a.Hkv, a.D}, a.splits);
+void check_attn_workspace(const char* op, const void* workspace, std::size_t workspace_bytes, std::size_t need) {
+  const std::string o = op;
   if (workspace_bytes < need || (need > 0 && workspace == nullptr))
-    throw GpuError("attention: workspace of " + std::to_string(workspace_bytes) + " bytes at " +
+    throw GpuError(o + ": workspace of " + std::to_string(workspace_bytes) + " bytes at " +
                    std::to_string(reinterpret_cast<std::uintptr_t>(workspace)) + ", expected >= " +
                    std::to_string(need) + " bytes (the *_workspace_bytes function of the same arguments)");
-  if (reinterpret_cast<std::uintptr_t>(workspace) % 16 != 0)
-    throw GpuError("attention: workspace is not 16-byte aligned");
+  if (reinterpret_cast<std::uintptr_t>(workspace) % 16 != 0) throw GpuError(o + ": workspace is not 16-byte aligned");
+}
+
+void attention_run(AttnLaunch a, void* workspace, std::size_t workspace_bytes, cudaStream_t s) {
+  check_attn_workspace("attention", workspace, workspace_bytes,
+                       attention_workspace_bytes(a.B, a.T, {a.Hq, a.Hkv, a.D}, a.splits));
   // The merge keeps one weight a split in shared memory (plans give at most a few hundred splits
   // for dense, k_blk for sparse).
   if (a.splits > 8192)

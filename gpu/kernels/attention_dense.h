@@ -125,6 +125,9 @@ std::size_t attention_workspace_bytes(int B, int T, const AttnDims& dims, int sp
 // names the caller).
 void check_attn_args(const char* op, const bf16* q, const bf16* k, const bf16* v, int T, int N,
                      const AttnDims& dims, int B, CachePages pages = {});
+// Throws GpuError unless workspace holds `need` bytes (null allowed where need is 0) and is 16-byte
+// aligned (op names the caller).
+void check_attn_workspace(const char* op, const void* workspace, std::size_t workspace_bytes, std::size_t need);
 // Carves part_o / part_ml out of the workspace, launches the partial and merge kernels.
 void attention_run(AttnLaunch a, void* workspace, std::size_t workspace_bytes, cudaStream_t s);
 // The MSA selection and sparse attention as one launch (a.scores, a.sel_out, a.NB, a.local,

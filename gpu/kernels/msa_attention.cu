@@ -19,6 +19,24 @@ std::size_t msa_attention_workspace_bytes(int T, int k_blk, const AttnDims& dims
   return detail::attention_workspace_bytes(B, T, dims, plan.splits);
 }
 
+namespace {
+// The split-K launch of msa_attention's sparse attention (the plan for this device), without the
+// selection's source: msa_attention sets a.sel, msa_select_attention the fused-selection fields.
+detail::AttnLaunch sparse_launch(const bf16* q, const bf16* k, const bf16* v, const std::int64_t* q_pos, int T, int N,
+                                 int blk, int k_blk, const AttnDims& dims, bf16* out, int B, CachePages pages) {
+  const auto plan = detail::plan_sparse_splits(B, T, k_blk, dims);
+  detail::AttnLaunch a;
+  a.q = q; a.k = k; a.v = v; a.q_pos = q_pos; a.out = out;
+  a.pages = pages;
+  a.B = B; a.T = T; a.N = N; a.Hq = dims.Hq; a.Hkv = dims.Hkv; a.D = dims.D;
+  a.blk = blk;
+  a.k_blk = k_blk;
+  a.splits = plan.splits;
+  a.chunk = plan.chunk;
+  return a;
+}
+}  // namespace
+
 void msa_attention(const bf16* q, const bf16* k, const bf16* v, const std::int64_t* q_pos,
                    const std::int32_t* sel, int T, int N, int blk, int k_blk, const AttnDims& dims,
                    bf16* out, cudaStream_t s, void* workspace, std::size_t workspace_bytes, int B,
@@ -30,15 +48,8 @@ void msa_attention(const bf16* q, const bf16* k, const bf16* v, const std::int64
   if (T == 0) return;
   if (q_pos == nullptr || sel == nullptr || out == nullptr)
     throw GpuError("msa_attention: q_pos, sel or out is null, expected device pointers");
-  const auto plan = detail::plan_sparse_splits(B, T, k_blk, dims);
-  detail::AttnLaunch a;
-  a.q = q; a.k = k; a.v = v; a.q_pos = q_pos; a.sel = sel; a.out = out;
-  a.pages = pages;
-  a.B = B; a.T = T; a.N = N; a.Hq = dims.Hq; a.Hkv = dims.Hkv; a.D = dims.D;
-  a.blk = blk;
-  a.k_blk = k_blk;
-  a.splits = plan.splits;
-  a.chunk = plan.chunk;
+  detail::AttnLaunch a = sparse_launch(q, k, v, q_pos, T, N, blk, k_blk, dims, out, B, pages);
+  a.sel = sel;
   detail::attention_run(a, workspace, workspace_bytes, s);
 }
 
@@ -62,22 +73,10 @@ bool msa_select_attention(const float* scores, int NB, const MsaDims& md, const 
   detail::check_select_args(o.c_str(), scores, q_pos, T, NB, md, sel, B);
   if (T == 0) return false;
   if (out == nullptr) throw GpuError(o + ": out is null, expected a device pointer");
-  const std::size_t need = msa_attention_workspace_bytes(T, md.K_blk, dims, B);
-  if (workspace_bytes < need || workspace == nullptr)  // the unfused path's need, whichever runs
-    throw GpuError(o + ": workspace of " + std::to_string(workspace_bytes) + " bytes at " +
-                   std::to_string(reinterpret_cast<std::uintptr_t>(workspace)) + ", expected >= " + std::to_string(need) +
-                   " bytes (msa_attention_workspace_bytes(T, K_blk, dims, B))");
-  if (reinterpret_cast<std::uintptr_t>(workspace) % 16 != 0) throw GpuError(o + ": workspace is not 16-byte aligned");
+  // The unfused path's workspace, whichever runs (T > 0: a non-zero need).
+  detail::check_attn_workspace(o.c_str(), workspace, workspace_bytes, msa_attention_workspace_bytes(T, md.K_blk, dims, B));
   if (g_fusion.load(std::memory_order_relaxed)) {
-    const auto plan = detail::plan_sparse_splits(B, T, md.K_blk, dims);
-    detail::AttnLaunch a;
-    a.q = q; a.k = k; a.v = v; a.q_pos = q_pos; a.out = out;
-    a.pages = pages;
-    a.B = B; a.T = T; a.N = N; a.Hq = dims.Hq; a.Hkv = dims.Hkv; a.D = dims.D;
-    a.blk = md.BLK;
-    a.k_blk = md.K_blk;
-    a.splits = plan.splits;
-    a.chunk = plan.chunk;
+    detail::AttnLaunch a = sparse_launch(q, k, v, q_pos, T, N, md.BLK, md.K_blk, dims, out, B, pages);
     a.scores = scores; a.sel_out = sel;
     a.NB = NB; a.local = md.local_blocks; a.init = md.init_blocks;
     if (detail::select_attention_run(a, s)) return true;
