@@ -30,10 +30,10 @@ __global__ void __launch_bounds__(kThreads) msa_select_kernel(const SelLaunch a)
   unsigned* keys = reinterpret_cast<unsigned*>(smem + 8 * a.K_blk);         // [NB]
   __shared__ unsigned hist[256];
   __shared__ unsigned whist[kWarps * 256];  // per-warp digit histograms of one radix pass
-  __shared__ int s_digit, s_kk, s_cnt;
+  __shared__ int s_digit, s_kk, s_h, s_cnt;  // s_h unused here: every pass runs
   __shared__ int warp_tot[kWarps];
 
-  const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
+  const int tid = threadIdx.x, warp = tid / 32;
   const std::int64_t row = blockIdx.x;
   const int rows_seq = a.Hi * a.T;
   const std::int64_t b = row / rows_seq;
@@ -95,31 +95,7 @@ __global__ void __launch_bounds__(kThreads) msa_select_kernel(const SelLaunch a)
         hist[i] = sum;
       }
       __syncthreads();
-      if (warp == 0) {
-        int h[8], sum = 0;
-#pragma unroll
-        for (int j = 0; j < 8; ++j) {
-          h[j] = static_cast<int>(hist[lane * 8 + j]);
-          sum += h[j];
-        }
-        int incl = sum;
-#pragma unroll
-        for (int o = 1; o < 32; o <<= 1) {
-          const int n = __shfl_up_sync(detail::kSelFull, incl, o);
-          if (lane >= o) incl += n;
-        }
-        int before = incl - sum;
-        if (before < kk && kk <= incl) {  // exactly one lane holds the bin of rank kk
-#pragma unroll
-          for (int j = 0; j < 8; ++j) {
-            if (before < kk && kk <= before + h[j]) {
-              s_digit = lane * 8 + j;
-              s_kk = kk - before;
-            }
-            before += h[j];
-          }
-        }
-      }
+      if (warp == 0) detail::sel_find_digit(hist, kk, &s_digit, &s_kk, &s_h);
       __syncthreads();
       prefix |= static_cast<unsigned>(s_digit) << shift;
       mask |= 255u << shift;

@@ -104,6 +104,37 @@ __device__ int sel_block_exclusive_sum(int v, int* warp_tot) {
   return base + incl - v;
 }
 
+// One radix pass's digit: the bin of hist[256] holding the kk-th smallest key among those counted
+// (1-based), its rank kk inside that bin, and the bin's count, into *digit, *kk_out, *h_out. Called
+// by the 32 lanes of one warp; the one lane whose 8 bins hold rank kk writes.
+__device__ __forceinline__ void sel_find_digit(const unsigned* hist, int kk, int* digit, int* kk_out, int* h_out) {
+  const int lane = threadIdx.x % 32;
+  int hb[8], sum = 0;
+#pragma unroll
+  for (int j = 0; j < 8; ++j) {
+    hb[j] = static_cast<int>(hist[lane * 8 + j]);
+    sum += hb[j];
+  }
+  int incl = sum;
+#pragma unroll
+  for (int o = 1; o < 32; o <<= 1) {
+    const int m = __shfl_up_sync(kSelFull, incl, o);
+    if (lane >= o) incl += m;
+  }
+  int before = incl - sum;
+  if (before < kk && kk <= incl) {  // exactly one lane holds the bin of rank kk
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+      if (before < kk && kk <= before + hb[j]) {
+        *digit = lane * 8 + j;
+        *kk_out = kk - before;
+        *h_out = hb[j];
+      }
+      before += hb[j];
+    }
+  }
+}
+
 // Appends v to list at *cnt for the lanes where pred holds: one shared atomic a warp. Every lane
 // of the warp must call it (ballot / shuffle over the full warp).
 __device__ __forceinline__ void sel_warp_push(bool pred, unsigned long long v, unsigned long long* list, int* cnt) {
@@ -161,32 +192,7 @@ __device__ int sel_chunk_best(const float* src, int id0, int n, int k, SelScratc
       if (in && (peers & lanes_below) == 0) atomicAdd(&sh.hist[d], static_cast<unsigned>(__popc(peers)));
     }
     __syncthreads();
-    if (tid < 32) {
-      int hb[8], sum = 0;
-#pragma unroll
-      for (int j = 0; j < 8; ++j) {
-        hb[j] = static_cast<int>(sh.hist[lane * 8 + j]);
-        sum += hb[j];
-      }
-      int incl = sum;
-#pragma unroll
-      for (int o = 1; o < 32; o <<= 1) {
-        const int m = __shfl_up_sync(kSelFull, incl, o);
-        if (lane >= o) incl += m;
-      }
-      int before = incl - sum;
-      if (before < kk && kk <= incl) {  // exactly one lane holds the bin of rank kk
-#pragma unroll
-        for (int j = 0; j < 8; ++j) {
-          if (before < kk && kk <= before + hb[j]) {
-            sh.digit = lane * 8 + j;
-            sh.kk = kk - before;
-            sh.h = hb[j];
-          }
-          before += hb[j];
-        }
-      }
-    }
+    if (tid < 32) sel_find_digit(sh.hist, kk, &sh.digit, &sh.kk, &sh.h);
     __syncthreads();
     prefix |= static_cast<unsigned>(sh.digit) << shift;
     mask |= 255u << shift;
