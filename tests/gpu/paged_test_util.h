@@ -4,6 +4,8 @@
 #pragma once
 
 #include "gpu/kernels/kv_cache.h"
+#include "gpu/runtime/buffer.h"
+#include "reference/tensor.h"
 
 #include <algorithm>
 #include <cstdint>
@@ -57,6 +59,27 @@ std::vector<E> scatter_pages(const std::vector<E>& contig, int N, std::int64_t W
                   W * sizeof(E));
     }
   return pool;
+}
+
+// A K and V cache pair on the device in the paged layout of t, with its page table: rows [0, len[b])
+// of k, v [B*N, W] (bf16 values held as floats) scattered into poisoned pools.
+struct PagedKv {
+  gpu::DeviceBuffer<gpu::bf16> k, v;      // [n_pages*128, W] each
+  gpu::DeviceBuffer<std::int32_t> table;  // [B, pps]
+  gpu::CachePages pages() const { return {table.data(), pps}; }
+  int pps = 0;
+};
+inline PagedKv upload_paged_kv(const MatF& k, const MatF& v, int N, std::int64_t W, const std::vector<int>& len,
+                               const PageTable& t) {
+  PagedKv p;
+  p.k = gpu::DeviceBuffer<gpu::bf16>(static_cast<std::size_t>(t.n_pages) * gpu::kPageRows * W);
+  p.v = gpu::DeviceBuffer<gpu::bf16>(p.k.size());
+  p.k.upload(scatter_pages(gpu::to_bf16(k.data(), static_cast<std::size_t>(k.size())), N, W, len, t));
+  p.v.upload(scatter_pages(gpu::to_bf16(v.data(), static_cast<std::size_t>(v.size())), N, W, len, t));
+  p.table = gpu::DeviceBuffer<std::int32_t>(t.ids.size());
+  p.table.upload(t.ids);
+  p.pps = t.pps;
+  return p;
 }
 
 // T positions in [0, N): distinct where T <= N, unsorted, always including N - 1.

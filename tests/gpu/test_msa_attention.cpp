@@ -94,24 +94,18 @@ Inputs make_inputs(const Case& c, std::mt19937_64& g, bool shuffle_rows) {
 MatF run_gpu(const Case& c, const Inputs& in, const PageTable* pages = nullptr) {
   const AttnDims dims{c.Hq, c.Hkv, c.D};
   auto dq = test::upload_bf16(in.q);
+  m3::test::PagedKv paged;
   gpu::DeviceBuffer<gpu::bf16> dk, dv;
-  gpu::DeviceBuffer<std::int32_t> dtab;
   gpu::CachePages cp;
   if (pages) {
-    const std::int64_t W = static_cast<std::int64_t>(c.Hkv) * c.D;
-    const auto hk = gpu::to_bf16(in.k.data(), static_cast<std::size_t>(in.k.size()));
-    const auto hv = gpu::to_bf16(in.v.data(), static_cast<std::size_t>(in.v.size()));
-    dk = gpu::DeviceBuffer<gpu::bf16>(static_cast<std::size_t>(pages->n_pages) * gpu::kPageRows * W);
-    dv = gpu::DeviceBuffer<gpu::bf16>(dk.size());
-    dk.upload(scatter_pages(hk, c.N, W, lens_of(c), *pages));
-    dv.upload(scatter_pages(hv, c.N, W, lens_of(c), *pages));
-    dtab = gpu::DeviceBuffer<std::int32_t>(pages->ids.size());
-    dtab.upload(pages->ids);
-    cp = {dtab.data(), pages->pps};
+    paged = m3::test::upload_paged_kv(in.k, in.v, c.N, static_cast<std::int64_t>(c.Hkv) * c.D, lens_of(c), *pages);
+    cp = paged.pages();
   } else {
     dk = test::upload_bf16(in.k);
     dv = test::upload_bf16(in.v);
   }
+  const gpu::bf16* kd = pages ? paged.k.data() : dk.data();
+  const gpu::bf16* vd = pages ? paged.v.data() : dv.data();
   gpu::DeviceBuffer<std::int64_t> dpos(in.pos.size());
   dpos.upload(in.pos);
   gpu::DeviceBuffer<std::int32_t> dsel(static_cast<std::size_t>(in.sel.size()));
@@ -121,8 +115,8 @@ MatF run_gpu(const Case& c, const Inputs& in, const PageTable* pages = nullptr) 
   const std::size_t wsb = gpu::msa_attention_workspace_bytes(c.T, c.K_blk, dims, c.B);
   gpu::DeviceBuffer<unsigned char> ws(std::max<std::size_t>(wsb, 1));
   ws.fill_bytes(0xFF);
-  gpu::msa_attention(dq.data(), dk.data(), dv.data(), dpos.data(), dsel.data(), c.T, c.N, c.BLK, c.K_blk, dims,
-                     dout.data(), nullptr, ws.data(), wsb, c.B, cp);
+  gpu::msa_attention(dq.data(), kd, vd, dpos.data(), dsel.data(), c.T, c.N, c.BLK, c.K_blk, dims, dout.data(), nullptr,
+                     ws.data(), wsb, c.B, cp);
   return test::download_bf16(dout, in.q.rows(), in.q.cols());
 }
 

@@ -45,6 +45,8 @@ std::string name(const Case& c, Dist d) {
          m3::test::dist_name(d);
 }
 
+std::vector<int> lens_of(const Case& c) { return c.lens.empty() ? std::vector<int>(static_cast<std::size_t>(c.B), c.N) : c.lens; }
+
 struct Inputs {
   MatF q, k, v;                    // [B*T, Hq*D], [B*N, Hkv*D] x 2
   MatF scores;                     // [B*Hi*T, NB]
@@ -66,7 +68,7 @@ Inputs make_inputs(const Case& c, Dist d, std::mt19937_64& g) {
   in.NB = (c.N + c.m.BLK - 1) / c.m.BLK;
   in.scores = m3::test::draw_scores(static_cast<Eigen::Index>(c.B) * c.m.Hi * c.T, in.NB, d, g);
   for (int b = 0; b < c.B; ++b) {
-    const int len = c.lens.empty() ? c.N : c.lens[static_cast<std::size_t>(b)];
+    const int len = lens_of(c)[static_cast<std::size_t>(b)];
     for (int t = 0; t < c.T; ++t) in.pos.push_back(len - c.T + t);
   }
   return in;
@@ -84,20 +86,13 @@ Result run(const Case& c, const Inputs& in, bool fusion, const m3::test::PageTab
     ~Reset() { gpu::detail::set_select_attention_fusion(true); }
   } reset;
   gpu::detail::set_select_attention_fusion(fusion);
-  const std::int64_t W = static_cast<std::int64_t>(c.a.Hkv) * c.a.D;
   auto dq = test::upload_bf16(in.q);
+  m3::test::PagedKv paged;
   gpu::DeviceBuffer<gpu::bf16> dk, dv;
-  gpu::DeviceBuffer<std::int32_t> dtab;
   gpu::CachePages cp;
   if (pages) {
-    const std::vector<int> lens = c.lens.empty() ? std::vector<int>(static_cast<std::size_t>(c.B), c.N) : c.lens;
-    dk = gpu::DeviceBuffer<gpu::bf16>(static_cast<std::size_t>(pages->n_pages) * gpu::kPageRows * W);
-    dv = gpu::DeviceBuffer<gpu::bf16>(dk.size());
-    dk.upload(m3::test::scatter_pages(gpu::to_bf16(in.k.data(), static_cast<std::size_t>(in.k.size())), c.N, W, lens, *pages));
-    dv.upload(m3::test::scatter_pages(gpu::to_bf16(in.v.data(), static_cast<std::size_t>(in.v.size())), c.N, W, lens, *pages));
-    dtab = gpu::DeviceBuffer<std::int32_t>(pages->ids.size());
-    dtab.upload(pages->ids);
-    cp = {dtab.data(), pages->pps};
+    paged = m3::test::upload_paged_kv(in.k, in.v, c.N, static_cast<std::int64_t>(c.a.Hkv) * c.a.D, lens_of(c), *pages);
+    cp = paged.pages();
   } else {
     dk = test::upload_bf16(in.k);
     dv = test::upload_bf16(in.v);
@@ -114,8 +109,9 @@ Result run(const Case& c, const Inputs& in, bool fusion, const m3::test::PageTab
   gpu::DeviceBuffer<unsigned char> ws(std::max<std::size_t>(wsb, 1));
   ws.fill_bytes(0xFF);
   Result r;
-  r.fused = gpu::msa_select_attention(ds.data(), in.NB, c.m, dq.data(), dk.data(), dv.data(), dpos.data(), c.T, c.N,
-                                      c.a, dsel.data(), dout.data(), nullptr, ws.data(), wsb, c.B, cp);
+  r.fused = gpu::msa_select_attention(ds.data(), in.NB, c.m, dq.data(), pages ? paged.k.data() : dk.data(),
+                                      pages ? paged.v.data() : dv.data(), dpos.data(), c.T, c.N, c.a, dsel.data(),
+                                      dout.data(), nullptr, ws.data(), wsb, c.B, cp);
   r.sel = dsel.download();
   r.out = dout.download();
   return r;
@@ -128,7 +124,7 @@ void run_case(const Case& c, Dist d) {
   const Inputs in = make_inputs(c, d, g);
   m3::test::PageTable pt;
   if (c.paged) {
-    pt = m3::test::make_pages(c.N, c.lens.empty() ? std::vector<int>(static_cast<std::size_t>(c.B), c.N) : c.lens, 3, g);
+    pt = m3::test::make_pages(c.N, lens_of(c), 3, g);
   }
   const Result fused = run(c, in, true, c.paged ? &pt : nullptr);
   const Result two = run(c, in, false, c.paged ? &pt : nullptr);
