@@ -232,9 +232,9 @@ void bench(benchmark::State& state, Op op) {
     case Op::IndexFp8Rows16: bytes = bb * nn * kM.Di * 1.0; flops = index_flops; break;
     case Op::Select: bytes = select_bytes; break;
     case Op::Sparse: bytes = sparse_bytes; flops = sparse_flops; break;
-    case Op::Total: bytes = bb * nn * kM.Di * 2.0 + sparse_bytes; flops = index_flops + sparse_flops; break;
-    case Op::TotalFp8: bytes = bb * nn * kM.Di * 1.0 + sparse_bytes; flops = index_flops + sparse_flops; break;
+    case Op::Total:
     case Op::TotalSeparate: bytes = bb * nn * kM.Di * 2.0 + sparse_bytes; flops = index_flops + sparse_flops; break;
+    case Op::TotalFp8: bytes = bb * nn * kM.Di * 1.0 + sparse_bytes; flops = index_flops + sparse_flops; break;
     case Op::IndexSelect: bytes = bb * nn * kM.Di * 2.0; flops = index_flops; break;
     case Op::IndexSparse: bytes = bb * nn * kM.Di * 2.0 + sparse_bytes; flops = index_flops + sparse_flops; break;
   }

@@ -155,12 +155,12 @@ __global__ void __launch_bounds__(kW * 32, kW == kWarps ? 2 : 1) attn_partial_ke
   if constexpr (kSelect) {
     // The selection row of (query, group g = index head g), made by the cluster (the splits) with
     // msa_select's split-path algorithm (exact, so the same row): CTA c finds the best k of the
-    // c-th chunk of the row's
-    // non-forced blocks and pushes them into every CTA's s_cand (barrier A); each CTA then ranks
-    // its own candidates among all of them, 16 threads a candidate (an all-pairs rank of every
-    // candidate in every CTA was ~1,100 of the kernel's ~4,300 instructions a warp: ncu, H200,
-    // M3 decode at 1M, 2026-11-30), and sends each chosen one to the CTA whose slot it fills
-    // (barrier B). Every branch around a cluster barrier depends on the row alone.
+    // c-th chunk of the row's non-forced blocks and pushes them into every CTA's s_cand (barrier
+    // A); each CTA then ranks its own candidates among all of them, 16 threads a candidate (an
+    // all-pairs rank of every candidate in every CTA was ~1,100 of the kernel's ~4,300
+    // instructions a warp: ncu, H200, M3 decode at 1M, 2026-11-30), and sends each chosen one to
+    // the CTA whose slot it fills (barrier B). Every branch around a cluster barrier depends on
+    // the row alone.
     const SelRow sr = sel_row(p, a.blk, a.NB, a.k_blk, a.local, a.init);
     const int P = a.splits, k = sr.ok ? sr.k : 0;
     const std::int64_t srow = (static_cast<std::int64_t>(b) * a.Hkv + g) * a.T + (qrow - b * a.T);
